@@ -1,0 +1,464 @@
+//! The typed nftables ruleset IR: sets, maps, chains and rules of one `kube-proxy` table, and the
+//! nft text form of every piece.
+//!
+//! The IR is deliberately small: it holds exactly the constructs kproxy's layout uses, so that
+//! the netlink lowering (`src/backend/netlink/`) and the text renderer here cover the same set and
+//! cannot drift apart. `Display` of each type is valid `nft -f` syntax.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+
+use crate::model::{Cidr, Family, Protocol, ServicePortName};
+
+/// Name of the table kproxy owns in each family, as upstream: `ip kube-proxy` / `ip6 kube-proxy`.
+pub const TABLE: &str = "kube-proxy";
+/// Comment upstream puts on the table.
+pub const TABLE_COMMENT: &str = "rules for kube-proxy";
+
+/// A verdict, in a rule or as map data.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Verdict {
+    Accept,
+    Drop,
+    Return,
+    Jump(String),
+    Goto(String),
+}
+
+impl fmt::Display for Verdict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Verdict::Accept => f.write_str("accept"),
+            Verdict::Drop => f.write_str("drop"),
+            Verdict::Return => f.write_str("return"),
+            Verdict::Jump(c) => write!(f, "jump {c}"),
+            Verdict::Goto(c) => write!(f, "goto {c}"),
+        }
+    }
+}
+
+/// A value in a set element key or map data.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Value {
+    Addr(IpAddr),
+    Proto(Protocol),
+    Port(u16),
+    /// A 32-bit integer in host order (numgen results).
+    Int(u32),
+}
+
+impl fmt::Display for Value {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Value::Addr(a) => write!(f, "{a}"),
+            Value::Proto(p) => write!(f, "{p}"),
+            Value::Port(p) => write!(f, "{p}"),
+            Value::Int(i) => write!(f, "{i}"),
+        }
+    }
+}
+
+/// Data a map element maps its key to.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ElemData {
+    Verdict(Verdict),
+    Values(Vec<Value>),
+}
+
+/// One set or map element. `key_end` is set for interval elements (`key-key_end`, inclusive).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Element {
+    pub key: Vec<Value>,
+    pub key_end: Option<Vec<Value>>,
+    pub data: Option<ElemData>,
+    pub comment: Option<String>,
+}
+
+impl Element {
+    pub fn key(key: Vec<Value>) -> Self {
+        Element { key, key_end: None, data: None, comment: None }
+    }
+    pub fn with_data(mut self, data: ElemData) -> Self {
+        self.data = Some(data);
+        self
+    }
+    pub fn with_comment(mut self, c: impl Into<String>) -> Self {
+        self.comment = Some(c.into());
+        self
+    }
+}
+
+fn join_values(f: &mut fmt::Formatter<'_>, vs: &[Value]) -> fmt::Result {
+    for (i, v) in vs.iter().enumerate() {
+        if i > 0 {
+            f.write_str(" . ")?;
+        }
+        write!(f, "{v}")?;
+    }
+    Ok(())
+}
+
+impl fmt::Display for Element {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        join_values(f, &self.key)?;
+        if let Some(end) = &self.key_end {
+            f.write_str("-")?;
+            join_values(f, end)?;
+        }
+        if let Some(c) = &self.comment {
+            write!(f, " comment {}", quote(c))?;
+        }
+        match &self.data {
+            None => Ok(()),
+            Some(ElemData::Verdict(v)) => write!(f, " : {v}"),
+            Some(ElemData::Values(vs)) => {
+                f.write_str(" : ")?;
+                join_values(f, vs)
+            }
+        }
+    }
+}
+
+/// nft data types used in set and map declarations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum DataType {
+    Ipv4Addr,
+    Ipv6Addr,
+    InetProto,
+    InetService,
+    Verdict,
+}
+
+impl DataType {
+    pub fn addr(family: Family) -> DataType {
+        match family {
+            Family::V4 => DataType::Ipv4Addr,
+            Family::V6 => DataType::Ipv6Addr,
+        }
+    }
+    pub fn nft(self) -> &'static str {
+        match self {
+            DataType::Ipv4Addr => "ipv4_addr",
+            DataType::Ipv6Addr => "ipv6_addr",
+            DataType::InetProto => "inet_proto",
+            DataType::InetService => "inet_service",
+            DataType::Verdict => "verdict",
+        }
+    }
+}
+
+/// How a set's key (and a map's data) are declared.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum SetType {
+    /// `type a . b . c [: data]`
+    Typed { key: Vec<DataType>, data: Option<DataType> },
+    /// The endpoint map: `typeof numgen random mod 1 : ip daddr . th dport` (ip6 for IPv6).
+    /// Keys are numgen slots, data is the endpoint `addr . port` to DNAT to.
+    EndpointSlots { family: Family },
+}
+
+/// A named set or map.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SetDef {
+    pub name: String,
+    pub set_type: SetType,
+    pub interval: bool,
+}
+
+impl SetDef {
+    pub fn is_map(&self) -> bool {
+        match &self.set_type {
+            SetType::Typed { data, .. } => data.is_some(),
+            SetType::EndpointSlots { .. } => true,
+        }
+    }
+}
+
+impl fmt::Display for SetDef {
+    /// The body of `add set|map <family> kube-proxy NAME { ... }`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.set_type {
+            SetType::Typed { key, data } => {
+                f.write_str("type ")?;
+                for (i, t) in key.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str(" . ")?;
+                    }
+                    f.write_str(t.nft())?;
+                }
+                if let Some(d) = data {
+                    write!(f, " : {}", d.nft())?;
+                }
+            }
+            SetType::EndpointSlots { family } => {
+                write!(f, "typeof numgen random mod 1 : {} daddr . th dport", family.nft())?;
+            }
+        }
+        f.write_str(" ;")?;
+        if self.interval {
+            f.write_str(" flags interval ;")?;
+        }
+        Ok(())
+    }
+}
+
+/// A base chain's hook.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BaseChain {
+    pub chain_type: ChainType,
+    pub hook: Hook,
+    pub priority: i32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChainType {
+    Filter,
+    Nat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hook {
+    Prerouting,
+    Input,
+    Forward,
+    Output,
+    Postrouting,
+}
+
+impl Hook {
+    pub fn nft(self) -> &'static str {
+        match self {
+            Hook::Prerouting => "prerouting",
+            Hook::Input => "input",
+            Hook::Forward => "forward",
+            Hook::Output => "output",
+            Hook::Postrouting => "postrouting",
+        }
+    }
+}
+
+impl fmt::Display for BaseChain {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let t = match self.chain_type {
+            ChainType::Filter => "filter",
+            ChainType::Nat => "nat",
+        };
+        write!(f, "type {t} hook {} priority {} ;", self.hook.nft(), self.priority)
+    }
+}
+
+/// What a match reads from the packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Selector {
+    /// `ip saddr` / `ip6 saddr`
+    Saddr,
+    /// `ip daddr` / `ip6 daddr`
+    Daddr,
+    /// `meta l4proto`
+    L4Proto,
+    /// `th dport` (any transport header; the protocol is matched separately)
+    ThDport,
+    /// `tcp dport` / `udp dport` / `sctp dport`: implies a `meta l4proto` match.
+    Dport(Protocol),
+}
+
+impl Selector {
+    fn fmt_in(&self, f: &mut fmt::Formatter<'_>, family: Family) -> fmt::Result {
+        match self {
+            Selector::Saddr => write!(f, "{} saddr", family.nft()),
+            Selector::Daddr => write!(f, "{} daddr", family.nft()),
+            Selector::L4Proto => f.write_str("meta l4proto"),
+            Selector::ThDport => f.write_str("th dport"),
+            Selector::Dport(p) => write!(f, "{p} dport"),
+        }
+    }
+}
+
+/// The right-hand side of a comparison.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Operand {
+    Value(Value),
+    Prefix(Cidr),
+}
+
+impl fmt::Display for Operand {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Operand::Value(v) => write!(f, "{v}"),
+            Operand::Prefix(c) => write!(f, "{c}"),
+        }
+    }
+}
+
+/// One match or statement of a rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Expr {
+    /// `SEL [!=] VALUE`
+    Cmp { sel: Selector, neq: bool, right: Operand },
+    /// `SEL . SEL ... [!=] @set`
+    InSet { key: Vec<Selector>, set: String, neq: bool },
+    /// `SEL . SEL ... vmap @map`
+    Vmap { key: Vec<Selector>, map: String },
+    /// `ct state new`
+    CtStateNew,
+    /// `ct status dnat`
+    CtStatusDnat,
+    /// `fib daddr type local`
+    FibDaddrLocal,
+    /// `meta mark & MASK == 0`
+    MarkClear(u32),
+    /// `meta mark set meta mark | BITS`
+    MarkOr(u32),
+    /// `meta mark set meta mark ^ BITS`
+    MarkXor(u32),
+    /// `meta l4proto PROTO dnat ip to numgen random mod MODULUS offset OFFSET map @MAP`
+    DnatSlots { proto: Protocol, modulus: u32, offset: u32, map: String },
+    /// `masquerade fully-random`
+    Masquerade,
+    /// `reject` (ICMP / ICMPv6 port unreachable)
+    Reject,
+    Verdict(Verdict),
+}
+
+/// A rule: a sequence of matches and statements, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    pub exprs: Vec<Expr>,
+}
+
+impl Rule {
+    pub fn new(exprs: Vec<Expr>) -> Self {
+        Rule { exprs }
+    }
+    /// The rule as nft text, in the given family.
+    pub fn display(&self, family: Family) -> RuleText<'_> {
+        RuleText { rule: self, family }
+    }
+}
+
+/// `Display` adapter for a rule in a family.
+pub struct RuleText<'a> {
+    rule: &'a Rule,
+    family: Family,
+}
+
+fn fmt_key(f: &mut fmt::Formatter<'_>, key: &[Selector], family: Family) -> fmt::Result {
+    for (i, s) in key.iter().enumerate() {
+        if i > 0 {
+            f.write_str(" . ")?;
+        }
+        s.fmt_in(f, family)?;
+    }
+    Ok(())
+}
+
+impl fmt::Display for RuleText<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let fam = self.family;
+        for (i, e) in self.rule.exprs.iter().enumerate() {
+            if i > 0 {
+                f.write_str(" ")?;
+            }
+            match e {
+                Expr::Cmp { sel, neq, right } => {
+                    sel.fmt_in(f, fam)?;
+                    write!(f, " {}{right}", if *neq { "!= " } else { "" })?;
+                }
+                Expr::InSet { key, set, neq } => {
+                    fmt_key(f, key, fam)?;
+                    write!(f, " {}@{set}", if *neq { "!= " } else { "" })?;
+                }
+                Expr::Vmap { key, map } => {
+                    fmt_key(f, key, fam)?;
+                    write!(f, " vmap @{map}")?;
+                }
+                Expr::CtStateNew => f.write_str("ct state new")?,
+                Expr::CtStatusDnat => f.write_str("ct status dnat")?,
+                Expr::FibDaddrLocal => f.write_str("fib daddr type local")?,
+                Expr::MarkClear(m) => write!(f, "meta mark & {m:#010x} == 0")?,
+                Expr::MarkOr(m) => write!(f, "meta mark set meta mark | {m:#010x}")?,
+                Expr::MarkXor(m) => write!(f, "meta mark set meta mark ^ {m:#010x}")?,
+                Expr::DnatSlots { proto, modulus, offset, map } => write!(
+                    f,
+                    "meta l4proto {proto} dnat {} to numgen random mod {modulus} offset {offset} map @{map}",
+                    fam.nft()
+                )?,
+                Expr::Masquerade => f.write_str("masquerade fully-random")?,
+                Expr::Reject => f.write_str("reject")?,
+                Expr::Verdict(v) => write!(f, "{v}")?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A chain: regular or base, with its rules.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Chain {
+    pub name: String,
+    pub base: Option<BaseChain>,
+    pub rules: Vec<Rule>,
+}
+
+/// One family's whole `kube-proxy` table as kproxy wants it.
+///
+/// `sets` and `chains` keep insertion order through `order`, because the kernel lists objects in
+/// the order they were created, and a full transaction creates them in this order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ruleset {
+    pub family: Family,
+    pub sets: BTreeMap<String, SetDef>,
+    pub elements: BTreeMap<String, std::collections::BTreeSet<Element>>,
+    pub chains: BTreeMap<String, Chain>,
+    /// Creation order of sets (first) and chains (second).
+    pub set_order: Vec<String>,
+    pub chain_order: Vec<String>,
+    /// Endpoint slot block of every service port (see `build::SLOTS_PER_SERVICE`).
+    pub slots: BTreeMap<ServicePortName, u32>,
+}
+
+impl Ruleset {
+    pub fn new(family: Family) -> Self {
+        Ruleset {
+            family,
+            sets: BTreeMap::new(),
+            elements: BTreeMap::new(),
+            chains: BTreeMap::new(),
+            set_order: Vec::new(),
+            chain_order: Vec::new(),
+            slots: BTreeMap::new(),
+        }
+    }
+    pub fn add_set(&mut self, def: SetDef) {
+        self.set_order.push(def.name.clone());
+        self.elements.insert(def.name.clone(), Default::default());
+        self.sets.insert(def.name.clone(), def);
+    }
+    pub fn add_element(&mut self, set: &str, e: Element) {
+        self.elements.get_mut(set).unwrap_or_else(|| panic!("set {set} not declared")).insert(e);
+    }
+    pub fn add_chain(&mut self, name: &str, base: Option<BaseChain>) {
+        self.chain_order.push(name.to_string());
+        self.chains.insert(name.to_string(), Chain { name: name.to_string(), base, rules: Vec::new() });
+    }
+    pub fn add_rule(&mut self, chain: &str, exprs: Vec<Expr>) {
+        self.chains
+            .get_mut(chain)
+            .unwrap_or_else(|| panic!("chain {chain} not declared"))
+            .rules
+            .push(Rule::new(exprs));
+    }
+    /// Number of set/map elements over all sets.
+    pub fn element_count(&self) -> usize {
+        self.elements.values().map(|s| s.len()).sum()
+    }
+}
+
+/// Quotes a string for nft. Inputs are validated upstream of here; this still escapes nothing
+/// and strips the characters nft cannot carry inside a quoted string, so that no input can ever
+/// break out of a comment.
+pub fn quote(s: &str) -> String {
+    let clean: String = s.chars().filter(|c| *c != '"' && *c != '\\' && !c.is_control()).collect();
+    format!("\"{clean}\"")
+}

@@ -1,0 +1,11 @@
+//! kproxy's pure core: the cluster model, the nftables ruleset IR, `build` (model → ruleset),
+//! `diff` (applied + desired → transaction) and the nft text form. No I/O, no clock, no async.
+
+pub mod build;
+pub mod ir;
+pub mod model;
+pub mod names;
+pub mod transaction;
+
+pub use build::{build, Built};
+pub use transaction::{diff, Op, Transaction};

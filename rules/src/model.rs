@@ -1,0 +1,349 @@
+//! The compact cluster model the rules are built from: service ports, endpoints, the node.
+//!
+//! Only what the rules need is kept; k8s-openapi objects are converted into these types at the
+//! edge (`src/model/`) and dropped. Everything here is plain data with a total order so that a
+//! build is deterministic.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+
+/// IP family of a table, a service IP or an endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    pub fn of(ip: &IpAddr) -> Family {
+        match ip {
+            IpAddr::V4(_) => Family::V4,
+            IpAddr::V6(_) => Family::V6,
+        }
+    }
+    /// nft family keyword: `ip` or `ip6`.
+    pub fn nft(self) -> &'static str {
+        match self {
+            Family::V4 => "ip",
+            Family::V6 => "ip6",
+        }
+    }
+    /// Metric label value, as upstream: `IPv4` / `IPv6`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Family::V4 => "IPv4",
+            Family::V6 => "IPv6",
+        }
+    }
+}
+
+/// L4 protocol of a service port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Sctp,
+}
+
+impl Protocol {
+    /// Parses the Kubernetes spelling (`TCP`, `UDP`, `SCTP`).
+    pub fn from_k8s(s: &str) -> Option<Protocol> {
+        match s {
+            "TCP" => Some(Protocol::Tcp),
+            "UDP" => Some(Protocol::Udp),
+            "SCTP" => Some(Protocol::Sctp),
+            _ => None,
+        }
+    }
+    /// Lower-case name, as nft prints it and as upstream hashes it.
+    pub fn lower(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+            Protocol::Sctp => "sctp",
+        }
+    }
+    /// IANA protocol number (the value of `meta l4proto`).
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => 6,
+            Protocol::Udp => 17,
+            Protocol::Sctp => 132,
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.lower())
+    }
+}
+
+/// Upstream's ServicePortName: namespace/name, the port's name and its protocol.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServicePortName {
+    pub namespace: String,
+    pub name: String,
+    pub port_name: String,
+    pub protocol: Protocol,
+}
+
+impl ServicePortName {
+    pub fn new(namespace: &str, name: &str, port_name: &str, protocol: Protocol) -> Self {
+        ServicePortName {
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+            port_name: port_name.to_string(),
+            protocol,
+        }
+    }
+}
+
+impl fmt::Display for ServicePortName {
+    /// `ns/svc:port` (or `ns/svc` for an unnamed port), as upstream logs and comments it.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.port_name.is_empty() {
+            write!(f, "{}/{}", self.namespace, self.name)
+        } else {
+            write!(f, "{}/{}:{}", self.namespace, self.name, self.port_name)
+        }
+    }
+}
+
+/// One port of one Service, for one IP family (a dual-stack Service gives one of these per family).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServicePort {
+    pub name: ServicePortName,
+    pub cluster_ip: IpAddr,
+    pub port: u16,
+    /// 0 when the port has no node port.
+    pub node_port: u16,
+    pub external_ips: Vec<IpAddr>,
+    /// Status ingress IPs (ipMode Proxy ones are already left out).
+    pub load_balancer_ips: Vec<IpAddr>,
+}
+
+impl ServicePort {
+    /// Fixture builder: a ClusterIP service port.
+    pub fn cluster_ip(ns: &str, name: &str, port_name: &str, proto: Protocol, ip: &str, port: u16) -> Self {
+        ServicePort {
+            name: ServicePortName::new(ns, name, port_name, proto),
+            cluster_ip: ip.parse().expect("fixture IP"),
+            port,
+            node_port: 0,
+            external_ips: Vec::new(),
+            load_balancer_ips: Vec::new(),
+        }
+    }
+    pub fn with_node_port(mut self, node_port: u16) -> Self {
+        self.node_port = node_port;
+        self
+    }
+    pub fn with_external_ip(mut self, ip: &str) -> Self {
+        self.external_ips.push(ip.parse().expect("fixture IP"));
+        self
+    }
+    pub fn with_load_balancer_ip(mut self, ip: &str) -> Self {
+        self.load_balancer_ips.push(ip.parse().expect("fixture IP"));
+        self
+    }
+    /// True when the port is reachable from outside the cluster (upstream `ExternallyAccessible`).
+    pub fn externally_accessible(&self) -> bool {
+        self.node_port != 0 || !self.external_ips.is_empty() || !self.load_balancer_ips.is_empty()
+    }
+    pub fn family(&self) -> Family {
+        Family::of(&self.cluster_ip)
+    }
+}
+
+/// One endpoint of one service port (already resolved to a port number).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Endpoint {
+    pub ip: IpAddr,
+    pub port: u16,
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+    /// The node the endpoint runs on, when the slice says.
+    pub node_name: Option<String>,
+}
+
+impl Endpoint {
+    /// Fixture builder: a ready endpoint.
+    pub fn ready(ip: &str, port: u16) -> Self {
+        Endpoint {
+            ip: ip.parse().expect("fixture IP"),
+            port,
+            ready: true,
+            serving: true,
+            terminating: false,
+            node_name: None,
+        }
+    }
+    pub fn on_node(mut self, node: &str) -> Self {
+        self.node_name = Some(node.to_string());
+        self
+    }
+    pub fn not_ready(mut self) -> Self {
+        self.ready = false;
+        self.serving = false;
+        self
+    }
+    /// `IP:port` (`[IP]:port` for IPv6), the string upstream sorts and hashes endpoints by.
+    pub fn addr_string(&self) -> String {
+        match self.ip {
+            IpAddr::V4(ip) => format!("{ip}:{}", self.port),
+            IpAddr::V6(ip) => format!("[{ip}]:{}", self.port),
+        }
+    }
+}
+
+/// What the rules need to know about this node.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeInfo {
+    pub name: String,
+    /// The node's primary IPs (InternalIP, else ExternalIP, per family) from its Node object.
+    pub primary_ips: Vec<IpAddr>,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// The whole cluster as one family's rules see it: every service port and its endpoints.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClusterState {
+    pub services: BTreeMap<ServicePortName, ServicePort>,
+    pub endpoints: BTreeMap<ServicePortName, Vec<Endpoint>>,
+}
+
+impl ClusterState {
+    pub fn add_service(&mut self, sp: ServicePort) -> &mut Self {
+        self.services.insert(sp.name.clone(), sp);
+        self
+    }
+    pub fn add_endpoint(&mut self, name: &ServicePortName, ep: Endpoint) -> &mut Self {
+        self.endpoints.entry(name.clone()).or_default().push(ep);
+        self
+    }
+}
+
+/// Which node IPs NodePorts answer on (`--nodeport-addresses`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodePortAddresses {
+    /// The node's primary IPs of the family (the nftables-mode default, keyword `primary`).
+    Primary,
+    /// Every local IP except loopback (`0.0.0.0/0`, `::/0` or the keyword `all`).
+    All,
+    /// The given node IPs (resolved by the caller from the CIDR list and the node's local addresses).
+    Ips(Vec<IpAddr>),
+}
+
+/// Build-time configuration for one family's ruleset.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BuildConfig {
+    pub family: Family,
+    /// The cluster (pod) CIDR of this family, as `addr/len`; traffic from outside it is masqueraded.
+    pub cluster_cidr: Option<Cidr>,
+    pub masquerade_all: bool,
+    /// `1 << masquerade_bit` is the mark that requests masquerade (default bit 14).
+    pub masquerade_bit: u8,
+    pub nodeport_addresses: NodePortAddresses,
+}
+
+impl BuildConfig {
+    pub fn new(family: Family) -> Self {
+        BuildConfig {
+            family,
+            cluster_cidr: None,
+            masquerade_all: false,
+            masquerade_bit: 14,
+            nodeport_addresses: NodePortAddresses::Primary,
+        }
+    }
+    pub fn masquerade_mark(&self) -> u32 {
+        1u32 << self.masquerade_bit
+    }
+}
+
+/// An address prefix `addr/len`, normalised so that host bits are zero.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Cidr {
+    pub addr: IpAddr,
+    pub len: u8,
+}
+
+impl Cidr {
+    /// Parses `10.0.0.0/8` or `fd00::/64` (whitespace trimmed, host bits cleared).
+    pub fn parse(s: &str) -> Result<Cidr, String> {
+        let s = s.trim();
+        let (a, l) = s.split_once('/').ok_or_else(|| format!("{s:?} is not a CIDR (addr/len)"))?;
+        let addr: IpAddr = a.parse().map_err(|_| format!("{s:?}: bad address {a:?}"))?;
+        let len: u8 = l.parse().map_err(|_| format!("{s:?}: bad prefix length {l:?}"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        if len > max {
+            return Err(format!("{s:?}: prefix length {len} exceeds {max}"));
+        }
+        Ok(Cidr { addr: mask_addr(addr, len), len })
+    }
+    pub fn family(&self) -> Family {
+        Family::of(&self.addr)
+    }
+    pub fn contains(&self, ip: &IpAddr) -> bool {
+        Family::of(ip) == self.family() && mask_addr(*ip, self.len) == self.addr
+    }
+    /// The prefix as bytes of a mask (for `bitwise` + `cmp` lowering).
+    pub fn mask_bytes(&self) -> Vec<u8> {
+        let n = if self.addr.is_ipv4() { 4 } else { 16 };
+        (0..n)
+            .map(|i| {
+                let bits = (self.len as i32 - 8 * i as i32).clamp(0, 8);
+                if bits == 0 { 0 } else { 0xffu8 << (8 - bits) }
+            })
+            .collect()
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+fn mask_addr(ip: IpAddr, len: u8) -> IpAddr {
+    match ip {
+        IpAddr::V4(v) => {
+            let m = if len == 0 { 0 } else { u32::MAX << (32 - len as u32) };
+            IpAddr::V4((u32::from(v) & m).into())
+        }
+        IpAddr::V6(v) => {
+            let m = if len == 0 { 0 } else { u128::MAX << (128 - len as u32) };
+            IpAddr::V6((u128::from(v) & m).into())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cidr_parse_normalises_and_contains() {
+        let c = Cidr::parse(" 10.1.2.3/8").unwrap();
+        assert_eq!(c.to_string(), "10.0.0.0/8");
+        assert!(c.contains(&"10.200.0.1".parse().unwrap()));
+        assert!(!c.contains(&"11.0.0.1".parse().unwrap()));
+        assert!(!c.contains(&"::1".parse().unwrap()));
+        assert_eq!(c.mask_bytes(), vec![0xff, 0, 0, 0]);
+        assert_eq!(Cidr::parse("10.0.0.0/12").unwrap().mask_bytes(), vec![0xff, 0xf0, 0, 0]);
+        assert!(Cidr::parse("10.0.0.0/33").is_err());
+        assert!(Cidr::parse("10.0.0.0").is_err());
+        assert_eq!(Cidr::parse("fd00:10::5/64").unwrap().to_string(), "fd00:10::/64");
+    }
+
+    #[test]
+    fn service_port_name_display() {
+        let n = ServicePortName::new("ns1", "svc1", "p80", Protocol::Tcp);
+        assert_eq!(n.to_string(), "ns1/svc1:p80");
+        let n = ServicePortName::new("ns1", "svc1", "", Protocol::Udp);
+        assert_eq!(n.to_string(), "ns1/svc1");
+    }
+}

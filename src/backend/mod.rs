@@ -1,0 +1,1 @@
+//! Where the rules go: nftables over netlink.

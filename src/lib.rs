@@ -1,0 +1,7 @@
+//! kproxy: a Rust kube-proxy. The daemon's modules; `main.rs` only wires them together.
+
+pub mod backend;
+pub mod config;
+pub mod model;
+pub mod source;
+pub mod sync;

@@ -1,0 +1,1 @@
+//! Conversion from Kubernetes objects to the rules model, and the change tracker.

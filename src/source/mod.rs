@@ -1,0 +1,1 @@
+//! Where objects come from: YAML manifests (and later the API server).
