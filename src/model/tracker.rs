@@ -1,0 +1,518 @@
+//! Owns the current, converted view of the cluster (Services, EndpointSlices, the own Node), the
+//! count of changes not yet synced, and the merge of slices into per-family `ClusterState`.
+//!
+//! Like upstream's ServiceChangeTracker/EndpointsChangeTracker, Services and EndpointSlices are
+//! stored independently: a slice may arrive before its Service (case 30) and is used as soon as
+//! the Service shows up. A rejected object is treated as absent, so a bad update removes the
+//! object's previous good version rather than leaving stale rules for something that no longer
+//! exists in that form.
+
+use std::collections::btree_map::Entry;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use rules::model::{ClusterState, Endpoint, Family, NodeInfo, Protocol};
+
+use super::convert::{self, Converted, ServiceInfo, SliceInfo};
+use super::Rejected;
+
+/// `(namespace, name)`.
+type Key = (String, String);
+
+/// Distinct Services whose Service object, or whose endpoints, changed since the last
+/// [`ChangeTracker::take_pending`]; upstream's `*_changes_pending` gauges count the same thing.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Pending {
+    pub services: usize,
+    pub endpoints: usize,
+}
+
+/// The store the sources feed and the sync loop reads.
+#[derive(Debug, Clone, Default)]
+pub struct ChangeTracker {
+    node_name: String,
+    services: BTreeMap<Key, ServiceInfo>,
+    slices: BTreeMap<Key, SliceInfo>,
+    node: Option<NodeInfo>,
+    /// Services (ns, name) whose Service object changed.
+    pending_services: BTreeSet<Key>,
+    /// Services (ns, name) whose endpoints changed (keyed by Service, as upstream).
+    pending_endpoints: BTreeSet<Key>,
+}
+
+impl ChangeTracker {
+    /// An empty tracker for the node called `own_node_name` (`--hostname-override` or hostname).
+    pub fn new(own_node_name: &str) -> Self {
+        ChangeTracker { node_name: own_node_name.to_string(), ..Default::default() }
+    }
+
+    /// Adds or replaces a Service. `Ok(true)` when the model changed, `Ok(false)` for a no-op.
+    ///
+    /// `Err` means the object is invalid and is treated as absent: an earlier valid version, if
+    /// any, has been removed (and counted as a pending change), so a caller should sync when
+    /// [`Self::pending_service_changes`] says so, whatever the result.
+    pub fn upsert_service(&mut self, svc: &Service) -> Result<bool, Rejected> {
+        let key = key_of(svc.metadata.namespace.as_deref(), svc.metadata.name.as_deref());
+        match convert::service(svc) {
+            Ok(Converted::Proxied(info)) => Ok(self.put_service(key, Some(info))),
+            Ok(Converted::Skipped(why)) => {
+                tracing::debug!(namespace = %key.0, name = %key.1, reason = %why, "not proxying Service");
+                Ok(self.put_service(key, None))
+            }
+            Err(r) => {
+                self.put_service(key, None);
+                Err(r)
+            }
+        }
+    }
+
+    /// Removes a Service; `true` if it was there.
+    pub fn delete_service(&mut self, namespace: &str, name: &str) -> bool {
+        self.put_service((namespace.to_string(), name.to_string()), None)
+    }
+
+    /// Adds or replaces an EndpointSlice; same contract as [`Self::upsert_service`].
+    pub fn upsert_slice(&mut self, slice: &EndpointSlice) -> Result<bool, Rejected> {
+        let key = key_of(slice.metadata.namespace.as_deref(), slice.metadata.name.as_deref());
+        match convert::endpoint_slice(slice) {
+            Ok(Converted::Proxied(info)) => Ok(self.put_slice(key, Some(info))),
+            Ok(Converted::Skipped(why)) => {
+                tracing::debug!(namespace = %key.0, name = %key.1, reason = %why, "not using EndpointSlice");
+                Ok(self.put_slice(key, None))
+            }
+            Err(r) => {
+                self.put_slice(key, None);
+                Err(r)
+            }
+        }
+    }
+
+    /// Removes an EndpointSlice (by the slice's own name); `true` if it was there.
+    pub fn delete_slice(&mut self, namespace: &str, name: &str) -> bool {
+        self.put_slice((namespace.to_string(), name.to_string()), None)
+    }
+
+    /// Records this node's Node object. Other nodes' objects are ignored (`Ok(false)`): only the
+    /// own node's IPs and labels matter to the rules. An invalid own Node is treated as unknown.
+    pub fn set_node(&mut self, node: &Node) -> Result<bool, Rejected> {
+        if node.metadata.name.as_deref() != Some(self.node_name.as_str()) {
+            return Ok(false);
+        }
+        match convert::node(node) {
+            Ok(info) => Ok(self.put_node(Some(info))),
+            Err(r) => {
+                self.put_node(None);
+                Err(r)
+            }
+        }
+    }
+
+    /// Forgets the own Node (it was deleted); `true` if it was known.
+    pub fn delete_node(&mut self, name: &str) -> bool {
+        name == self.node_name && self.put_node(None)
+    }
+
+    /// Replaces everything with exactly these objects (the files source: each read of the
+    /// directory is the whole truth). Returns whether the model changed, and the rejected objects,
+    /// which are treated as absent. Of two objects with one (namespace, name), the first is kept.
+    /// Takes owned `Vec`s or borrowed slices alike.
+    pub fn replace_all(
+        &mut self,
+        services: impl AsRef<[Service]>,
+        slices: impl AsRef<[EndpointSlice]>,
+        nodes: impl AsRef<[Node]>,
+        own_node_name: &str,
+    ) -> (bool, Vec<Rejected>) {
+        let (services, slices, nodes) = (services.as_ref(), slices.as_ref(), nodes.as_ref());
+        self.node_name = own_node_name.to_string();
+        let mut rejected = Vec::new();
+
+        let mut new_services: BTreeMap<Key, ServiceInfo> = BTreeMap::new();
+        for svc in services {
+            match convert::service(svc) {
+                Ok(Converted::Proxied(info)) => {
+                    let key = (info.namespace.clone(), info.name.clone());
+                    match new_services.entry(key) {
+                        Entry::Occupied(e) => rejected.push(duplicate("Service", e.key())),
+                        Entry::Vacant(e) => {
+                            e.insert(info);
+                        }
+                    }
+                }
+                Ok(Converted::Skipped(_)) => {}
+                Err(r) => rejected.push(r),
+            }
+        }
+        let mut new_slices: BTreeMap<Key, SliceInfo> = BTreeMap::new();
+        for slice in slices {
+            match convert::endpoint_slice(slice) {
+                Ok(Converted::Proxied(info)) => {
+                    let key = (info.namespace.clone(), info.name.clone());
+                    match new_slices.entry(key) {
+                        Entry::Occupied(e) => rejected.push(duplicate("EndpointSlice", e.key())),
+                        Entry::Vacant(e) => {
+                            e.insert(info);
+                        }
+                    }
+                }
+                Ok(Converted::Skipped(_)) => {}
+                Err(r) => rejected.push(r),
+            }
+        }
+        let mut new_node = None;
+        for n in nodes.iter().filter(|n| n.metadata.name.as_deref() == Some(own_node_name)) {
+            match convert::node(n) {
+                Ok(info) if new_node.is_none() => new_node = Some(info),
+                Ok(_) => rejected.push(Rejected::new("Node", "", own_node_name, "duplicate Node; the first one is used")),
+                Err(r) => rejected.push(r),
+            }
+        }
+
+        let mut changed = false;
+        let keys: BTreeSet<Key> = self.services.keys().chain(new_services.keys()).cloned().collect();
+        for key in keys {
+            let new = new_services.remove(&key);
+            changed |= self.put_service(key, new);
+        }
+        let keys: BTreeSet<Key> = self.slices.keys().chain(new_slices.keys()).cloned().collect();
+        for key in keys {
+            let new = new_slices.remove(&key);
+            changed |= self.put_slice(key, new);
+        }
+        changed |= self.put_node(new_node);
+        (changed, rejected)
+    }
+
+    /// Service ports of `family` and their endpoints, as the rules builder wants them.
+    ///
+    /// A service port's endpoints come from every slice of that Service and family that has a port
+    /// with the same (name, protocol); the port *number* is the slice's (case 4, 15), so one
+    /// named port may map to different numbers in different slices. The same `IP:port` in two
+    /// slices counts once, a non-terminating copy winning over a terminating one (case 25).
+    /// Endpoints are ordered by their `IP:port` string, as upstream orders them.
+    pub fn cluster_state(&self, family: Family) -> ClusterState {
+        let mut by_service: BTreeMap<(&str, &str), Vec<&SliceInfo>> = BTreeMap::new();
+        for s in self.slices.values().filter(|s| s.family == family) {
+            by_service.entry((s.namespace.as_str(), s.service_name.as_str())).or_default().push(s);
+        }
+        let mut state = ClusterState::default();
+        for ((ns, name), svc) in &self.services {
+            let slices = by_service.get(&(ns.as_str(), name.as_str())).map(Vec::as_slice).unwrap_or(&[]);
+            for sp in svc.ports.iter().filter(|p| p.family() == family) {
+                let eps = merge_endpoints(slices, &sp.name.port_name, sp.name.protocol);
+                if !eps.is_empty() {
+                    state.endpoints.insert(sp.name.clone(), eps);
+                }
+                state.services.insert(sp.name.clone(), sp.clone());
+            }
+        }
+        state
+    }
+
+    /// This node as the rules see it; just the configured name until its Node object is known.
+    pub fn node(&self) -> NodeInfo {
+        self.node.clone().unwrap_or_else(|| NodeInfo { name: self.node_name.clone(), ..Default::default() })
+    }
+
+    /// Whether the own Node object has been seen (health checks need it).
+    pub fn node_known(&self) -> bool {
+        self.node.is_some()
+    }
+
+    pub fn service_count(&self) -> usize {
+        self.services.len()
+    }
+
+    pub fn slice_count(&self) -> usize {
+        self.slices.len()
+    }
+
+    /// Services with a changed Service object since the last `take_pending`.
+    pub fn pending_service_changes(&self) -> usize {
+        self.pending_services.len()
+    }
+
+    /// Services with changed endpoints since the last `take_pending`.
+    pub fn pending_endpoint_changes(&self) -> usize {
+        self.pending_endpoints.len()
+    }
+
+    /// Returns the pending counts and resets them (call when a sync starts from this state).
+    pub fn take_pending(&mut self) -> Pending {
+        let p = Pending { services: self.pending_services.len(), endpoints: self.pending_endpoints.len() };
+        self.pending_services.clear();
+        self.pending_endpoints.clear();
+        p
+    }
+
+    fn put_service(&mut self, key: Key, new: Option<ServiceInfo>) -> bool {
+        if self.services.get(&key) == new.as_ref() {
+            return false;
+        }
+        match new {
+            Some(info) => self.services.insert(key.clone(), info),
+            None => self.services.remove(&key),
+        };
+        self.pending_services.insert(key);
+        true
+    }
+
+    fn put_slice(&mut self, key: Key, new: Option<SliceInfo>) -> bool {
+        let old = self.slices.get(&key);
+        if old == new.as_ref() {
+            return false;
+        }
+        // Both the old and the new owning Service see an endpoint change (the label may move).
+        for s in old.iter().copied().chain(new.as_ref()) {
+            self.pending_endpoints.insert((s.namespace.clone(), s.service_name.clone()));
+        }
+        match new {
+            Some(info) => self.slices.insert(key, info),
+            None => self.slices.remove(&key),
+        };
+        true
+    }
+
+    fn put_node(&mut self, new: Option<NodeInfo>) -> bool {
+        if self.node == new {
+            return false;
+        }
+        self.node = new;
+        true
+    }
+}
+
+fn key_of(ns: Option<&str>, name: Option<&str>) -> Key {
+    (ns.unwrap_or("").to_string(), name.unwrap_or("").to_string())
+}
+
+fn duplicate(kind: &'static str, key: &Key) -> Rejected {
+    Rejected::new(kind, &key.0, &key.1, "duplicate object with the same namespace and name; the first one is used")
+}
+
+fn merge_endpoints(slices: &[&SliceInfo], port_name: &str, protocol: Protocol) -> Vec<Endpoint> {
+    let mut merged: BTreeMap<(IpAddr, u16), Endpoint> = BTreeMap::new();
+    for slice in slices {
+        for port in slice.ports.iter().filter(|p| p.name == port_name && p.protocol == protocol) {
+            for e in &slice.endpoints {
+                let ep = Endpoint {
+                    ip: e.ip,
+                    port: port.port,
+                    ready: e.ready,
+                    serving: e.serving,
+                    terminating: e.terminating,
+                    node_name: e.node_name.clone(),
+                };
+                // Keep the first copy unless a non-terminating one replaces a terminating one.
+                match merged.entry((e.ip, port.port)) {
+                    Entry::Vacant(v) => {
+                        v.insert(ep);
+                    }
+                    Entry::Occupied(mut o) => {
+                        if o.get().terminating && !ep.terminating {
+                            o.insert(ep);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    let mut eps: Vec<Endpoint> = merged.into_values().collect();
+    eps.sort_by_cached_key(Endpoint::addr_string);
+    eps
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rules::model::{ServicePort, ServicePortName};
+
+    fn svc(yaml: &str) -> Service {
+        serde_yaml::from_str(yaml).expect("fixture Service")
+    }
+    /// A slice fixture: `ports` and `endpoints` are YAML flow sequences.
+    fn slice(name: &str, service: &str, family: &str, ports: &str, endpoints: &str) -> EndpointSlice {
+        serde_yaml::from_str(&format!(
+            "metadata: {{namespace: ns1, name: {name}, labels: {{kubernetes.io/service-name: {service}}}}}
+addressType: {family}
+ports: {ports}
+endpoints: {endpoints}"
+        ))
+        .expect("fixture EndpointSlice")
+    }
+    const SVC_HTTP: &str = "metadata: {namespace: ns1, name: svc1}
+spec: {clusterIP: 172.30.0.41, ports: [{name: http, port: 80}, {name: https, port: 443}]}";
+    fn spn(port: &str) -> ServicePortName {
+        ServicePortName::new("ns1", "svc1", port, Protocol::Tcp)
+    }
+
+    #[test]
+    fn named_port_maps_to_different_numbers_per_slice() {
+        let mut t = ChangeTracker::new("node-a");
+        assert_eq!(t.upsert_service(&svc(SVC_HTTP)), Ok(true));
+        t.upsert_slice(&slice("a", "svc1", "IPv4", "[{name: http, port: 8080}]", "[{addresses: [10.0.1.1]}]")).unwrap();
+        t.upsert_slice(&slice("b", "svc1", "IPv4", "[{name: http, port: 9090}]", "[{addresses: [10.0.1.2], nodeName: node-a}]")).unwrap();
+        let st = t.cluster_state(Family::V4);
+        assert_eq!(st.services.len(), 2);
+        assert_eq!(
+            st.endpoints.get(&spn("http")),
+            Some(&vec![Endpoint::ready("10.0.1.1", 8080), Endpoint::ready("10.0.1.2", 9090).on_node("node-a")])
+        );
+        // Case 14: https has no slice port, so no endpoints (the rules will reject).
+        assert_eq!(st.endpoints.get(&spn("https")), None);
+    }
+
+    #[test]
+    fn port_name_and_protocol_must_match() {
+        let mut t = ChangeTracker::new("n");
+        t.upsert_service(&svc(SVC_HTTP)).unwrap();
+        t.upsert_slice(&slice("a", "svc1", "IPv4", "[{name: p80, port: 80}, {name: http, port: 80, protocol: UDP}]", "[{addresses: [10.0.1.1]}]")).unwrap();
+        assert!(t.cluster_state(Family::V4).endpoints.is_empty());
+    }
+
+    #[test]
+    fn slice_before_service_is_used_once_service_arrives() {
+        let mut t = ChangeTracker::new("n");
+        t.upsert_slice(&slice("a", "svc1", "IPv4", "[{name: http, port: 80}]", "[{addresses: [10.0.1.1]}]")).unwrap();
+        assert!(t.cluster_state(Family::V4).services.is_empty());
+        t.upsert_service(&svc(SVC_HTTP)).unwrap();
+        assert_eq!(t.cluster_state(Family::V4).endpoints.get(&spn("http")), Some(&vec![Endpoint::ready("10.0.1.1", 80)]));
+    }
+
+    #[test]
+    fn duplicate_endpoint_across_slices_prefers_non_terminating() {
+        let mut t = ChangeTracker::new("n");
+        t.upsert_service(&svc(SVC_HTTP)).unwrap();
+        let ports = "[{name: http, port: 80}]";
+        t.upsert_slice(&slice("a", "svc1", "IPv4", ports, "[{addresses: [10.0.1.1], conditions: {terminating: true}}, {addresses: [10.0.1.10]}]")).unwrap();
+        t.upsert_slice(&slice("b", "svc1", "IPv4", ports, "[{addresses: [10.0.1.1]}, {addresses: [10.0.1.10], conditions: {terminating: true}}]")).unwrap();
+        let eps = t.cluster_state(Family::V4).endpoints.remove(&spn("http")).unwrap();
+        assert_eq!(eps.len(), 2);
+        assert!(eps.iter().all(|e| !e.terminating), "{eps:?}");
+        // Ordered by the "IP:port" string, as upstream: ':' sorts after '0'.
+        assert_eq!(eps[0].ip.to_string(), "10.0.1.10");
+    }
+
+    #[test]
+    fn families_are_kept_apart() {
+        let mut t = ChangeTracker::new("n");
+        t.upsert_service(&svc("metadata: {namespace: ns1, name: svc1}
+spec: {clusterIPs: [172.30.0.41, 'fd00::41'], ports: [{name: http, port: 80}]}")).unwrap();
+        t.upsert_slice(&slice("v4", "svc1", "IPv4", "[{name: http, port: 80}]", "[{addresses: [10.0.1.1]}]")).unwrap();
+        t.upsert_slice(&slice("v6", "svc1", "IPv6", "[{name: http, port: 80}]", "[{addresses: ['fd00:10::1']}]")).unwrap();
+        let v4 = t.cluster_state(Family::V4);
+        let v6 = t.cluster_state(Family::V6);
+        assert_eq!(v4.services[&spn("http")].cluster_ip.to_string(), "172.30.0.41");
+        assert_eq!(v6.services[&spn("http")].cluster_ip.to_string(), "fd00::41");
+        assert_eq!(v4.endpoints[&spn("http")], vec![Endpoint::ready("10.0.1.1", 80)]);
+        assert_eq!(v6.endpoints[&spn("http")], vec![Endpoint::ready("fd00:10::1", 80)]);
+    }
+
+    #[test]
+    fn no_op_updates_return_false_and_count_nothing() {
+        let mut t = ChangeTracker::new("n");
+        let s = svc(SVC_HTTP);
+        let sl = slice("a", "svc1", "IPv4", "[{name: http, port: 80}]", "[{addresses: [10.0.1.1]}]");
+        assert_eq!(t.upsert_service(&s), Ok(true));
+        assert_eq!(t.upsert_slice(&sl), Ok(true));
+        assert_eq!(t.take_pending(), Pending { services: 1, endpoints: 1 });
+        let mut s2 = s.clone();
+        s2.metadata.resource_version = Some("2".into()); // irrelevant to the rules
+        assert_eq!(t.upsert_service(&s2), Ok(false));
+        assert_eq!(t.upsert_slice(&sl), Ok(false));
+        assert_eq!(t.take_pending(), Pending::default());
+        assert!(t.delete_slice("ns1", "a"));
+        assert!(!t.delete_slice("ns1", "a"));
+        assert!(t.delete_service("ns1", "svc1"));
+        assert!(!t.delete_service("ns1", "svc1"));
+        assert_eq!((t.pending_service_changes(), t.pending_endpoint_changes()), (1, 1));
+    }
+
+    #[test]
+    fn pending_counts_distinct_services() {
+        let mut t = ChangeTracker::new("n");
+        t.upsert_service(&svc(SVC_HTTP)).unwrap();
+        t.upsert_service(&svc("metadata: {namespace: ns1, name: svc1}\nspec: {clusterIP: 172.30.0.41, ports: [{port: 81}]}")).unwrap();
+        t.upsert_slice(&slice("a", "svc1", "IPv4", "[]", "[]")).unwrap();
+        t.upsert_slice(&slice("b", "svc1", "IPv4", "[]", "[{addresses: [10.0.0.1]}]")).unwrap();
+        // Moving slice b to another Service touches both Services' endpoints.
+        t.upsert_slice(&slice("b", "svc2", "IPv4", "[]", "[{addresses: [10.0.0.1]}]")).unwrap();
+        assert_eq!(t.pending_service_changes(), 1);
+        assert_eq!(t.pending_endpoint_changes(), 2);
+    }
+
+    #[test]
+    fn rejected_update_removes_previous_version_and_headless_removes_service() {
+        let mut t = ChangeTracker::new("n");
+        t.upsert_service(&svc(SVC_HTTP)).unwrap();
+        t.take_pending();
+        let bad = svc("metadata: {namespace: ns1, name: svc1}\nspec: {clusterIP: 172.30.0.41, ports: [{port: 0}]}");
+        let err = t.upsert_service(&bad).unwrap_err();
+        assert!(err.to_string().contains("port 0 is out of range"), "{err}");
+        assert_eq!(t.service_count(), 0);
+        assert_eq!(t.pending_service_changes(), 1);
+
+        t.upsert_service(&svc(SVC_HTTP)).unwrap();
+        assert_eq!(t.upsert_service(&svc("metadata: {namespace: ns1, name: svc1}\nspec: {clusterIP: None}")), Ok(true));
+        assert_eq!(t.service_count(), 0);
+
+        t.upsert_slice(&slice("a", "svc1", "IPv4", "[]", "[]")).unwrap();
+        assert!(t.upsert_slice(&slice("a", "svc1", "IPv4", "[]", "[{addresses: [bad]}]")).is_err());
+        assert_eq!(t.slice_count(), 0);
+    }
+
+    #[test]
+    fn node_defaults_to_configured_name_and_ignores_other_nodes() {
+        let mut t = ChangeTracker::new("node-a");
+        assert_eq!(t.node(), NodeInfo { name: "node-a".into(), ..Default::default() });
+        assert!(!t.node_known());
+        let other: Node = serde_yaml::from_str("metadata: {name: node-b}").unwrap();
+        assert_eq!(t.set_node(&other), Ok(false));
+        let own: Node = serde_yaml::from_str(
+            "metadata: {name: node-a, labels: {zone: z}}\nstatus: {addresses: [{type: InternalIP, address: 192.168.0.2}]}",
+        )
+        .unwrap();
+        assert_eq!(t.set_node(&own), Ok(true));
+        assert_eq!(t.set_node(&own), Ok(false));
+        assert_eq!(t.node().primary_ips, vec!["192.168.0.2".parse::<IpAddr>().unwrap()]);
+        assert!(t.delete_node("node-a"));
+        assert!(!t.node_known());
+    }
+
+    #[test]
+    fn replace_all_reports_changes_and_rejections() {
+        let mut t = ChangeTracker::new("x");
+        let services = vec![
+            svc(SVC_HTTP),
+            svc("metadata: {namespace: ns1, name: bad}\nspec: {clusterIP: 10.0.0.1, ports: [{port: 70000}]}"),
+            svc("metadata: {namespace: ns1, name: svc1}\nspec: {clusterIP: 10.9.9.9, ports: [{port: 1}]}"),
+        ];
+        let slices = vec![slice("a", "svc1", "IPv4", "[{name: http, port: 80}]", "[{addresses: [10.0.1.1]}]")];
+        let nodes: Vec<Node> = vec![
+            serde_yaml::from_str("metadata: {name: other}").unwrap(),
+            serde_yaml::from_str("metadata: {name: node-a}\nstatus: {addresses: [{type: InternalIP, address: 192.168.0.2}]}").unwrap(),
+        ];
+        let (changed, rejected) = t.replace_all(&services, &slices, &nodes, "node-a");
+        assert!(changed);
+        let lines: Vec<String> = rejected.iter().map(|r| r.to_string()).collect();
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        assert!(lines[0].starts_with("Service ns1/bad: spec.ports[0].port 70000"), "{lines:?}");
+        assert!(lines[1].contains("Service ns1/svc1: duplicate"), "{lines:?}");
+        assert_eq!(t.cluster_state(Family::V4).services[&spn("http")], ServicePort::cluster_ip("ns1", "svc1", "http", Protocol::Tcp, "172.30.0.41", 80));
+        assert_eq!(t.node().name, "node-a");
+        assert_eq!(t.node().primary_ips.len(), 1);
+        assert_eq!(t.take_pending(), Pending { services: 1, endpoints: 1 });
+
+        let (changed, _) = t.replace_all(&services, &slices, &nodes, "node-a");
+        assert!(!changed, "same input again is a no-op");
+        assert_eq!(t.take_pending(), Pending::default());
+
+        let (changed, rejected) = t.replace_all(&[], &[], &[], "node-a");
+        assert!(changed && rejected.is_empty());
+        assert_eq!(t.service_count() + t.slice_count(), 0);
+        assert!(!t.node_known());
+        assert_eq!(t.take_pending(), Pending { services: 1, endpoints: 1 });
+    }
+}

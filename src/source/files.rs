@@ -1,0 +1,752 @@
+//! Owns the `--manifests DIR` source: reading Service, EndpointSlice and Node objects from YAML
+//! and JSON files, refusing bad files and documents one at a time, and cheap change detection
+//! (`DirWatcher`) so edits show up within a second without an inotify dependency.
+//!
+//! The directory stands in for the API server, so two things the API server would do happen here:
+//! its defaulting (namespace `default`; EndpointSlice port name `""` and protocol `TCP`) and the
+//! uniqueness of (kind, namespace, name). Objects are also validated here with the same
+//! conversion the tracker uses, so every rejection can name the file and document it came from.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+use std::hash::{DefaultHasher, Hasher};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use serde::de::DeserializeOwned;
+
+use crate::model::{convert, Rejected};
+
+/// Files larger than this are refused unread: no real manifest is this big, and reading it on
+/// every change would stall the source.
+pub const MAX_FILE_BYTES: u64 = 16 << 20;
+/// How deep subdirectories are followed (symlinked directories included, so loops must end).
+const MAX_DEPTH: usize = 8;
+/// `DirWatcher` re-hashes every file at least this often, even when its size and mtime say it is
+/// unchanged, in case a tool wrote new content and then restored the old mtime.
+const FULL_HASH_EVERY: u64 = 40;
+/// Files whose mtime is this recent are re-hashed on every poll: on file systems with coarse
+/// timestamps (1-2 s), two same-sized writes within one tick leave size and mtime unchanged.
+const RECENT: Duration = Duration::from_secs(3);
+
+/// Everything one read of the directory found. Objects here are valid (or valid but not proxied,
+/// such as headless Services); everything else is in `rejected`.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    pub services: Vec<Service>,
+    pub slices: Vec<EndpointSlice>,
+    pub nodes: Vec<Node>,
+    pub rejected: Vec<Rejected>,
+}
+
+impl Snapshot {
+    pub fn is_empty(&self) -> bool {
+        self.services.is_empty() && self.slices.is_empty() && self.nodes.is_empty() && self.rejected.is_empty()
+    }
+}
+
+/// Reads every `*.yaml`, `*.yml` and `*.json` file under `dir` (recursively, in path order).
+/// Never fails: an unreadable directory or file becomes a `Rejected` of kind `"file"`.
+pub fn load_dir(dir: &Path) -> Snapshot {
+    let mut loader = Loader::default();
+    let (files, errors) = list_files(dir);
+    loader.snap.rejected.extend(errors);
+    for path in files {
+        match read_limited(&path) {
+            Ok(bytes) => loader.add_file(&path, &bytes),
+            Err(reason) => loader.snap.rejected.push(Rejected::file(&path, reason)),
+        }
+    }
+    loader.snap
+}
+
+/// Parses one file's content as `load_dir` would (`path` names it in rejections and selects
+/// JSON for a `.json` extension). Useful for tests and fuzzing without touching the disk.
+pub fn parse_file(path: &Path, bytes: &[u8]) -> Snapshot {
+    let mut loader = Loader::default();
+    loader.add_file(path, bytes);
+    loader.snap
+}
+
+/// Accumulates objects across files, remembering where each came from for duplicate reports.
+#[derive(Default)]
+struct Loader {
+    snap: Snapshot,
+    seen: BTreeMap<(&'static str, String, String), String>,
+}
+
+/// Where a document's typed form is read from; decides how good the error positions are.
+enum DocSource<'a> {
+    /// One YAML document's text; errors carry field path and line (shifted by `first_line`).
+    Yaml { text: &'a str, first_line: usize },
+    /// A whole JSON file holding one value; errors carry line and column.
+    Json { text: &'a str },
+    /// An already parsed value (a `List` item, or one of several JSON values).
+    Value,
+}
+
+impl Loader {
+    fn add_file(&mut self, path: &Path, bytes: &[u8]) {
+        let text = match std::str::from_utf8(bytes) {
+            Ok(t) => t,
+            Err(e) => {
+                let reason = format!("not UTF-8 text (invalid byte at offset {})", e.valid_up_to());
+                return self.snap.rejected.push(Rejected::file(path, reason));
+            }
+        };
+        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+        let is_json = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("json"));
+        if is_json {
+            self.add_json(path, text);
+        } else {
+            for doc in split_documents(text) {
+                let at = format!("document {} (line {})", doc.index, doc.first_line);
+                let value = match serde_yaml::from_str::<serde_yaml::Value>(doc.text) {
+                    Ok(v) => v,
+                    Err(e) => {
+                        let reason = format!("{at}: not valid YAML: {}", relocate(&e, doc.first_line));
+                        self.snap.rejected.push(Rejected::file(path, reason));
+                        continue;
+                    }
+                };
+                self.add_value(path, &at, &value, DocSource::Yaml { text: doc.text, first_line: doc.first_line }, true);
+            }
+        }
+    }
+
+    fn add_json(&mut self, path: &Path, text: &str) {
+        let mut values = Vec::new();
+        for v in serde_json::Deserializer::from_str(text).into_iter::<serde_json::Value>() {
+            match v {
+                Ok(v) => values.push(v),
+                Err(e) => {
+                    // A JSON syntax error cannot be resumed after; keep what came before it.
+                    let reason = format!("value {}: not valid JSON: {e}", values.len() + 1);
+                    self.snap.rejected.push(Rejected::file(path, reason));
+                    break;
+                }
+            }
+        }
+        let single = values.len() == 1;
+        for (i, v) in values.into_iter().enumerate() {
+            let at = format!("value {}", i + 1);
+            let value = match serde_yaml::to_value(&v) {
+                Ok(v) => v,
+                Err(e) => {
+                    self.snap.rejected.push(Rejected::file(path, format!("{at}: {e}")));
+                    continue;
+                }
+            };
+            let src = if single { DocSource::Json { text } } else { DocSource::Value };
+            self.add_value(path, &at, &value, src, true);
+        }
+    }
+
+    /// One document (or `List` item): dispatch on `kind`, deserialize, default, validate.
+    fn add_value(&mut self, path: &Path, at: &str, value: &serde_yaml::Value, src: DocSource, top: bool) {
+        if value.is_null() {
+            tracing::debug!(file = %path.display(), at, "skipping empty document");
+            return;
+        }
+        let Some(map) = value.as_mapping() else {
+            let what = match value {
+                serde_yaml::Value::Sequence(_) => "a sequence",
+                serde_yaml::Value::Mapping(_) => "a mapping",
+                serde_yaml::Value::Tagged(_) => "a tagged value",
+                _ => "a scalar",
+            };
+            let reason = format!("{at}: not a Kubernetes object (the document is {what}, not a mapping)");
+            return self.snap.rejected.push(Rejected::file(path, reason));
+        };
+        let meta = |field: &str| {
+            map.get("metadata").and_then(|m| m.get(field)).and_then(|v| v.as_str()).unwrap_or("").to_string()
+        };
+        let (mut ns, name) = (meta("namespace"), meta("name"));
+        if ns.is_empty() {
+            ns = "default".to_string(); // what the namespaced kinds get defaulted to below
+        }
+        match map.get("kind").and_then(|k| k.as_str()) {
+            Some("Service") => {
+                if let Some(mut svc) = self.typed::<Service>(path, at, "Service", &ns, &name, value, &src) {
+                    default_namespace(&mut svc.metadata);
+                    let checked = convert::service(&svc).map(|_| ());
+                    let id = ident(&svc.metadata);
+                    self.accept(path, at, "Service", id, checked, |s| s.services.push(svc));
+                }
+            }
+            Some("EndpointSlice") => {
+                if let Some(mut slice) = self.typed::<EndpointSlice>(path, at, "EndpointSlice", &ns, &name, value, &src) {
+                    default_namespace(&mut slice.metadata);
+                    for p in slice.ports.iter_mut().flatten() {
+                        p.name.get_or_insert_with(String::new);
+                        p.protocol.get_or_insert_with(|| "TCP".to_string());
+                    }
+                    let checked = convert::endpoint_slice(&slice).map(|_| ());
+                    let id = ident(&slice.metadata);
+                    self.accept(path, at, "EndpointSlice", id, checked, |s| s.slices.push(slice));
+                }
+            }
+            Some("Node") => {
+                if let Some(mut node) = self.typed::<Node>(path, at, "Node", "", &name, value, &src) {
+                    node.metadata.namespace = None; // cluster-scoped
+                    let checked = convert::node(&node).map(|_| ());
+                    let id = ident(&node.metadata);
+                    self.accept(path, at, "Node", id, checked, |s| s.nodes.push(node));
+                }
+            }
+            // `kind: List` (kubectl) and typed lists such as `ServiceList` (API responses).
+            Some(k) if k == "List" || (k.ends_with("List") && map.contains_key("items")) => {
+                if !top {
+                    let reason = format!("{at}: a {k} nested inside a List is not supported");
+                    return self.snap.rejected.push(Rejected::file(path, reason));
+                }
+                match map.get("items") {
+                    None | Some(serde_yaml::Value::Null) => {}
+                    Some(serde_yaml::Value::Sequence(items)) => {
+                        for (i, item) in items.iter().enumerate() {
+                            self.add_value(path, &format!("{at} items[{i}]"), item, DocSource::Value, false);
+                        }
+                    }
+                    Some(_) => {
+                        let reason = format!("{at}: {k}.items is not a sequence");
+                        self.snap.rejected.push(Rejected::file(path, reason));
+                    }
+                }
+            }
+            Some(other) => {
+                tracing::debug!(file = %path.display(), at, kind = other, "skipping document of another kind");
+            }
+            None => {
+                let reason = format!("{at}: not a Kubernetes object (no string `kind` field)");
+                self.snap.rejected.push(Rejected::file(path, reason));
+            }
+        }
+    }
+
+    /// Deserializes into `T`; on failure records a rejection naming the object as far as known.
+    #[allow(clippy::too_many_arguments)]
+    fn typed<T: DeserializeOwned>(
+        &mut self,
+        path: &Path,
+        at: &str,
+        kind: &'static str,
+        ns: &str,
+        name: &str,
+        value: &serde_yaml::Value,
+        src: &DocSource,
+    ) -> Option<T> {
+        let res = match src {
+            DocSource::Yaml { text, first_line } => {
+                serde_yaml::from_str::<T>(text).map_err(|e| relocate(&e, *first_line))
+            }
+            DocSource::Json { text } => serde_json::from_str::<T>(text).map_err(|e| e.to_string()),
+            DocSource::Value => serde_yaml::from_value::<T>(value.clone()).map_err(|e| e.to_string()),
+        };
+        match res {
+            Ok(t) => Some(t),
+            Err(e) => {
+                let r = Rejected::new(kind, ns, name, format!("{at}: {e}")).in_file(path);
+                self.snap.rejected.push(r);
+                None
+            }
+        }
+    }
+
+    /// Keeps a deserialized object if it passed validation and is not a duplicate.
+    fn accept(
+        &mut self,
+        path: &Path,
+        at: &str,
+        kind: &'static str,
+        (ns, name): (String, String),
+        checked: Result<(), Rejected>,
+        keep: impl FnOnce(&mut Snapshot),
+    ) {
+        if let Err(mut r) = checked {
+            r.reason = format!("{at}: {}", r.reason);
+            return self.snap.rejected.push(r.in_file(path));
+        }
+        let here = format!("{} {at}", path.display());
+        match self.seen.get(&(kind, ns.clone(), name.clone())) {
+            Some(first) => {
+                let reason = format!("{at}: duplicate of the object in {first}; the first one is used");
+                self.snap.rejected.push(Rejected::new(kind, &ns, &name, reason).in_file(path));
+            }
+            None => {
+                self.seen.insert((kind, ns, name), here);
+                keep(&mut self.snap);
+            }
+        }
+    }
+}
+
+/// `(namespace, name)` of an object, empty when unset.
+fn ident(meta: &ObjectMeta) -> (String, String) {
+    (meta.namespace.clone().unwrap_or_default(), meta.name.clone().unwrap_or_default())
+}
+
+/// API-server defaulting for namespaced objects read from files.
+fn default_namespace(meta: &mut ObjectMeta) {
+    if meta.namespace.as_deref().unwrap_or("").is_empty() {
+        meta.namespace = Some("default".to_string());
+    }
+}
+
+/// A serde_yaml error with its line moved from document-relative to file-relative.
+fn relocate(e: &serde_yaml::Error, first_line: usize) -> String {
+    let msg = e.to_string();
+    match e.location() {
+        Some(loc) => {
+            let old = format!(" at line {} column {}", loc.line(), loc.column());
+            let new = format!(" at line {} column {}", loc.line() + first_line - 1, loc.column());
+            msg.replacen(&old, &new, 1)
+        }
+        None => msg,
+    }
+}
+
+struct Doc<'a> {
+    /// 1-based.
+    index: usize,
+    /// 1-based line of the file where the document's text starts.
+    first_line: usize,
+    text: &'a str,
+}
+
+/// Splits a multi-document YAML file at `---` (and after `...`) lines.
+///
+/// Why not serde_yaml's multi-document iterator: after a syntax error in one document it cannot
+/// go on to the next, and one bad document must not hide the good ones after it. A line starting
+/// with `---` or `...` at column 0 always ends a document in YAML (even inside a block scalar),
+/// so splitting on those lines is exact for every file the parser would accept.
+fn split_documents(text: &str) -> Vec<Doc<'_>> {
+    let is_marker = |line: &str, m: &str| {
+        line.strip_prefix(m).is_some_and(|rest| rest.is_empty() || rest.starts_with([' ', '\t', '\r']))
+    };
+    let mut start = 0; // byte offset where the current document starts
+    let mut start_line = 1;
+    let mut offset = 0;
+    let mut bounds: Vec<(usize, usize, usize)> = Vec::new(); // (start, end, first_line)
+    for (n, line) in text.split_inclusive('\n').enumerate() {
+        let line_no = n + 1;
+        let trimmed = line.trim_end_matches(['\n', '\r']);
+        if is_marker(trimmed, "---") {
+            // The marker begins a new document; what came before is the previous one.
+            bounds.push((start, offset, start_line));
+            start = offset;
+            start_line = line_no;
+        } else if is_marker(trimmed, "...") {
+            // `...` ends the current document (the marker stays with it).
+            bounds.push((start, offset + line.len(), start_line));
+            start = offset + line.len();
+            start_line = line_no + 1;
+        }
+        offset += line.len();
+    }
+    bounds.push((start, text.len(), start_line));
+    let mut docs = Vec::new();
+    for (s, e, first_line) in bounds {
+        // A document that is empty text (e.g. before a leading `---`) is not counted.
+        if s == e {
+            continue;
+        }
+        docs.push(Doc { index: docs.len() + 1, first_line, text: &text[s..e] });
+    }
+    docs
+}
+
+/// Reads a file, refusing one over `MAX_FILE_BYTES` without reading it all.
+fn read_limited(path: &Path) -> Result<Vec<u8>, String> {
+    let f = fs::File::open(path).map_err(|e| format!("cannot open: {e}"))?;
+    let mut buf = Vec::new();
+    f.take(MAX_FILE_BYTES + 1).read_to_end(&mut buf).map_err(|e| format!("cannot read: {e}"))?;
+    if buf.len() as u64 > MAX_FILE_BYTES {
+        return Err(format!("larger than the {} MiB limit for a manifest file", MAX_FILE_BYTES >> 20));
+    }
+    Ok(buf)
+}
+
+fn is_manifest(path: &Path) -> bool {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| ["yaml", "yml", "json"].iter().any(|x| e.eq_ignore_ascii_case(x)))
+}
+
+/// Every manifest file under `dir`, sorted by path, and the entries that could not be read.
+///
+/// Names starting with `.` are skipped: a ConfigMap volume holds every file twice (`foo.yaml`
+/// and `..2024_01_01_00_00_00.123/foo.yaml` behind `..data`), and editors leave `.foo.yaml.swp`.
+fn list_files(dir: &Path) -> (Vec<PathBuf>, Vec<Rejected>) {
+    let mut files = Vec::new();
+    let mut errors = Vec::new();
+    let mut visited = BTreeSet::new();
+    walk(dir, 0, &mut visited, &mut files, &mut errors);
+    files.sort();
+    (files, errors)
+}
+
+fn walk(dir: &Path, depth: usize, visited: &mut BTreeSet<PathBuf>, files: &mut Vec<PathBuf>, errors: &mut Vec<Rejected>) {
+    // Symlinked directories are followed; the canonical-path set stops loops.
+    if let Ok(canon) = fs::canonicalize(dir) {
+        if !visited.insert(canon) {
+            return;
+        }
+    }
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) => return errors.push(Rejected::file(dir, format!("cannot read directory: {e}"))),
+    };
+    for entry in entries {
+        let entry = match entry {
+            Ok(e) => e,
+            Err(e) => {
+                errors.push(Rejected::file(dir, format!("cannot read directory: {e}")));
+                continue;
+            }
+        };
+        if entry.file_name().to_string_lossy().starts_with('.') {
+            continue;
+        }
+        let path = entry.path();
+        match fs::metadata(&path) {
+            Ok(m) if m.is_dir() => {
+                if depth + 1 > MAX_DEPTH {
+                    errors.push(Rejected::file(&path, format!("deeper than {MAX_DEPTH} directories; not read")));
+                } else {
+                    walk(&path, depth + 1, visited, files, errors);
+                }
+            }
+            Ok(m) if m.is_file() && is_manifest(&path) => files.push(path),
+            Ok(_) => {}
+            // A dangling symlink named like a manifest is worth a warning; anything else is not ours.
+            Err(e) if is_manifest(&path) => errors.push(Rejected::file(&path, format!("cannot read: {e}"))),
+            Err(_) => {}
+        }
+    }
+}
+
+/// Detects changes to the manifest files under a directory by polling (call every ~250 ms).
+///
+/// Create it *before* the first `load_dir`: a write between the two then shows up as a change
+/// (one extra reload) instead of being missed.
+#[derive(Debug)]
+pub struct DirWatcher {
+    dir: PathBuf,
+    stamps: BTreeMap<PathBuf, Stamp>,
+    polls: u64,
+}
+
+/// What identifies one version of one file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Stamp {
+    len: u64,
+    mtime_ns: i128,
+    hash: u64,
+}
+
+impl DirWatcher {
+    pub fn new(dir: &Path) -> Self {
+        let mut w = DirWatcher { dir: dir.to_path_buf(), stamps: BTreeMap::new(), polls: 0 };
+        w.stamps = w.scan(true);
+        w
+    }
+
+    /// `true` when any manifest file was added, removed or changed since the last call (or
+    /// since `new`).
+    pub fn changed(&mut self) -> bool {
+        self.polls += 1;
+        let stamps = self.scan(self.polls.is_multiple_of(FULL_HASH_EVERY));
+        let changed = stamps != self.stamps;
+        self.stamps = stamps;
+        changed
+    }
+
+    /// Fingerprints every file, keyed by path relative to the directory. A file's content is
+    /// hashed only when its size or mtime moved, when its mtime is recent, or when `full`:
+    /// hashing everything every 250 ms would cost real CPU on a large directory.
+    fn scan(&self, full: bool) -> BTreeMap<PathBuf, Stamp> {
+        let now = SystemTime::now();
+        let (files, _) = list_files(&self.dir);
+        let mut out = BTreeMap::new();
+        for path in files {
+            let Ok(meta) = fs::metadata(&path) else { continue };
+            let rel = path.strip_prefix(&self.dir).unwrap_or(&path).to_path_buf();
+            let mtime = meta.modified().ok();
+            let mtime_ns = mtime
+                .map(|t| match t.duration_since(UNIX_EPOCH) {
+                    Ok(d) => d.as_nanos() as i128,
+                    Err(e) => -(e.duration().as_nanos() as i128),
+                })
+                .unwrap_or(0);
+            let recent = mtime.is_none_or(|t| now.duration_since(t).map_or(true, |age| age < RECENT));
+            let len = meta.len();
+            let hash = match self.stamps.get(&rel) {
+                Some(s) if !full && !recent && s.len == len && s.mtime_ns == mtime_ns => s.hash,
+                _ => hash_file(&path, len),
+            };
+            out.insert(rel, Stamp { len, mtime_ns, hash });
+        }
+        out
+    }
+}
+
+fn hash_file(path: &Path, len: u64) -> u64 {
+    if len > MAX_FILE_BYTES {
+        return 0; // refused by the loader anyway; size and mtime still track it
+    }
+    let mut h = DefaultHasher::new();
+    match fs::read(path) {
+        Ok(bytes) => h.write(&bytes),
+        Err(_) => h.write_u8(0xff),
+    }
+    h.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A fresh directory under the system temp dir, removed on drop.
+    struct TempDir(PathBuf);
+    impl TempDir {
+        fn new() -> Self {
+            static N: AtomicUsize = AtomicUsize::new(0);
+            let p = std::env::temp_dir().join(format!(
+                "kproxy-files-{}-{}",
+                std::process::id(),
+                N.fetch_add(1, Ordering::Relaxed)
+            ));
+            let _ = fs::remove_dir_all(&p);
+            fs::create_dir_all(&p).unwrap();
+            TempDir(p)
+        }
+        fn write(&self, rel: &str, content: &str) -> PathBuf {
+            let p = self.0.join(rel);
+            fs::create_dir_all(p.parent().unwrap()).unwrap();
+            fs::write(&p, content).unwrap();
+            p
+        }
+    }
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn parse(name: &str, text: &str) -> Snapshot {
+        parse_file(Path::new(name), text.as_bytes())
+    }
+    fn lines(s: &Snapshot) -> Vec<String> {
+        s.rejected.iter().map(|r| r.to_string()).collect()
+    }
+    fn names<T: k8s_openapi::Metadata<Ty = ObjectMeta>>(v: &[T]) -> Vec<String> {
+        v.iter()
+            .map(|o| format!("{}/{}", o.metadata().namespace.as_deref().unwrap_or(""), o.metadata().name.as_deref().unwrap_or("")))
+            .collect()
+    }
+
+    const SVC: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: ns1}\nspec: {clusterIP: 10.0.0.1, ports: [{port: 80}]}\n";
+
+    #[test]
+    fn multi_document_yaml_with_empty_and_other_kinds() {
+        let text = format!(
+            "# leading comment\n---\n{SVC}---\n---\n# only a comment\n---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: d}}\n---\n\
+             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: web-1, namespace: ns1, labels: {{kubernetes.io/service-name: web}}}}\n\
+             addressType: IPv4\nendpoints: [{{addresses: [10.1.0.1]}}]\nports: [{{port: 8080}}]\n...\n---\n\
+             apiVersion: v1\nkind: Node\nmetadata: {{name: node-a, namespace: ignored}}\n"
+        );
+        let s = parse("m.yaml", &text);
+        assert!(s.rejected.is_empty(), "{:?}", lines(&s));
+        assert_eq!(names(&s.services), vec!["ns1/web"]);
+        assert_eq!(names(&s.slices), vec!["ns1/web-1"]);
+        assert_eq!(names(&s.nodes), vec!["/node-a"]);
+        // API defaulting: an omitted slice port name is "" and the protocol TCP.
+        let p = &s.slices[0].ports.as_ref().unwrap()[0];
+        assert_eq!((p.name.as_deref(), p.protocol.as_deref()), (Some(""), Some("TCP")));
+    }
+
+    #[test]
+    fn namespace_defaults_to_default() {
+        let s = parse("m.yaml", "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {clusterIP: 10.0.0.1}\n");
+        assert_eq!(names(&s.services), vec!["default/web"]);
+    }
+
+    #[test]
+    fn lists_are_unpacked() {
+        let text = format!(
+            "apiVersion: v1\nkind: List\nitems:\n- {}\n- apiVersion: v1\n  kind: ConfigMap\n  metadata: {{name: c}}\n- apiVersion: v1\n  kind: Service\n  metadata: {{name: bad}}\n  spec: {{ports: [{{port: x}}]}}\n",
+            serde_json::to_string(&serde_yaml::from_str::<serde_json::Value>(SVC).unwrap()).unwrap()
+        );
+        let s = parse("l.yaml", &text);
+        assert_eq!(names(&s.services), vec!["ns1/web"]);
+        assert_eq!(lines(&s).len(), 1, "{:?}", lines(&s));
+        assert!(lines(&s)[0].starts_with("l.yaml: Service default/bad: document 1 (line 1) items[2]: invalid type: string \"x\", expected i32"), "{:?}", lines(&s));
+        let typed = "apiVersion: v1\nkind: ServiceList\nitems: []\n";
+        assert!(parse("t.yaml", typed).is_empty());
+        let nested = "kind: List\nitems: [{kind: List, items: []}]\n";
+        assert!(lines(&parse("n.yaml", nested))[0].contains("nested inside a List"));
+    }
+
+    #[test]
+    fn json_files() {
+        let json = serde_json::to_string_pretty(&serde_yaml::from_str::<serde_json::Value>(SVC).unwrap()).unwrap();
+        let s = parse("s.json", &json);
+        assert_eq!(names(&s.services), vec!["ns1/web"]);
+        let bad = json.replace("80", "\"eighty\"");
+        let l = lines(&parse("s.json", &bad));
+        assert!(l[0].starts_with("s.json: Service ns1/web: value 1: invalid type: string \"eighty\""), "{l:?}");
+        assert!(l[0].contains("at line"), "{l:?}");
+        let two = format!("{json}\n{json}");
+        let l = lines(&parse("two.json", &two));
+        assert!(l[0].contains("duplicate of the object in two.json value 1"), "{l:?}");
+        let l = lines(&parse("t.json", "{\"kind\": \"Service\", "));
+        assert!(l[0].starts_with("t.json: value 1: not valid JSON"), "{l:?}");
+    }
+
+    #[test]
+    fn a_broken_document_does_not_hide_the_others() {
+        let text = format!("{SVC}---\nkind: Service\nmetadata: {{name: [\n---\n{}", SVC.replace("web", "web2"));
+        let s = parse("b.yaml", &text);
+        assert_eq!(names(&s.services), vec!["ns1/web", "ns1/web2"]);
+        let l = lines(&s);
+        assert_eq!(l.len(), 1);
+        assert!(l[0].starts_with("b.yaml: document 2 (line 5): not valid YAML:"), "{l:?}");
+        assert!(l[0].contains("at line 8"), "file-relative line: {l:?}");
+    }
+
+    #[test]
+    fn typed_errors_name_the_object_field_and_file_line() {
+        let text = format!("{SVC}---\napiVersion: v1\nkind: Service\nmetadata: {{name: svc2, namespace: ns1}}\nspec:\n  ports:\n  - port: abc\n");
+        let l = lines(&parse("e.yaml", &text));
+        assert_eq!(
+            l,
+            vec!["e.yaml: Service ns1/svc2: document 2 (line 5): spec.ports[0].port: invalid type: string \"abc\", expected i32 at line 11 column 11"]
+        );
+        let l = lines(&parse("v.yaml", "apiVersion: discovery.k8s.io/v1beta1\nkind: EndpointSlice\nmetadata: {name: s}\n"));
+        assert!(l[0].contains("expected discovery.k8s.io/v1"), "{l:?}");
+    }
+
+    #[test]
+    fn invalid_objects_are_rejected_with_file_and_document() {
+        let text = SVC.replace("port: 80", "port: 0");
+        let l = lines(&parse("z.yaml", &text));
+        assert_eq!(l, vec!["z.yaml: Service ns1/web: document 1 (line 1): spec.ports[0].port 0 is out of range 1-65535"]);
+    }
+
+    #[test]
+    fn non_objects_and_non_text() {
+        let l = lines(&parse("x.yaml", "just some words\n"));
+        assert_eq!(l, vec!["x.yaml: document 1 (line 1): not a Kubernetes object (the document is a scalar, not a mapping)"]);
+        let l = lines(&parse("x.yaml", "- a\n- b\n"));
+        assert!(l[0].contains("a sequence"), "{l:?}");
+        let l = lines(&parse("x.yaml", "metadata: {name: a}\n"));
+        assert!(l[0].contains("no string `kind` field"), "{l:?}");
+        let s = parse_file(Path::new("x.yaml"), &[0xff, 0xfe, 0x00, 0x41]);
+        assert_eq!(lines(&s), vec!["x.yaml: not UTF-8 text (invalid byte at offset 0)"]);
+        let l = lines(&parse("x.yaml", "a: \u{1}\n"));
+        assert!(l[0].contains("not valid YAML"), "{l:?}");
+        assert!(parse("e.yaml", "").is_empty());
+        assert!(parse("e.yaml", "\u{feff}---\n").is_empty());
+    }
+
+    #[test]
+    fn split_documents_counts_lines() {
+        let docs = split_documents("a: 1\n---\nb: 2\n--- # c\nc: 3\n...\nd: 4\n");
+        let got: Vec<(usize, usize, &str)> = docs.iter().map(|d| (d.index, d.first_line, d.text)).collect();
+        assert_eq!(
+            got,
+            vec![(1, 1, "a: 1\n"), (2, 2, "---\nb: 2\n"), (3, 4, "--- # c\nc: 3\n...\n"), (4, 7, "d: 4\n")]
+        );
+        assert_eq!(split_documents("---\n").len(), 1);
+        assert_eq!(split_documents("a: '---'\nb: ---x\n").len(), 1);
+    }
+
+    #[test]
+    fn load_dir_reads_recursively_sorted_and_skips_hidden_and_other_files() {
+        let d = TempDir::new();
+        d.write("b.yaml", &SVC.replace("web", "b"));
+        d.write("a/z.yml", &SVC.replace("web", "az"));
+        d.write("A.YAML", &SVC.replace("web", "upper"));
+        d.write("c.json", &serde_json::to_string(&serde_yaml::from_str::<serde_json::Value>(&SVC.replace("web", "c")).unwrap()).unwrap());
+        d.write("notes.txt", "not read");
+        d.write(".hidden.yaml", &SVC.replace("web", "hidden"));
+        d.write("..2024_01_01/b.yaml", &SVC.replace("web", "b"));
+        d.write("garbage.yaml", "{{{");
+        let s = load_dir(&d.0);
+        assert_eq!(names(&s.services), vec!["ns1/upper", "ns1/az", "ns1/b", "ns1/c"]);
+        let l = lines(&s);
+        assert_eq!(l.len(), 1, "{l:?}");
+        assert!(l[0].starts_with(&format!("{}: document 1 (line 1): not valid YAML", d.0.join("garbage.yaml").display())), "{l:?}");
+    }
+
+    #[test]
+    fn duplicates_across_files_keep_the_first() {
+        let d = TempDir::new();
+        d.write("1.yaml", SVC);
+        d.write("2.yaml", &SVC.replace("10.0.0.1", "10.0.0.2"));
+        let s = load_dir(&d.0);
+        assert_eq!(s.services.len(), 1);
+        assert_eq!(s.services[0].spec.as_ref().unwrap().cluster_ip.as_deref(), Some("10.0.0.1"));
+        let l = lines(&s);
+        assert!(l[0].contains("2.yaml: Service ns1/web: document 1 (line 1): duplicate of the object in"), "{l:?}");
+        assert!(l[0].contains("1.yaml document 1"), "{l:?}");
+    }
+
+    #[test]
+    fn missing_dir_and_oversized_file() {
+        let s = load_dir(Path::new("/nonexistent/kproxy-manifests"));
+        assert!(lines(&s)[0].starts_with("/nonexistent/kproxy-manifests: cannot read directory"), "{:?}", lines(&s));
+        let d = TempDir::new();
+        let f = fs::File::create(d.0.join("big.yaml")).unwrap();
+        f.set_len(MAX_FILE_BYTES + 1).unwrap();
+        let l = lines(&load_dir(&d.0));
+        assert!(l[0].ends_with("big.yaml: larger than the 16 MiB limit for a manifest file"), "{l:?}");
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn symlink_loops_end() {
+        let d = TempDir::new();
+        d.write("sub/s.yaml", SVC);
+        std::os::unix::fs::symlink(&d.0, d.0.join("sub/loop")).unwrap();
+        let s = load_dir(&d.0);
+        assert_eq!(s.services.len(), 1, "{:?}", lines(&s));
+    }
+
+    #[test]
+    fn dir_watcher_sees_add_modify_same_size_and_delete() {
+        let d = TempDir::new();
+        d.write("a.yaml", "a: 1\n");
+        let mut w = DirWatcher::new(&d.0);
+        assert!(!w.changed());
+        d.write("a.yaml", "a: 2\n"); // same size, likely the same mtime tick
+        assert!(w.changed());
+        assert!(!w.changed());
+        d.write("sub/b.yml", "b: 1\n");
+        assert!(w.changed());
+        d.write("ignored.txt", "x");
+        assert!(!w.changed(), "non-manifest files are not watched");
+        fs::remove_file(d.0.join("a.yaml")).unwrap();
+        assert!(w.changed());
+        assert!(!w.changed());
+    }
+
+    #[test]
+    fn dir_watcher_rehashes_old_files_periodically() {
+        let d = TempDir::new();
+        let p = d.write("a.yaml", "a: 1\n");
+        let old = SystemTime::now() - Duration::from_secs(3600);
+        fs::File::options().write(true).open(&p).unwrap().set_modified(old).unwrap();
+        let mut w = DirWatcher::new(&d.0);
+        // Rewrite the content and restore the old mtime: only a content hash can tell.
+        fs::write(&p, "a: 2\n").unwrap();
+        fs::File::options().write(true).open(&p).unwrap().set_modified(old).unwrap();
+        let seen = (0..FULL_HASH_EVERY).any(|_| w.changed());
+        assert!(seen, "a full re-hash within FULL_HASH_EVERY polls");
+    }
+}
