@@ -2,6 +2,8 @@
 
 pub mod backend;
 pub mod config;
+pub mod daemon;
+pub mod localaddrs;
 pub mod model;
 pub mod source;
 pub mod sync;

@@ -1,0 +1,39 @@
+# Two commands do everything on a fresh Debian machine, as root:
+#   make demo   builds kproxy and runs it on the bundled example cluster in throwaway namespaces
+#   make test   runs the whole test suite (unit, golden, netlink, real packets in namespaces)
+# Each first installs the Debian packages it needs.
+
+SHELL := /bin/bash
+APT_PACKAGES := libnftnl-dev libmnl-dev pkg-config nftables iptables iproute2 python3 curl socat conntrack build-essential
+CARGO ?= cargo
+
+.PHONY: all deps build demo test bench clean-netns
+
+all: build
+
+# Install what is missing (only as root; otherwise just say what is missing).
+deps:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else echo "missing Debian packages (run as root to install):$$missing"; fi; \
+	fi
+	@command -v $(CARGO) >/dev/null 2>&1 || { \
+	  echo "cargo not found: installing the Rust toolchain with rustup"; \
+	  curl -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal && . "$$HOME/.cargo/env"; }
+
+build: deps
+	$(CARGO) build --release --bin kproxy
+
+demo: build
+	KPROXY_BIN=target/release/kproxy scripts/demo.sh
+
+test: deps
+	$(CARGO) build --workspace --all-targets
+	$(CARGO) test --workspace --no-fail-fast 2>&1 | tee target/test.log; exit $${PIPESTATUS[0]}
+
+bench: deps
+	$(CARGO) build --release --workspace
+	bench/run.sh
