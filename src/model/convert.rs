@@ -192,8 +192,12 @@ pub fn service(svc: &Service) -> Result<Converted<ServiceInfo>, Rejected> {
         }
         cips.push(ip);
     }
-    if !cluster_ip.is_empty() && !cluster_ips.is_empty() && parse_ip_sloppy(cluster_ip) != Some(cips[0]) {
-        return Err(rej(format!("spec.clusterIP {cluster_ip:?} differs from spec.clusterIPs[0] {:?}", cluster_ips[0])));
+    if !cluster_ip.is_empty() && !cluster_ips.is_empty() {
+        let ip = parse_ip_sloppy(cluster_ip)
+            .ok_or_else(|| rej(format!("spec.clusterIP {cluster_ip:?} is not an IP address")))?;
+        if ip != cips[0] {
+            return Err(rej(format!("spec.clusterIP {cluster_ip:?} differs from spec.clusterIPs[0] {:?}", cluster_ips[0])));
+        }
     }
 
     let mut external_ips: Vec<IpAddr> = Vec::new();
@@ -570,6 +574,7 @@ status: {loadBalancer: {ingress: [{ip: ' 1.2.3.004'}]}}",
             ("{clusterIPs: [10.0.0.1, 10.0.0.2], ports: [{port: 80}]}", "two IPv4 addresses"),
             ("{clusterIPs: [10.0.0.1, 'fd00::1', 10.0.0.2], ports: [{port: 80}]}", "3 entries"),
             ("{clusterIP: 10.0.0.1, clusterIPs: [10.0.0.2], ports: [{port: 80}]}", "differs from spec.clusterIPs[0]"),
+            ("{clusterIP: x, clusterIPs: [10.0.0.2], ports: [{port: 80}]}", "spec.clusterIP \"x\" is not an IP address"),
         ];
         for (spec, want) in cases {
             let got = rejected_svc(&base(spec));
