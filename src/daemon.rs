@@ -35,7 +35,7 @@ pub fn dry_run(cfg: &Config) -> String {
     let node = tracker.node();
     // Touch nothing: NodePort CIDRs are matched against the Node object's addresses, not this
     // machine's interfaces, so the output is the same wherever it is printed.
-    let local_ips = node.primary_ips.clone();
+    let local_ips = node.addresses.clone();
     let state = |f: Family| tracker.cluster_state(f);
     let inputs = Inputs { state: &state, node: &node, local_ips: &local_ips };
     let mut out = String::new();

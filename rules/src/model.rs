@@ -205,6 +205,8 @@ pub struct NodeInfo {
     pub name: String,
     /// The node's primary IPs (InternalIP, else ExternalIP, per family) from its Node object.
     pub primary_ips: Vec<IpAddr>,
+    /// Every InternalIP and ExternalIP of the Node object, in order.
+    pub addresses: Vec<IpAddr>,
     pub labels: BTreeMap<String, String>,
 }
 

@@ -399,7 +399,12 @@ pub fn node(node: &Node) -> Result<NodeInfo, Rejected> {
             primary_ips.push(*other);
         }
     }
-    Ok(NodeInfo { name: name.to_string(), primary_ips, labels: node.metadata.labels.clone().unwrap_or_default() })
+    Ok(NodeInfo {
+        name: name.to_string(),
+        primary_ips,
+        addresses: all,
+        labels: node.metadata.labels.clone().unwrap_or_default(),
+    })
 }
 
 #[cfg(test)]
