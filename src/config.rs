@@ -8,6 +8,8 @@ use std::time::Duration;
 use clap::Parser;
 use rules::model::{Cidr, Family, NodePortAddresses};
 
+use crate::config_file::KubeProxyConfiguration;
+
 /// A configuration error: names the flag (or field) and says what is wrong with the value.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -15,6 +17,8 @@ pub enum ConfigError {
     Invalid { flag: &'static str, value: String, reason: String },
     #[error("{0}")]
     Unsupported(String),
+    #[error("{0}")]
+    File(String),
 }
 
 fn invalid(flag: &'static str, value: &str, reason: impl Into<String>) -> ConfigError {
@@ -73,6 +77,95 @@ pub struct Flags {
     /// The address of the Kubernetes API server (overrides the kubeconfig).
     #[arg(long = "master", default_value = "")]
     pub master: String,
+    /// A KubeProxyConfiguration (kubeproxy.config.k8s.io/v1alpha1) file. When given, the other
+    /// kube-proxy flags are ignored, except --hostname-override, as upstream.
+    #[arg(long = "config", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Address and port of the health server (/healthz, /livez).
+    #[arg(long = "healthz-bind-address", default_value = "0.0.0.0:10256")]
+    pub healthz_bind_address: String,
+    /// Address and port of the metrics server (/metrics).
+    #[arg(long = "metrics-bind-address", default_value = "127.0.0.1:10249")]
+    pub metrics_bind_address: String,
+    /// Maximum requests per second to the API server.
+    #[arg(long = "kube-api-qps", default_value_t = 5.0)]
+    pub kube_api_qps: f32,
+    /// Burst of requests to the API server.
+    #[arg(long = "kube-api-burst", default_value_t = 10)]
+    pub kube_api_burst: u32,
+    /// Content type of requests to the API server.
+    #[arg(long = "kube-api-content-type", default_value = "application/vnd.kubernetes.protobuf")]
+    pub kube_api_content_type: String,
+
+    // kube-proxy flags kproxy accepts so that existing command lines keep working; setting one
+    // to a non-default value logs a warning naming it until it is implemented.
+    #[arg(long = "bind-address", default_value = "0.0.0.0", hide = true)]
+    pub bind_address: String,
+    #[arg(long = "bind-address-hard-fail", default_value_t = false, num_args = 0..=1, default_missing_value = "true", hide = true)]
+    pub bind_address_hard_fail: bool,
+    #[arg(long = "profiling", default_value_t = false, num_args = 0..=1, default_missing_value = "true", hide = true)]
+    pub profiling: bool,
+    #[arg(long = "show-hidden-metrics-for-version", default_value = "", hide = true)]
+    pub show_hidden_metrics_for_version: String,
+    #[arg(long = "feature-gates", default_value = "", hide = true)]
+    pub feature_gates: String,
+    #[arg(long = "write-config-to", default_value = "", hide = true)]
+    pub write_config_to: String,
+    #[arg(long = "init-only", default_value_t = false, num_args = 0..=1, default_missing_value = "true", hide = true)]
+    pub init_only: bool,
+    #[arg(long = "iptables-localhost-nodeports", default_value_t = true, num_args = 0..=1, default_missing_value = "true", hide = true)]
+    pub iptables_localhost_nodeports: bool,
+    #[arg(long = "detect-local-mode", default_value = "", hide = true)]
+    pub detect_local_mode: String,
+    #[arg(long = "pod-bridge-interface", default_value = "", hide = true)]
+    pub pod_bridge_interface: String,
+    #[arg(long = "pod-interface-name-prefix", default_value = "", hide = true)]
+    pub pod_interface_name_prefix: String,
+    #[arg(long = "oom-score-adj", default_value_t = -999, allow_negative_numbers = true, hide = true)]
+    pub oom_score_adj: i32,
+    #[arg(long = "conntrack-max-per-core", default_value_t = 32768, hide = true)]
+    pub conntrack_max_per_core: i32,
+    #[arg(long = "conntrack-min", default_value_t = 131072, hide = true)]
+    pub conntrack_min: i32,
+    #[arg(long = "conntrack-tcp-timeout-established", default_value = "24h0m0s", hide = true)]
+    pub conntrack_tcp_timeout_established: String,
+    #[arg(long = "conntrack-tcp-timeout-close-wait", default_value = "1h0m0s", hide = true)]
+    pub conntrack_tcp_timeout_close_wait: String,
+    #[arg(long = "conntrack-tcp-be-liberal", default_value_t = false, num_args = 0..=1, default_missing_value = "true", hide = true)]
+    pub conntrack_tcp_be_liberal: bool,
+    #[arg(long = "conntrack-udp-timeout", default_value = "0s", hide = true)]
+    pub conntrack_udp_timeout: String,
+    #[arg(long = "conntrack-udp-timeout-stream", default_value = "0s", hide = true)]
+    pub conntrack_udp_timeout_stream: String,
+    #[arg(long = "config-sync-period", default_value = "15m0s", hide = true)]
+    pub config_sync_period: String,
+    #[arg(long = "ipvs-sync-period", default_value = "30s", hide = true)]
+    pub ipvs_sync_period: String,
+    #[arg(long = "ipvs-min-sync-period", default_value = "0s", hide = true)]
+    pub ipvs_min_sync_period: String,
+    #[arg(long = "ipvs-scheduler", default_value = "", hide = true)]
+    pub ipvs_scheduler: String,
+    #[arg(long = "ipvs-exclude-cidrs", default_value = "", hide = true)]
+    pub ipvs_exclude_cidrs: String,
+    #[arg(long = "ipvs-strict-arp", default_value_t = false, num_args = 0..=1, default_missing_value = "true", hide = true)]
+    pub ipvs_strict_arp: bool,
+    #[arg(long = "ipvs-tcp-timeout", default_value = "0s", hide = true)]
+    pub ipvs_tcp_timeout: String,
+    #[arg(long = "ipvs-tcpfin-timeout", default_value = "0s", hide = true)]
+    pub ipvs_tcpfin_timeout: String,
+    #[arg(long = "ipvs-udp-timeout", default_value = "0s", hide = true)]
+    pub ipvs_udp_timeout: String,
+    /// Deprecated in kube-proxy; no effect.
+    #[arg(long = "healthz-port", hide = true)]
+    pub healthz_port: Option<u16>,
+    /// Deprecated in kube-proxy; no effect.
+    #[arg(long = "metrics-port", hide = true)]
+    pub metrics_port: Option<u16>,
+    /// Deprecated in kube-proxy; no effect.
+    #[arg(long = "proxy-port-range", default_value = "", hide = true)]
+    pub proxy_port_range: String,
+    #[arg(long = "vmodule", default_value = "", hide = true)]
+    pub vmodule: String,
 }
 
 /// Which ruleset kind kproxy programs.
@@ -140,6 +233,15 @@ pub struct Config {
     pub cleanup: bool,
     pub verbosity: u8,
     pub json_logs: bool,
+    pub kubeconfig: Option<PathBuf>,
+    pub master: Option<String>,
+    pub kube_api_qps: f32,
+    pub kube_api_burst: u32,
+    pub healthz_bind_address: String,
+    pub metrics_bind_address: String,
+    /// Settings given that kproxy does not implement yet (flag or config field names), for a
+    /// warning at start-up.
+    pub unimplemented: Vec<String>,
 }
 
 impl Config {
@@ -190,38 +292,176 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(total))
 }
 
+/// Settings before validation, from the flags or from a config file. `names` says what to call
+/// each setting in an error: the flag, or the config field.
+struct Raw {
+    from_file: bool,
+    mode: String,
+    hostname: String,
+    cluster_cidr: String,
+    nodeport: Vec<String>,
+    masquerade_all: bool,
+    masquerade_bit: i64,
+    sync_period: String,
+    min_sync_period: String,
+    logging_format: String,
+    verbosity: u32,
+    kubeconfig: String,
+    master: String,
+    qps: f32,
+    burst: i64,
+    healthz: String,
+    metrics: String,
+}
+
+impl Raw {
+    fn name(&self, flag: &'static str, field: &'static str) -> &'static str {
+        if self.from_file { field } else { flag }
+    }
+}
+
 impl Flags {
-    /// Validates the flags into a `Config`.
+    /// Settings that were changed from kube-proxy's defaults but are not implemented yet.
+    fn unimplemented(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut note = |cond: bool, name: &str| {
+            if cond {
+                out.push(name.to_string());
+            }
+        };
+        note(self.bind_address != "0.0.0.0" && self.bind_address != "::", "--bind-address");
+        note(self.bind_address_hard_fail, "--bind-address-hard-fail");
+        note(self.profiling, "--profiling");
+        note(!self.show_hidden_metrics_for_version.is_empty(), "--show-hidden-metrics-for-version");
+        note(!self.feature_gates.is_empty(), "--feature-gates");
+        note(!self.write_config_to.is_empty(), "--write-config-to");
+        note(self.init_only, "--init-only");
+        note(!self.iptables_localhost_nodeports, "--iptables-localhost-nodeports");
+        note(!self.detect_local_mode.is_empty() && self.detect_local_mode != "ClusterCIDR", "--detect-local-mode");
+        note(!self.pod_bridge_interface.is_empty(), "--pod-bridge-interface");
+        note(!self.pod_interface_name_prefix.is_empty(), "--pod-interface-name-prefix");
+        note(self.oom_score_adj != -999, "--oom-score-adj");
+        note(self.conntrack_max_per_core != 32768, "--conntrack-max-per-core");
+        note(self.conntrack_min != 131072, "--conntrack-min");
+        note(self.conntrack_tcp_timeout_established != "24h0m0s", "--conntrack-tcp-timeout-established");
+        note(self.conntrack_tcp_timeout_close_wait != "1h0m0s", "--conntrack-tcp-timeout-close-wait");
+        note(self.conntrack_tcp_be_liberal, "--conntrack-tcp-be-liberal");
+        note(self.conntrack_udp_timeout != "0s", "--conntrack-udp-timeout");
+        note(self.conntrack_udp_timeout_stream != "0s", "--conntrack-udp-timeout-stream");
+        note(!self.vmodule.is_empty(), "--vmodule");
+        out
+    }
+
+    fn raw_from_flags(&self) -> Raw {
+        Raw {
+            from_file: false,
+            mode: self.proxy_mode.clone(),
+            hostname: self.hostname_override.clone(),
+            cluster_cidr: self.cluster_cidr.clone(),
+            nodeport: self.nodeport_addresses.clone(),
+            masquerade_all: self.masquerade_all,
+            masquerade_bit: self.masquerade_bit as i64,
+            sync_period: self.sync_period.clone(),
+            min_sync_period: self.min_sync_period.clone(),
+            logging_format: self.logging_format.clone(),
+            verbosity: self.verbosity as u32,
+            kubeconfig: self.kubeconfig.clone(),
+            master: self.master.clone(),
+            qps: self.kube_api_qps,
+            burst: self.kube_api_burst as i64,
+            healthz: self.healthz_bind_address.clone(),
+            metrics: self.metrics_bind_address.clone(),
+        }
+    }
+
+    fn raw_from_file(&self, f: &KubeProxyConfiguration) -> Raw {
+        use crate::config_file::set;
+        let mode = f.mode.clone().unwrap_or_default();
+        let ipt = f.iptables.as_ref();
+        let nft = f.nftables.as_ref();
+        // The section of the mode in use wins; the other is the fallback, then the top level.
+        let (first_period, first_min, first_all, first_bit) = if mode == "iptables" {
+            (ipt.and_then(|i| set(&i.sync_period)), ipt.and_then(|i| set(&i.min_sync_period)),
+             ipt.and_then(|i| i.masquerade_all), ipt.and_then(|i| i.masquerade_bit))
+        } else {
+            (nft.and_then(|n| set(&n.sync_period)), nft.and_then(|n| set(&n.min_sync_period)),
+             nft.and_then(|n| n.masquerade_all), nft.and_then(|n| n.masquerade_bit))
+        };
+        let cc = f.client_connection.as_ref();
+        Raw {
+            from_file: true,
+            mode,
+            // --hostname-override wins over the file, as upstream.
+            hostname: if self.hostname_override.trim().is_empty() {
+                f.hostname_override.clone().unwrap_or_default()
+            } else {
+                self.hostname_override.clone()
+            },
+            cluster_cidr: f.cluster_cidr.clone().unwrap_or_default(),
+            nodeport: f.node_port_addresses.clone().unwrap_or_default(),
+            masquerade_all: first_all.unwrap_or(false)
+                || ipt.and_then(|i| i.masquerade_all).unwrap_or(false)
+                || nft.and_then(|n| n.masquerade_all).unwrap_or(false),
+            masquerade_bit: first_bit.map(|b| b as i64).unwrap_or(14),
+            sync_period: first_period
+                .or(set(&f.sync_period))
+                .or(ipt.and_then(|i| set(&i.sync_period)))
+                .unwrap_or("30s")
+                .to_string(),
+            min_sync_period: first_min
+                .or(set(&f.min_sync_period))
+                .or(ipt.and_then(|i| set(&i.min_sync_period)))
+                .unwrap_or("1s")
+                .to_string(),
+            logging_format: f.logging.as_ref().and_then(|l| l.format.clone()).filter(|s| !s.is_empty()).unwrap_or_else(|| "text".into()),
+            verbosity: f.logging.as_ref().and_then(|l| l.verbosity).unwrap_or(0).max(self.verbosity as u32),
+            kubeconfig: cc.and_then(|c| c.kubeconfig.clone()).unwrap_or_default(),
+            master: self.master.clone(),
+            qps: cc.and_then(|c| c.qps).filter(|q| *q > 0.0).unwrap_or(5.0),
+            burst: cc.and_then(|c| c.burst).filter(|b| *b > 0).unwrap_or(10) as i64,
+            healthz: set(&f.healthz_bind_address).unwrap_or("0.0.0.0:10256").to_string(),
+            metrics: set(&f.metrics_bind_address).unwrap_or("127.0.0.1:10249").to_string(),
+        }
+    }
+
+    /// Validates the flags (and the config file, when given) into a `Config`.
     pub fn into_config(self) -> Result<Config, ConfigError> {
-        let mode = match self.proxy_mode.as_str() {
+        let (raw, unimplemented) = match &self.config {
+            Some(path) => {
+                let f = KubeProxyConfiguration::load(path).map_err(|e| ConfigError::File(e.to_string()))?;
+                let un = f.unimplemented_fields().into_iter().map(|s| format!("{} field {s}", path.display())).collect();
+                (self.raw_from_file(&f), un)
+            }
+            None => (self.raw_from_flags(), self.unimplemented()),
+        };
+        let mode = match raw.mode.as_str() {
             "" | "nftables" => ProxyMode::Nftables,
             "iptables" => ProxyMode::Iptables,
             other => {
-                return Err(invalid("--proxy-mode", other, "must be 'nftables' or 'iptables'"));
+                return Err(invalid(raw.name("--proxy-mode", "mode"), other, "must be 'nftables' or 'iptables'"));
             }
         };
         if mode == ProxyMode::Iptables {
             return Err(ConfigError::Unsupported(
-                "--proxy-mode iptables is not implemented yet; use nftables (the default)".into(),
+                "proxy mode iptables is not implemented yet; use nftables (the default)".into(),
             ));
         }
-        let hostname = if self.hostname_override.trim().is_empty() {
-            std::fs::read_to_string("/proc/sys/kernel/hostname")
-                .map(|h| h.trim().to_lowercase())
-                .unwrap_or_default()
+        let hostname = if raw.hostname.trim().is_empty() {
+            std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_lowercase()).unwrap_or_default()
         } else {
-            self.hostname_override.trim().to_lowercase()
+            raw.hostname.trim().to_lowercase()
         };
+        let cidr_name = raw.name("--cluster-cidr", "clusterCIDR");
         let mut cluster_cidrs = Vec::new();
-        for part in self.cluster_cidr.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-            let c = Cidr::parse(part).map_err(|e| invalid("--cluster-cidr", &self.cluster_cidr, e))?;
+        for part in raw.cluster_cidr.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let c = Cidr::parse(part).map_err(|e| invalid(cidr_name, &raw.cluster_cidr, e))?;
             if cluster_cidrs.iter().any(|o: &Cidr| o.family() == c.family()) {
-                return Err(invalid("--cluster-cidr", &self.cluster_cidr, "at most one CIDR per IP family"));
+                return Err(invalid(cidr_name, &raw.cluster_cidr, "at most one CIDR per IP family"));
             }
             cluster_cidrs.push(c);
         }
-        let np: Vec<String> =
-            self.nodeport_addresses.iter().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
+        let np_name = raw.name("--nodeport-addresses", "nodePortAddresses");
+        let np: Vec<String> = raw.nodeport.iter().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
         let nodeport = if np.is_empty() || np == ["primary"] {
             NodePortSpec::Primary
         } else if np == ["all"] {
@@ -230,31 +470,38 @@ impl Flags {
             let mut cidrs = Vec::new();
             for p in &np {
                 if p == "primary" || p == "all" || p == "localhost" {
-                    return Err(invalid(
-                        "--nodeport-addresses",
-                        &np.join(","),
-                        format!("the keyword {p:?} cannot be combined with CIDRs"),
-                    ));
+                    return Err(invalid(np_name, &np.join(","), format!("the keyword {p:?} cannot be combined with CIDRs")));
                 }
-                cidrs.push(Cidr::parse(p).map_err(|e| invalid("--nodeport-addresses", p, e))?);
+                cidrs.push(Cidr::parse(p).map_err(|e| invalid(np_name, p, e))?);
             }
             NodePortSpec::Cidrs(cidrs)
         };
-        if self.masquerade_bit > 31 {
-            return Err(invalid("--iptables-masquerade-bit", &self.masquerade_bit.to_string(), "must be 0-31"));
+        let bit_name = raw.name("--iptables-masquerade-bit", "nftables.masqueradeBit");
+        if !(0..=31).contains(&raw.masquerade_bit) {
+            return Err(invalid(bit_name, &raw.masquerade_bit.to_string(), "must be 0-31"));
         }
-        let sync_period = parse_duration(&self.sync_period)
-            .map_err(|e| invalid("--iptables-sync-period", &self.sync_period, e))?;
+        let sp_name = raw.name("--iptables-sync-period", "nftables.syncPeriod");
+        let sync_period = parse_duration(&raw.sync_period).map_err(|e| invalid(sp_name, &raw.sync_period, e))?;
         if sync_period.is_zero() {
-            return Err(invalid("--iptables-sync-period", &self.sync_period, "must be greater than 0"));
+            return Err(invalid(sp_name, &raw.sync_period, "must be greater than 0"));
         }
-        let min_sync_period = parse_duration(&self.min_sync_period)
-            .map_err(|e| invalid("--iptables-min-sync-period", &self.min_sync_period, e))?;
-        let json_logs = match self.logging_format.as_str() {
+        let msp_name = raw.name("--iptables-min-sync-period", "nftables.minSyncPeriod");
+        let min_sync_period =
+            parse_duration(&raw.min_sync_period).map_err(|e| invalid(msp_name, &raw.min_sync_period, e))?;
+        let json_logs = match raw.logging_format.as_str() {
             "text" => false,
             "json" => true,
-            other => return Err(invalid("--logging-format", other, "must be 'text' or 'json'")),
+            other => return Err(invalid(raw.name("--logging-format", "logging.format"), other, "must be 'text' or 'json'")),
         };
+        for (name, v) in [
+            (raw.name("--healthz-bind-address", "healthzBindAddress"), &raw.healthz),
+            (raw.name("--metrics-bind-address", "metricsBindAddress"), &raw.metrics),
+        ] {
+            parse_bind_address(v).map_err(|e| invalid(name, v, e))?;
+        }
+        if raw.burst < 0 {
+            return Err(invalid(raw.name("--kube-api-burst", "clientConnection.burst"), &raw.burst.to_string(), "must not be negative"));
+        }
         if self.manifests.is_none() && !self.cleanup {
             return Err(ConfigError::Unsupported(
                 "the Kubernetes API source is not implemented yet: pass --manifests DIR".into(),
@@ -265,17 +512,30 @@ impl Flags {
             hostname,
             cluster_cidrs,
             nodeport,
-            masquerade_all: self.masquerade_all,
-            masquerade_bit: self.masquerade_bit,
+            masquerade_all: raw.masquerade_all,
+            masquerade_bit: raw.masquerade_bit as u8,
             sync_period,
             min_sync_period,
             manifests: self.manifests,
             dry_run: self.dry_run,
             cleanup: self.cleanup,
-            verbosity: self.verbosity,
+            verbosity: raw.verbosity.min(255) as u8,
             json_logs,
+            kubeconfig: Some(raw.kubeconfig.trim()).filter(|k| !k.is_empty()).map(PathBuf::from),
+            master: Some(raw.master.trim().to_string()).filter(|m| !m.is_empty()),
+            kube_api_qps: raw.qps,
+            kube_api_burst: raw.burst as u32,
+            healthz_bind_address: raw.healthz,
+            metrics_bind_address: raw.metrics,
+            unimplemented,
         })
     }
+
+}
+
+/// Parses `ip:port` / `[ip6]:port` (an empty host is not allowed; kube-proxy defaults it).
+pub fn parse_bind_address(s: &str) -> Result<std::net::SocketAddr, String> {
+    s.trim().parse::<std::net::SocketAddr>().map_err(|_| "must be IP:port (e.g. 0.0.0.0:10256)".to_string())
 }
 
 #[cfg(test)]
@@ -329,6 +589,76 @@ mod tests {
         assert!(e.contains("--iptables-min-sync-period"), "{e}");
         let e = parse(&["--no-such-flag"]).unwrap_err();
         assert!(e.contains("--no-such-flag"), "{e}");
+    }
+
+    fn testdata(name: &str) -> String {
+        format!("{}/testdata/config/{name}", env!("CARGO_MANIFEST_DIR"))
+    }
+
+    #[test]
+    fn kubeadm_config_conf_parses_with_defaults() {
+        let c = parse(&["--config", &testdata("kubeadm-config.conf"), "--hostname-override", "node-a"]).unwrap();
+        assert_eq!(c.mode, ProxyMode::Nftables, "an empty mode means nftables");
+        assert_eq!(c.hostname, "node-a");
+        assert_eq!(c.cluster_cidrs, vec![Cidr::parse("10.244.0.0/16").unwrap()]);
+        assert_eq!(c.sync_period, Duration::from_secs(30), "0s means the default");
+        assert_eq!(c.min_sync_period, Duration::from_secs(1));
+        assert_eq!(c.masquerade_bit, 14);
+        assert_eq!(c.nodeport, NodePortSpec::Primary);
+        assert_eq!(c.healthz_bind_address, "0.0.0.0:10256");
+        assert_eq!(c.metrics_bind_address, "127.0.0.1:10249");
+        assert_eq!(c.kubeconfig.as_deref(), Some(std::path::Path::new("/var/lib/kube-proxy/kubeconfig.conf")));
+    }
+
+    #[test]
+    fn every_field_parses_and_implemented_ones_take_effect() {
+        let c = parse(&["--config", &testdata("every-field.conf")]).unwrap();
+        assert_eq!(c.hostname, "node-from-file");
+        assert_eq!(c.cluster_cidrs.len(), 2);
+        assert!(c.masquerade_all);
+        assert_eq!(c.masquerade_bit, 12, "the nftables section wins in nftables mode");
+        assert_eq!(c.sync_period, Duration::from_secs(60));
+        assert_eq!(c.min_sync_period, Duration::from_millis(500));
+        assert_eq!(c.verbosity, 4);
+        assert!(c.json_logs);
+        assert_eq!(c.kube_api_qps, 20.0);
+        assert_eq!(c.kube_api_burst, 40);
+        assert_eq!(c.metrics_bind_address, "0.0.0.0:10249");
+        assert_eq!(c.nodeport, NodePortSpec::Cidrs(vec![Cidr::parse("192.168.0.0/24").unwrap()]));
+        let un = c.unimplemented.join(" ");
+        for f in ["featureGates", "conntrack.maxPerCore", "oomScoreAdj", "enableProfiling", "detectLocal.bridgeInterface"] {
+            assert!(un.contains(f), "{f} should be reported as not implemented: {un}");
+        }
+    }
+
+    #[test]
+    fn bad_config_files_name_the_field() {
+        let dir = std::env::temp_dir().join(format!("kproxy-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let cases = [
+            ("unknown", "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\nnoSuchField: 1\n", "noSuchField"),
+            ("nested", "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\nnftables:\n  syncPeriodd: 1s\n", "syncPeriodd"),
+            ("cidr", "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\nclusterCIDR: 10.0.0.0/40\n", "clusterCIDR"),
+            ("period", "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\nnftables:\n  minSyncPeriod: soon\n", "nftables.minSyncPeriod"),
+            ("mode", "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\nmode: ipvs\n", "mode"),
+            ("kind", "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeletConfiguration\n", "kind"),
+            ("type", "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\niptables:\n  masqueradeAll: maybe\n", "masqueradeAll"),
+        ];
+        for (name, text, needle) in cases {
+            let p = dir.join(name);
+            std::fs::write(&p, text).unwrap();
+            let e = parse(&["--config", p.to_str().unwrap()]).unwrap_err();
+            assert!(e.contains(needle), "{name}: {e}");
+        }
+        let e = parse(&["--config", "/nonexistent/kproxy.conf"]).unwrap_err();
+        assert!(e.contains("/nonexistent/kproxy.conf"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn unimplemented_flags_are_reported_by_name() {
+        let c = parse(&["--conntrack-max-per-core", "0", "--oom-score-adj", "-999", "--profiling"]).unwrap();
+        assert_eq!(c.unimplemented, vec!["--profiling".to_string(), "--conntrack-max-per-core".to_string()]);
     }
 
     #[test]

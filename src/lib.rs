@@ -2,6 +2,7 @@
 
 pub mod backend;
 pub mod config;
+pub mod config_file;
 pub mod daemon;
 pub mod localaddrs;
 pub mod model;

@@ -227,25 +227,16 @@ pub fn log_report(r: &SyncReport, elapsed: Duration) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{NodePortSpec, ProxyMode};
     use rules::model::*;
 
     fn cfg() -> Config {
-        Config {
-            mode: ProxyMode::Nftables,
-            hostname: "test-node".into(),
-            cluster_cidrs: vec![Cidr::parse("10.0.0.0/8").unwrap()],
-            nodeport: NodePortSpec::Primary,
-            masquerade_all: false,
-            masquerade_bit: 14,
-            sync_period: Duration::from_secs(30),
-            min_sync_period: Duration::from_secs(1),
-            manifests: None,
-            dry_run: false,
-            cleanup: false,
-            verbosity: 0,
-            json_logs: false,
-        }
+        use clap::Parser;
+        crate::config::Flags::try_parse_from([
+            "kproxy", "--manifests", "/nonexistent", "--hostname-override", "test-node", "--cluster-cidr", "10.0.0.0/8",
+        ])
+        .unwrap()
+        .into_config()
+        .unwrap()
     }
 
     fn state(n_eps: usize) -> ClusterState {
