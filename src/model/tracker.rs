@@ -10,10 +10,11 @@
 use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
+use std::time::SystemTime;
 
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use rules::model::{ClusterState, Endpoint, Family, NodeInfo, Protocol};
+use rules::model::{Cidr, ClusterState, Endpoint, Family, NodeInfo, Protocol};
 
 use super::convert::{self, Converted, ServiceInfo, SliceInfo};
 use super::Rejected;
@@ -40,7 +41,15 @@ pub struct ChangeTracker {
     pending_services: BTreeSet<Key>,
     /// Services (ns, name) whose endpoints changed (keyed by Service, as upstream).
     pending_endpoints: BTreeSet<Key>,
+    /// The CIDRs of all ServiceCIDR objects, sorted and deduplicated; empty when none are known.
+    service_cidrs: Vec<Cidr>,
+    /// `endpoints.kubernetes.io/last-change-trigger-time` of slice changes not yet taken by a sync.
+    trigger_times: Vec<SystemTime>,
 }
+
+/// At most this many trigger times are kept between two syncs: they only feed a latency
+/// histogram, and a sync loop that never takes them must not make the tracker grow forever.
+pub const MAX_TRIGGER_TIMES: usize = 4096;
 
 impl ChangeTracker {
     /// An empty tracker for the node called `own_node_name` (`--hostname-override` or hostname).
@@ -237,6 +246,60 @@ impl ChangeTracker {
     /// Services with changed endpoints since the last `take_pending`.
     pub fn pending_endpoint_changes(&self) -> usize {
         self.pending_endpoints.len()
+    }
+
+    /// Records the CIDRs of all ServiceCIDR objects (networking.k8s.io/v1); `true` if the set
+    /// changed. Order and duplicates do not matter.
+    pub fn set_service_cidrs(&mut self, cidrs: impl IntoIterator<Item = Cidr>) -> bool {
+        let mut new: Vec<Cidr> = cidrs.into_iter().collect();
+        new.sort();
+        new.dedup();
+        if new == self.service_cidrs {
+            return false;
+        }
+        self.service_cidrs = new;
+        true
+    }
+
+    /// The known service CIDRs, sorted; empty when there are no ServiceCIDR objects (or no API).
+    pub fn service_cidrs(&self) -> &[Cidr] {
+        &self.service_cidrs
+    }
+
+    /// Whether the tracker holds this Service (a valid, proxied one).
+    pub fn has_service(&self, namespace: &str, name: &str) -> bool {
+        self.services.contains_key(&(namespace.to_string(), name.to_string()))
+    }
+
+    /// Whether the tracker holds this EndpointSlice.
+    pub fn has_slice(&self, namespace: &str, name: &str) -> bool {
+        self.slices.contains_key(&(namespace.to_string(), name.to_string()))
+    }
+
+    /// The (namespace, name) of every Service the tracker holds, in order. A source that relists
+    /// uses it to find the objects that disappeared while it was not watching.
+    pub fn service_keys(&self) -> impl Iterator<Item = (&str, &str)> + '_ {
+        self.services.keys().map(|(ns, n)| (ns.as_str(), n.as_str()))
+    }
+
+    /// The (namespace, name) of every EndpointSlice the tracker holds, in order.
+    pub fn slice_keys(&self) -> impl Iterator<Item = (&str, &str)> + '_ {
+        self.slices.keys().map(|(ns, n)| (ns.as_str(), n.as_str()))
+    }
+
+    /// Records when the change behind an EndpointSlice update was triggered (its
+    /// `endpoints.kubernetes.io/last-change-trigger-time`), for network-programming latency.
+    /// Beyond [`MAX_TRIGGER_TIMES`] untaken times, new ones are dropped.
+    pub fn record_trigger_time(&mut self, t: SystemTime) {
+        if self.trigger_times.len() < MAX_TRIGGER_TIMES {
+            self.trigger_times.push(t);
+        }
+    }
+
+    /// The trigger times recorded since the last call; a sync takes them when it starts and
+    /// observes `now - t` for each once it has programmed the kernel.
+    pub fn take_trigger_times(&mut self) -> Vec<SystemTime> {
+        std::mem::take(&mut self.trigger_times)
     }
 
     /// Returns the pending counts and resets them (call when a sync starts from this state).
@@ -479,6 +542,44 @@ spec: {clusterIPs: [172.30.0.41, 'fd00::41'], ports: [{name: http, port: 80}]}")
         assert_eq!(t.node().primary_ips, vec!["192.168.0.2".parse::<IpAddr>().unwrap()]);
         assert!(t.delete_node("node-a"));
         assert!(!t.node_known());
+    }
+
+    #[test]
+    fn service_cidrs_are_a_sorted_set_and_report_changes() {
+        let mut t = ChangeTracker::new("n");
+        assert!(t.service_cidrs().is_empty());
+        let c = |s: &str| Cidr::parse(s).unwrap();
+        assert!(t.set_service_cidrs([c("fd00:10:96::/112"), c("172.30.0.0/16"), c("172.30.0.0/16")]));
+        assert_eq!(t.service_cidrs(), &[c("172.30.0.0/16"), c("fd00:10:96::/112")]);
+        assert!(!t.set_service_cidrs([c("fd00:10:96::/112"), c("172.30.0.0/16")]), "same set, other order");
+        assert!(t.set_service_cidrs([]));
+        assert!(t.service_cidrs().is_empty());
+        assert_eq!(t.take_pending(), Pending::default(), "not a Service or endpoints change");
+    }
+
+    #[test]
+    fn keys_list_what_is_held() {
+        let mut t = ChangeTracker::new("n");
+        t.upsert_service(&svc(SVC_HTTP)).unwrap();
+        t.upsert_service(&svc("metadata: {namespace: ns1, name: headless}\nspec: {clusterIP: None}")).unwrap();
+        t.upsert_slice(&slice("a", "svc1", "IPv4", "[]", "[]")).unwrap();
+        assert_eq!(t.service_keys().collect::<Vec<_>>(), vec![("ns1", "svc1")]);
+        assert_eq!(t.slice_keys().collect::<Vec<_>>(), vec![("ns1", "a")]);
+        assert!(t.has_service("ns1", "svc1") && !t.has_service("ns1", "headless"));
+        assert!(t.has_slice("ns1", "a") && !t.has_slice("ns2", "a"));
+    }
+
+    #[test]
+    fn trigger_times_are_taken_once_and_bounded() {
+        let mut t = ChangeTracker::new("n");
+        let t0 = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000);
+        t.record_trigger_time(t0);
+        assert_eq!(t.take_trigger_times(), vec![t0]);
+        assert!(t.take_trigger_times().is_empty());
+        for _ in 0..MAX_TRIGGER_TIMES + 10 {
+            t.record_trigger_time(t0);
+        }
+        assert_eq!(t.take_trigger_times().len(), MAX_TRIGGER_TIMES);
     }
 
     #[test]
