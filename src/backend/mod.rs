@@ -1,1 +1,7 @@
-//! Where the rules go: nftables over netlink.
+//! Where the rules go: nftables over netlink. `nftables` is the safe API the daemon uses,
+//! `lower` turns the rules IR into nf_tables messages, `netlink` (the only module allowed
+//! `unsafe`) serializes them with libnftnl and talks to the kernel.
+
+mod lower;
+mod netlink;
+pub mod nftables;

@@ -1,0 +1,622 @@
+//! Privileged tests of the netlink backend: every transaction is applied through netlink in one
+//! network namespace and through `nft -f` (its Display text) in another, and the two
+//! `nft list table` outputs must be identical. Needs root (CI runs it as root).
+//!
+//! Set `KPXNL_DUMP_DIR=/some/dir` to also write each transaction's nft text and netlink batch
+//! there, for byte-level comparison with what `nft` sends.
+
+#[path = "support/nlns.rs"]
+mod nlns;
+
+use std::net::IpAddr;
+use std::time::Instant;
+
+use kproxy::backend::nftables::{encode, NftError, NftablesBackend};
+use nlns::Netns;
+use rules::ir::{
+    DataType, ElemData, Element, Expr, Operand, Rule, Ruleset, Selector, SetDef, SetType, Value, Verdict,
+};
+use rules::model::*;
+use rules::transaction::Op;
+use rules::{build, diff, Transaction};
+
+// ---------------------------------------------------------------------------------------------
+// helpers
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().expect("fixture IP")
+}
+
+fn dump(name: &str, tx: &Transaction) {
+    if let Ok(dir) = std::env::var("KPXNL_DUMP_DIR") {
+        std::fs::create_dir_all(&dir).expect("dump dir");
+        std::fs::write(format!("{dir}/{name}.nft"), tx.to_string()).expect("dump text");
+        std::fs::write(format!("{dir}/{name}.bin"), encode(tx).expect("encode")).expect("dump batch");
+    }
+}
+
+/// Asserts two listings are identical, showing the first differing lines.
+fn assert_same_listing(netlink: &str, nft: &str, what: &str) {
+    if netlink == nft {
+        return;
+    }
+    let (a, b): (Vec<&str>, Vec<&str>) = (netlink.lines().collect(), nft.lines().collect());
+    let first = a.iter().zip(&b).position(|(x, y)| x != y).unwrap_or(a.len().min(b.len()));
+    let lo = first.saturating_sub(3);
+    panic!(
+        "{what}: netlink listing differs from nft -f listing at line {}\n--- netlink ---\n{}\n--- nft -f ---\n{}\n",
+        first + 1,
+        a[lo..(first + 8).min(a.len())].join("\n"),
+        b[lo..(first + 8).min(b.len())].join("\n"),
+    );
+}
+
+/// Applies `tx` via netlink in one fresh namespace and via `nft -f` in another, and compares
+/// `nft list table`. Returns the namespaces for further steps.
+fn apply_both(name: &str, tx: &Transaction) -> (Netns, NftablesBackend, Netns) {
+    dump(name, tx);
+    let (x, y) = (Netns::new(), Netns::new());
+    let mut be = x.backend().expect("open backend");
+    let stats = be.apply(tx).unwrap_or_else(|e| panic!("{name}: netlink apply failed: {e}"));
+    assert!(stats.messages >= tx.ops.len() + 2, "{name}: {stats:?}");
+    y.nft_script(&tx.to_string()).unwrap_or_else(|e| panic!("{name}: nft -f failed: {e}\n{tx}"));
+    let fam = tx.family.nft();
+    let (a, b) = (x.list_table(fam), y.list_table(fam));
+    assert!(!b.is_empty(), "{name}: nft -f produced no table");
+    assert_same_listing(&a, &b, name);
+    (x, be, y)
+}
+
+fn v4_cfg() -> BuildConfig {
+    BuildConfig::new(Family::V4)
+}
+
+fn svc(ns: &str, name: &str, port_name: &str, proto: Protocol, ip: &str, port: u16) -> ServicePort {
+    ServicePort::cluster_ip(ns, name, port_name, proto, ip, port)
+}
+
+fn add_eps(st: &mut ClusterState, sp: &ServicePort, eps: &[&str], port: u16) {
+    for e in eps {
+        st.add_endpoint(&sp.name, Endpoint::ready(e, port));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// fixtures
+
+/// ClusterIP services over TCP, UDP and SCTP, with 0, 1, 2 and 12 endpoints.
+fn cluster_ips() -> ClusterState {
+    let mut st = ClusterState::default();
+    let a = svc("ns1", "web", "http", Protocol::Tcp, "172.30.0.10", 80);
+    st.add_service(a.clone());
+    add_eps(&mut st, &a, &["10.180.0.1", "10.180.0.2"], 8080);
+    let b = svc("ns1", "dns", "dns", Protocol::Udp, "172.30.0.11", 53);
+    st.add_service(b.clone());
+    add_eps(&mut st, &b, &["10.180.0.3"], 53);
+    let c = svc("ns2", "sctp", "", Protocol::Sctp, "172.30.0.12", 9000);
+    st.add_service(c.clone());
+    let many: Vec<String> = (1..=12).map(|i| format!("10.181.0.{i}")).collect();
+    add_eps(&mut st, &c, &many.iter().map(String::as_str).collect::<Vec<_>>(), 9000);
+    st.add_service(svc("ns2", "empty", "p", Protocol::Tcp, "172.30.0.13", 443));
+    st
+}
+
+/// NodePorts, LoadBalancer and external IPs, with and without endpoints.
+fn external() -> ClusterState {
+    let mut st = ClusterState::default();
+    let a = svc("ns1", "np", "http", Protocol::Tcp, "172.30.1.1", 80)
+        .with_node_port(30080)
+        .with_load_balancer_ip("1.2.3.4")
+        .with_load_balancer_ip("1.2.3.5")
+        .with_external_ip("192.0.2.10");
+    st.add_service(a.clone());
+    add_eps(&mut st, &a, &["10.180.1.1", "10.180.1.2", "10.180.1.3"], 8080);
+    let b = svc("ns1", "np-udp", "", Protocol::Udp, "172.30.1.2", 53).with_node_port(30053);
+    st.add_service(b.clone());
+    add_eps(&mut st, &b, &["10.180.1.4"], 5353);
+    // No endpoints: NodePort, LB IP and external IP all go to the no-endpoint sets.
+    let c = svc("ns3", "down", "p", Protocol::Tcp, "172.30.1.3", 8443)
+        .with_node_port(30443)
+        .with_load_balancer_ip("1.2.3.6")
+        .with_external_ip("192.0.2.11");
+    st.add_service(c);
+    let d = svc("ns3", "sctp-np", "s", Protocol::Sctp, "172.30.1.4", 3868).with_node_port(31868);
+    st.add_service(d.clone());
+    add_eps(&mut st, &d, &["10.180.1.5", "10.180.1.6"], 3868);
+    st
+}
+
+fn ipv6_state() -> ClusterState {
+    let mut st = ClusterState::default();
+    let a = svc("ns6", "web", "http", Protocol::Tcp, "fd00:30::10", 80)
+        .with_node_port(30081)
+        .with_load_balancer_ip("2001:db8::1")
+        .with_external_ip("2001:db8::2");
+    st.add_service(a.clone());
+    add_eps(&mut st, &a, &["fd00:180::1", "fd00:180::2", "fd00:180::3"], 8080);
+    let b = svc("ns6", "dns", "", Protocol::Udp, "fd00:30::11", 53).with_node_port(30054);
+    st.add_service(b);
+    let c = svc("ns6", "sctp", "x", Protocol::Sctp, "fd00:30::12", 9000);
+    st.add_service(c.clone());
+    add_eps(&mut st, &c, &["fd00:181::1"], 9000);
+    st
+}
+
+struct Fixture {
+    name: &'static str,
+    state: ClusterState,
+    node_ips: Vec<IpAddr>,
+    cfg: BuildConfig,
+}
+
+fn fixtures() -> Vec<Fixture> {
+    let mut cidr = v4_cfg();
+    cidr.cluster_cidr = Some(Cidr::parse("10.180.0.0/14").unwrap());
+    let mut cidr8 = v4_cfg();
+    cidr8.cluster_cidr = Some(Cidr::parse("10.0.0.0/8").unwrap());
+    let mut masq_all = v4_cfg();
+    masq_all.masquerade_all = true;
+    masq_all.masquerade_bit = 3;
+    let mut all = v4_cfg();
+    all.nodeport_addresses = NodePortAddresses::All;
+    all.cluster_cidr = Some(Cidr::parse("10.180.0.0/16").unwrap());
+    let mut v6 = BuildConfig::new(Family::V6);
+    v6.cluster_cidr = Some(Cidr::parse("fd00:180::/64").unwrap());
+    let mut v6_all = BuildConfig::new(Family::V6);
+    v6_all.nodeport_addresses = NodePortAddresses::All;
+    v6_all.cluster_cidr = Some(Cidr::parse("fd00:180::/63").unwrap());
+    v6_all.masquerade_all = true;
+    vec![
+        Fixture { name: "clusterip-cidr14", state: cluster_ips(), node_ips: vec![ip("192.168.0.2")], cfg: cidr },
+        Fixture { name: "clusterip-noip", state: cluster_ips(), node_ips: vec![], cfg: cidr8 },
+        Fixture {
+            name: "external-masq-all",
+            state: external(),
+            node_ips: vec![ip("192.168.0.2"), ip("192.168.1.2"), ip("127.0.0.1")],
+            cfg: masq_all,
+        },
+        Fixture { name: "external-nodeport-all", state: external(), node_ips: vec![], cfg: all },
+        Fixture { name: "empty-cluster", state: ClusterState::default(), node_ips: vec![], cfg: v4_cfg() },
+        Fixture { name: "ipv6", state: ipv6_state(), node_ips: vec![ip("fd00::2")], cfg: v6 },
+        Fixture { name: "ipv6-nodeport-all", state: ipv6_state(), node_ips: vec![], cfg: v6_all },
+    ]
+}
+
+fn build_rs(f: &Fixture) -> Ruleset {
+    let b = build(&f.state, &f.node_ips, &f.cfg, None);
+    assert!(b.skipped.is_empty(), "{}: {:?}", f.name, b.skipped);
+    b.ruleset
+}
+
+/// Every IR construct that `build` does not produce (or only in one form), in one table:
+/// interval sets with and without concatenation, ranges up to the maximum, prefixes of every
+/// shape, negated lookups, `tcp dport` in keys, every verdict, data maps.
+fn kitchen_sink(fam: Family) -> Transaction {
+    let (a1, a2, a3, net, net_odd, host, zero) = match fam {
+        Family::V4 => ("10.0.0.1", "10.0.0.2", "10.0.0.9", "10.1.0.0/16", "10.16.0.0/12", "10.1.2.3/32", "0.0.0.0/0"),
+        Family::V6 => ("fd00::1", "fd00::2", "fd00::9", "fd00:1::/64", "fd00:10::/63", "fd00::3/128", "::/0"),
+    };
+    let addr = DataType::addr(fam);
+    let typed = |name: &str, key: Vec<DataType>, data: Option<DataType>, interval: bool| SetDef {
+        name: name.into(),
+        set_type: SetType::Typed { key, data },
+        interval,
+    };
+    let a = |s: &str| Value::Addr(ip(s));
+    let prefix = |s: &str| Operand::Prefix(Cidr::parse(s).unwrap());
+    let verdict = |v: Verdict| Some(ElemData::Verdict(v));
+    let mut ops = vec![
+        Op::AddTable,
+        Op::DeleteTable,
+        Op::AddTable,
+        Op::AddSet(typed("addrs", vec![addr], None, false)),
+        Op::AddSet(typed("ranges", vec![addr], None, true)),
+        Op::AddSet(typed("ports", vec![DataType::InetService], None, true)),
+        Op::AddSet(typed("protos", vec![DataType::InetProto], None, false)),
+        Op::AddSet(typed("addr-port-ranges", vec![addr, DataType::InetService], None, true)),
+        Op::AddSet(typed("pairs", vec![addr, addr], None, false)),
+        Op::AddSet(typed("verdicts", vec![DataType::InetProto, DataType::InetService], Some(DataType::Verdict), false)),
+        Op::AddSet(typed("port-to-addr", vec![DataType::InetService], Some(addr), false)),
+        Op::AddSet(SetDef { name: "slots".into(), set_type: SetType::EndpointSlots { family: fam }, interval: true }),
+        Op::AddSet(SetDef {
+            name: "slots-plain".into(),
+            set_type: SetType::EndpointSlots { family: fam },
+            interval: false,
+        }),
+        Op::AddChain { name: "target".into(), base: None },
+        Op::AddChain { name: "c".into(), base: None },
+    ];
+    let rule = |exprs: Vec<Expr>| Op::AddRule { chain: "c".into(), rule: Rule::new(exprs) };
+    let accept = Expr::Verdict(Verdict::Accept);
+    let cmp = |sel, neq, right| Expr::Cmp { sel, neq, right };
+    ops.extend([
+        rule(vec![cmp(Selector::Saddr, true, prefix(net_odd)), accept.clone()]),
+        rule(vec![cmp(Selector::Saddr, true, prefix(zero)), Expr::Verdict(Verdict::Drop)]),
+        rule(vec![cmp(Selector::Daddr, false, prefix(net)), Expr::Verdict(Verdict::Return)]),
+        rule(vec![cmp(Selector::Saddr, true, prefix(host)), Expr::Verdict(Verdict::Goto("target".into()))]),
+        rule(vec![cmp(Selector::Daddr, false, Operand::Value(a(a1))), Expr::Verdict(Verdict::Jump("target".into()))]),
+        rule(vec![cmp(Selector::L4Proto, true, Operand::Value(Value::Proto(Protocol::Udp))), accept.clone()]),
+        rule(vec![cmp(Selector::ThDport, true, Operand::Value(Value::Port(53))), accept.clone()]),
+        rule(vec![
+            cmp(Selector::Dport(Protocol::Sctp), false, Operand::Value(Value::Port(3868))),
+            Expr::FibDaddrLocal,
+            accept.clone(),
+        ]),
+        rule(vec![
+            Expr::InSet { key: vec![Selector::Daddr, Selector::Dport(Protocol::Tcp)], set: "addr-port-ranges".into(), neq: false },
+            accept.clone(),
+        ]),
+        rule(vec![
+            Expr::InSet { key: vec![Selector::Saddr, Selector::Daddr], set: "pairs".into(), neq: true },
+            Expr::InSet { key: vec![Selector::Daddr], set: "ranges".into(), neq: false },
+            Expr::InSet { key: vec![Selector::ThDport], set: "ports".into(), neq: true },
+            Expr::InSet { key: vec![Selector::L4Proto], set: "protos".into(), neq: false },
+            accept.clone(),
+        ]),
+        rule(vec![Expr::Vmap { key: vec![Selector::L4Proto, Selector::ThDport], map: "verdicts".into() }]),
+        rule(vec![Expr::CtStateNew, Expr::CtStatusDnat, Expr::MarkClear(0x10), Expr::MarkOr(0x4000), Expr::MarkXor(1)]),
+        rule(vec![Expr::DnatSlots { proto: Protocol::Udp, modulus: 7, offset: 0, map: "slots".into() }]),
+        rule(vec![Expr::DnatSlots { proto: Protocol::Sctp, modulus: 3, offset: 100, map: "slots-plain".into() }]),
+        rule(vec![Expr::Masquerade]),
+        rule(vec![Expr::Reject]),
+    ]);
+    let el = |key: Vec<Value>| Element::key(key);
+    ops.extend([
+        Op::AddElements {
+            set: "addrs".into(),
+            elements: vec![el(vec![a(a1)]).with_comment("one"), el(vec![a(a2)]).with_comment("a \"quoted\" one")],
+        },
+        Op::AddElements {
+            set: "ranges".into(),
+            elements: vec![
+                el(vec![a(a1)]),
+                Element { key: vec![a(a2)], key_end: Some(vec![a(a3)]), data: None, comment: Some("r".into()) },
+            ],
+        },
+        Op::AddElements {
+            set: "ports".into(),
+            elements: vec![
+                Element { key: vec![Value::Port(80)], key_end: Some(vec![Value::Port(90)]), data: None, comment: None },
+                Element { key: vec![Value::Port(91)], key_end: Some(vec![Value::Port(100)]), data: None, comment: None },
+                el(vec![Value::Port(65535)]),
+            ],
+        },
+        Op::AddElements { set: "protos".into(), elements: vec![el(vec![Value::Proto(Protocol::Sctp)])] },
+        Op::AddElements {
+            set: "addr-port-ranges".into(),
+            // Single values only: the text form of a concatenated range (`a . b-c . d`) is not
+            // nft syntax; `concatenated_ranges_list_like_nft` covers ranges.
+            elements: vec![el(vec![a(a1), Value::Port(80)]), el(vec![a(a2), Value::Port(443)])],
+        },
+        Op::AddElements { set: "pairs".into(), elements: vec![el(vec![a(a1), a(a2)])] },
+        Op::AddElements {
+            set: "verdicts".into(),
+            elements: vec![
+                el(vec![Value::Proto(Protocol::Tcp), Value::Port(1)]).with_data(verdict(Verdict::Accept).unwrap()),
+                el(vec![Value::Proto(Protocol::Tcp), Value::Port(2)]).with_data(verdict(Verdict::Drop).unwrap()),
+                el(vec![Value::Proto(Protocol::Udp), Value::Port(3)]).with_data(verdict(Verdict::Return).unwrap()),
+                el(vec![Value::Proto(Protocol::Udp), Value::Port(4)])
+                    .with_comment("j")
+                    .with_data(verdict(Verdict::Jump("target".into())).unwrap()),
+                el(vec![Value::Proto(Protocol::Sctp), Value::Port(5)])
+                    .with_data(verdict(Verdict::Goto("target".into())).unwrap()),
+            ],
+        },
+        Op::AddElements {
+            set: "port-to-addr".into(),
+            elements: vec![el(vec![Value::Port(80)]).with_data(ElemData::Values(vec![a(a1)]))],
+        },
+        Op::AddElements {
+            set: "slots".into(),
+            elements: vec![
+                Element {
+                    key: vec![Value::Int(0)],
+                    key_end: Some(vec![Value::Int(3)]),
+                    data: Some(ElemData::Values(vec![a(a1), Value::Port(80)])),
+                    comment: None,
+                },
+                Element {
+                    key: vec![Value::Int(4)],
+                    key_end: Some(vec![Value::Int(6)]),
+                    data: Some(ElemData::Values(vec![a(a2), Value::Port(8080)])),
+                    comment: None,
+                },
+                Element {
+                    key: vec![Value::Int(1000)],
+                    key_end: Some(vec![Value::Int(u32::MAX)]),
+                    data: Some(ElemData::Values(vec![a(a3), Value::Port(1)])),
+                    comment: None,
+                },
+            ],
+        },
+        Op::AddElements {
+            set: "slots-plain".into(),
+            elements: vec![el(vec![Value::Int(100)]).with_data(ElemData::Values(vec![a(a1), Value::Port(53)]))],
+        },
+    ]);
+    Transaction { family: fam, ops }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. full rulesets: netlink == nft -f
+
+#[test]
+fn full_rulesets_list_like_nft() {
+    for f in fixtures() {
+        let rs = build_rs(&f);
+        let tx = diff(None, &rs);
+        let (x, mut be, _y) = apply_both(f.name, &tx);
+        // A restart: the same full transaction replaces the table atomically, same result.
+        let before = x.list_table(rs.family.nft());
+        be.apply(&tx).unwrap_or_else(|e| panic!("{}: second full apply: {e}", f.name));
+        assert_eq!(x.list_table(rs.family.nft()), before, "{}: re-applying the full transaction", f.name);
+    }
+}
+
+#[test]
+fn kitchen_sink_lists_like_nft() {
+    for fam in [Family::V4, Family::V6] {
+        let tx = kitchen_sink(fam);
+        apply_both(&format!("kitchen-sink-{}", fam.nft()), &tx);
+    }
+}
+
+/// Concatenated ranges (pipapo sets) via netlink, against the nft syntax for them
+/// (`a-b . c-d`), which the IR's text form does not produce.
+#[test]
+fn concatenated_ranges_list_like_nft() {
+    for (fam, lo, hi, mid) in [(Family::V4, "10.0.0.1", "10.0.0.9", "10.0.0.20"), (Family::V6, "fd00::1", "fd00::9", "fd00::20")] {
+        let set = SetDef {
+            name: "r".into(),
+            set_type: SetType::Typed { key: vec![DataType::addr(fam), DataType::InetService], data: None },
+            interval: true,
+        };
+        let mut tx = Transaction::new(fam);
+        tx.ops.push(Op::AddTable);
+        tx.ops.push(Op::AddSet(set));
+        tx.ops.push(Op::AddElements {
+            set: "r".into(),
+            elements: vec![
+                Element {
+                    key: vec![Value::Addr(ip(lo)), Value::Port(80)],
+                    key_end: Some(vec![Value::Addr(ip(hi)), Value::Port(90)]),
+                    data: None,
+                    comment: Some("range".into()),
+                },
+                Element::key(vec![Value::Addr(ip(mid)), Value::Port(443)]),
+            ],
+        });
+        let x = Netns::new();
+        x.backend().expect("backend").apply(&tx).expect("netlink");
+        let y = Netns::new();
+        let f = fam.nft();
+        y.nft_script(&format!(
+            "add table {f} kube-proxy {{ comment \"rules for kube-proxy\" ; }}\n\
+             add set {f} kube-proxy r {{ type {} . inet_service ; flags interval ; }}\n\
+             add element {f} kube-proxy r {{ {lo}-{hi} . 80-90 comment \"range\" }}\n\
+             add element {f} kube-proxy r {{ {mid} . 443 }}\n",
+            DataType::addr(fam).nft()
+        ))
+        .expect("nft -f");
+        assert_same_listing(&x.list_table(f), &y.list_table(f), &format!("concatenated ranges {f}"));
+    }
+}
+
+/// Both families side by side in one namespace, each in its own table.
+#[test]
+fn both_families_coexist() {
+    let ns = Netns::new();
+    let mut be = ns.backend().expect("backend");
+    let f = fixtures();
+    let v4 = f.iter().find(|f| f.name == "external-masq-all").unwrap();
+    let v6 = f.iter().find(|f| f.name == "ipv6").unwrap();
+    be.apply(&diff(None, &build_rs(v4))).expect("v4");
+    be.apply(&diff(None, &build_rs(v6))).expect("v6");
+    assert!(ns.list_table("ip").contains("service-ips"));
+    assert!(ns.list_table("ip6").contains("service-ips"));
+    // --cleanup removes both; a second cleanup (tables gone) still succeeds.
+    for _ in 0..2 {
+        for fam in [Family::V4, Family::V6] {
+            be.apply(&rules::transaction::cleanup(fam)).expect("cleanup");
+        }
+    }
+    assert_eq!(ns.ruleset().trim(), "");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. incremental transactions
+
+#[test]
+fn incremental_changes_match_full_rulesets() {
+    let mut cfg = v4_cfg();
+    cfg.cluster_cidr = Some(Cidr::parse("10.0.0.0/8").unwrap());
+    let node_ips = [ip("192.168.0.2")];
+    let base = external();
+    let a_rs = build(&base, &node_ips, &cfg, None).ruleset;
+
+    let np = ServicePortName::new("ns1", "np", "http", Protocol::Tcp);
+    let udp = ServicePortName::new("ns1", "np-udp", "", Protocol::Udp);
+    let down = ServicePortName::new("ns3", "down", "p", Protocol::Tcp);
+    let mut steps: Vec<(&str, ClusterState)> = Vec::new();
+    let mut s = base.clone();
+    s.add_endpoint(&np, Endpoint::ready("10.180.1.9", 8080));
+    steps.push(("endpoint added", s.clone()));
+    s.endpoints.get_mut(&np).unwrap().retain(|e| e.ip != ip("10.180.1.2"));
+    steps.push(("endpoint removed", s.clone()));
+    s.endpoints.remove(&np);
+    steps.push(("all endpoints removed", s.clone()));
+    s.add_service(svc("ns4", "new", "p", Protocol::Udp, "172.30.4.1", 1234).with_node_port(31234));
+    s.add_endpoint(&ServicePortName::new("ns4", "new", "p", Protocol::Udp), Endpoint::ready("10.180.4.1", 1234));
+    steps.push(("service added", s.clone()));
+    s.services.remove(&udp);
+    s.endpoints.remove(&udp);
+    steps.push(("service deleted", s.clone()));
+    s.services.get_mut(&down).unwrap().node_port = 30999;
+    steps.push(("nodeport changed", s.clone()));
+    s.add_endpoint(&down, Endpoint::ready("10.180.3.1", 8443));
+    s.add_endpoint(&np, Endpoint::ready("10.180.1.1", 8080));
+    steps.push(("endpoints back", s.clone()));
+
+    let x = Netns::new();
+    let mut be = x.backend().expect("backend");
+    be.apply(&diff(None, &a_rs)).expect("full A");
+    let mut applied = a_rs;
+    for (what, state) in steps {
+        let b_rs = build(&state, &node_ips, &cfg, Some(&applied)).ruleset;
+        let delta = diff(Some(&applied), &b_rs);
+        assert!(!delta.is_empty(), "{what}: expected a non-empty diff");
+        let slug = what.replace(' ', "-");
+        dump(&format!("incremental-{slug}"), &delta);
+        be.apply(&delta).unwrap_or_else(|e| panic!("{what}: incremental apply failed: {e}\n{delta}"));
+        // The reference: B's full transaction through nft -f in a fresh namespace.
+        let y = Netns::new();
+        y.nft_script(&diff(None, &b_rs).to_string()).unwrap_or_else(|e| panic!("{what}: nft -f: {e}"));
+        assert_same_listing(&x.list_table("ip"), &y.list_table("ip"), what);
+        applied = b_rs;
+    }
+
+    // No change: an empty transaction that sends nothing.
+    let same = diff(Some(&applied), &applied.clone());
+    assert!(same.is_empty(), "diff of a ruleset with itself: {same}");
+    let before = x.ruleset();
+    let stats = be.apply(&same).expect("empty apply");
+    assert_eq!((stats.messages, stats.bytes), (0, 0));
+    assert_eq!(x.ruleset(), before);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. atomicity and errors
+
+#[test]
+fn failed_batch_changes_nothing_and_names_the_op() {
+    let mut cfg = v4_cfg();
+    cfg.cluster_cidr = Some(Cidr::parse("10.0.0.0/8").unwrap());
+    let a_rs = build(&cluster_ips(), &[ip("192.168.0.2")], &cfg, None).ruleset;
+    let x = Netns::new();
+    let mut be = x.backend().expect("backend");
+    be.apply(&diff(None, &a_rs)).expect("full A");
+    let before = x.ruleset();
+
+    // Valid changes first, a rule jumping to a missing chain last.
+    let mut bad = Transaction::new(Family::V4);
+    bad.ops.push(Op::AddChain { name: "extra".into(), base: None });
+    bad.ops.push(Op::AddRule { chain: "extra".into(), rule: Rule::new(vec![Expr::Verdict(Verdict::Accept)]) });
+    bad.ops.push(Op::AddElements { set: "cluster-ips".into(), elements: vec![Element::key(vec![Value::Addr(ip("172.30.9.9"))])] });
+    bad.ops.push(Op::FlushChain("services".into()));
+    bad.ops.push(Op::AddRule {
+        chain: "services".into(),
+        rule: Rule::new(vec![Expr::Verdict(Verdict::Jump("no-such-chain".into()))]),
+    });
+    let last = bad.ops.len() - 1;
+    match be.apply(&bad) {
+        Err(NftError::Rejected { errno, failures }) => {
+            assert_eq!(errno, libc::ENOENT, "{failures}");
+            assert_eq!(failures.0.len(), 1, "{failures}");
+            assert_eq!(failures.0[0].index, Some(last));
+            assert!(failures.0[0].text.contains("jump no-such-chain"), "{}", failures.0[0].text);
+            let msg = NftError::Rejected { errno, failures }.to_string();
+            assert!(msg.contains(&format!("op #{last}")) && msg.contains("no-such-chain"), "{msg}");
+        }
+        other => panic!("expected a rejection, got {other:?}"),
+    }
+    assert_eq!(x.ruleset(), before, "a failed batch must leave the ruleset byte-identical");
+
+    // Two bad messages in the middle: both reported; the bad element is named precisely.
+    let mut bad2 = Transaction::new(Family::V4);
+    let good = |i: u8| {
+        Element::key(vec![Value::Addr(ip(&format!("172.30.8.{i}"))), Value::Proto(Protocol::Tcp), Value::Port(80)])
+            .with_data(ElemData::Verdict(Verdict::Goto("services".into())))
+    };
+    let broken = Element::key(vec![Value::Addr(ip("172.30.8.50")), Value::Proto(Protocol::Tcp), Value::Port(81)])
+        .with_data(ElemData::Verdict(Verdict::Goto("missing-target".into())));
+    bad2.ops.push(Op::AddElements { set: "service-ips".into(), elements: vec![good(1), broken, good(2)] });
+    bad2.ops.push(Op::DeleteChain("services".into())); // still referenced: EBUSY
+    bad2.ops.push(Op::AddChain { name: "fine".into(), base: None });
+    match be.apply(&bad2) {
+        Err(NftError::Rejected { failures, .. }) => {
+            let f = &failures.0;
+            assert_eq!(f.len(), 2, "{failures}");
+            assert_eq!((f[0].index, f[0].errno), (Some(0), libc::ENOENT), "{failures}");
+            assert!(
+                f[0].text.contains("172.30.8.50") && !f[0].text.contains("172.30.8.1 "),
+                "the failing element alone: {}",
+                f[0].text
+            );
+            assert_eq!((f[1].index, f[1].errno), (Some(1), libc::EBUSY), "{failures}");
+        }
+        other => panic!("expected a rejection, got {other:?}"),
+    }
+    assert_eq!(x.ruleset(), before);
+
+    // Bad IR never reaches the kernel.
+    let mut bad3 = Transaction::new(Family::V4);
+    bad3.ops.push(Op::AddElements { set: "cluster-ips".into(), elements: vec![Element::key(vec![Value::Port(1)])] });
+    assert!(matches!(be.apply(&bad3), Err(NftError::Encode { index: 0, .. })));
+
+    // The backend is still usable, and a real change goes through.
+    let mut st = cluster_ips();
+    st.add_service(svc("ns9", "after", "", Protocol::Tcp, "172.30.0.99", 80));
+    let b_rs = build(&st, &[ip("192.168.0.2")], &cfg, Some(&a_rs)).ruleset;
+    be.apply(&diff(Some(&a_rs), &b_rs)).expect("a good transaction after failures");
+    let y = Netns::new();
+    y.nft_script(&diff(None, &b_rs).to_string()).expect("nft -f B");
+    assert_same_listing(&x.list_table("ip"), &y.list_table("ip"), "after failures");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. scale
+
+#[test]
+fn ten_thousand_services_in_one_batch() {
+    const SERVICES: u32 = 10_000;
+    const ENDPOINTS: u32 = 10;
+    let mut st = ClusterState::default();
+    for i in 0..SERVICES {
+        let cip = format!("172.{}.{}.{}", 16 + i / 65536, (i / 256) % 256, i % 256);
+        let sp = svc("scale", &format!("svc-{i}"), "http", Protocol::Tcp, &cip, 80).with_node_port(0);
+        st.add_service(sp.clone());
+        for j in 0..ENDPOINTS {
+            let n = i * ENDPOINTS + j;
+            let ep = format!("10.{}.{}.{}", 64 + n / 65536, (n / 256) % 256, n % 256);
+            st.add_endpoint(&sp.name, Endpoint::ready(&ep, 8080));
+        }
+    }
+    let mut cfg = v4_cfg();
+    cfg.cluster_cidr = Some(Cidr::parse("10.0.0.0/8").unwrap());
+    let t0 = Instant::now();
+    let rs = build(&st, &[ip("192.168.0.2")], &cfg, None).ruleset;
+    let tx = diff(None, &rs);
+    let t_build = t0.elapsed();
+    let ns = Netns::new();
+    let mut be = ns.backend().expect("backend");
+    let t_enc = Instant::now();
+    let encoded = encode(&tx).expect("encode").len();
+    let t_encode = t_enc.elapsed();
+    if std::env::var("KPXNL_SCALE_NFT").is_ok() {
+        let y = Netns::new();
+        let t = Instant::now();
+        y.nft_script(&tx.to_string()).expect("nft -f");
+        println!("scale: nft -f of the same transaction: {:?}", t.elapsed());
+    }
+    let t1 = Instant::now();
+    let stats = be.apply(&tx).expect("10k x 10 full transaction");
+    assert_eq!(stats.bytes, encoded);
+    let t_apply = t1.elapsed();
+    println!(
+        "scale: {SERVICES} services x {ENDPOINTS} endpoints: {} ops, {} elements; build+diff {:?}; \
+         encode {:?}; netlink apply {:?} ({} messages, {:.1} MB, one batch)",
+        tx.ops.len(),
+        tx.stats().elements_added,
+        t_build,
+        t_encode,
+        t_apply,
+        stats.messages,
+        stats.bytes as f64 / 1e6
+    );
+    let listing = ns.nft(&["list", "map", "ip", "kube-proxy", "service-endpoints"]).expect("list map");
+    let ranges = listing.matches(" : 10.").count();
+    assert_eq!(ranges as u32, SERVICES * ENDPOINTS, "endpoint ranges in service-endpoints");
+    let chains = ns.nft(&["list", "chains", "ip"]).expect("list chains");
+    let service_chains = chains.lines().filter(|l| l.contains("chain service-") && l.contains("/tcp/")).count();
+    assert_eq!(service_chains as u32, SERVICES);
+}
