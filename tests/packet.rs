@@ -1,15 +1,34 @@
 //! Packet-flow tests: real TCP and UDP packets through the real kernel, in network namespaces,
 //! with kproxy programming the node. They need root (CAP_NET_ADMIN) plus iproute2, nft and python3.
+//!
+//! Every test builds its own topology (tests/support/topo.rs), writes Service / EndpointSlice /
+//! Node YAML into its own manifests directory, runs `kproxy --manifests` in the node namespace and
+//! asserts, per connection, which backend answered and which source address it saw. Tests run
+//! concurrently; `KPP_KEEP=1` keeps each test's manifests and kproxy logs in /tmp/kpp<pid>-<n>.
 
 #[path = "support/topo.rs"]
 mod topo;
 
+use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use topo::Proto::{Tcp, Udp};
 use topo::*;
 
 const T1: Duration = Duration::from_secs(1);
+
+fn ip(a: u8, b: u8, c: u8, d: u8) -> Ipv4Addr {
+    Ipv4Addr::new(a, b, c, d)
+}
+
+/// Documentation-range addresses (RFC 5737) for LoadBalancer and external IPs: they exist only
+/// as routes inside the test namespaces (ext's default route leads to the node).
+const LB_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
+const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 20);
+
+/// kproxy's first sync includes start-up; later changes must be faster (see the edit test).
+const FIRST_SYNC: Duration = Duration::from_secs(10);
 
 /// The harness alone, with a hand-written nft table instead of kproxy: DNAT from a pod keeps the
 /// source, DNAT from outside and from the host network is masqueraded to the address the tests
@@ -35,21 +54,367 @@ fn harness_self_check_with_handwritten_nft() {
         b2 = Pod::B2.ip(),
         r1 = Pod::R1.ip()
     );
-    let mut nft = t.cmd(Host::Node, "nft");
-    nft.args(["-f", "-"]);
-    let mut child = nft.stdin(std::process::Stdio::piped()).spawn().unwrap();
-    std::io::Write::write_all(child.stdin.as_mut().unwrap(), script.as_bytes()).unwrap();
-    drop(child.stdin.take());
-    assert!(child.wait().unwrap().success(), "nft -f of the self-check table failed");
+    t.nft_script(&script);
 
-    let cip = Ipv4Addr::new(172, 30, 99, 1);
-    let a = t.prober(Host::Pod(Pod::Client)).probe(Proto::Tcp, cip, 80, 5, T1);
+    let cip = ip(172, 30, 99, 1);
+    let a = t.prober(Host::Pod(Pod::Client)).probe(Tcp, cip, 80, 5, T1);
     expect_answer(&a, Pod::B1, Pod::Client.ip()).unwrap();
-    let a = t.prober(Host::Ext).probe(Proto::Tcp, NODE_IP, 30099, 5, T1);
+    let a = t.prober(Host::Ext).probe(Tcp, NODE_IP, 30099, 5, T1);
     expect_answer(&a, Pod::R1, Pod::R1.masqueraded_src()).unwrap();
-    let a = t.prober(Host::Node).probe(Proto::Tcp, cip, 80, 5, T1);
+    let a = t.prober(Host::Node).probe(Tcp, cip, 80, 5, T1);
     expect_answer(&a, Pod::B2, Pod::B2.masqueraded_src()).unwrap();
     // Without a rule, a ClusterIP is routed out of the default route and never answered.
-    let a = t.prober(Host::Pod(Pod::Client)).one(Proto::Tcp, cip, 81, Duration::from_millis(300));
+    let a = t.prober(Host::Pod(Pod::Client)).one(Tcp, cip, 81, Duration::from_millis(300));
     assert_eq!(a.outcome, Outcome::Timeout);
+}
+
+// ------------------------------------------------------------------------------------------------
+// kproxy
+
+/// Waits until kproxy has programmed the service: one attempt answered. Fails at once if kproxy
+/// exits meanwhile.
+fn await_answer(k: &mut Kproxy, p: &mut Prober, proto: Proto, dst: Ipv4Addr, port: u16) {
+    poll(&format!("first answer from {dst}:{port}"), FIRST_SYNC, || {
+        k.assert_running();
+        let a = p.one(proto, dst, port, Duration::from_millis(300));
+        a.backend().map(|_| ()).ok_or_else(|| format!("{:?}", a.outcome))
+    });
+}
+
+/// Every attempt answered by one of `allowed`, each seeing the source `src(backend)`; each
+/// backend got between `min` and `max` of the answers.
+fn assert_spread(what: &str, attempts: &[Attempt], allowed: &[Pod], src: impl Fn(Pod) -> Ipv4Addr, min: f64, max: f64) {
+    for a in attempts {
+        match &a.outcome {
+            Outcome::Answer { backend, src: seen } => {
+                let pod = Pod::by_name(backend).filter(|p| allowed.contains(p));
+                let pod = pod.unwrap_or_else(|| panic!("{what}: answer from {backend}, expected one of {allowed:?}"));
+                assert_eq!(*seen, src(pod), "{what}: source address seen by {backend}");
+            }
+            o => panic!("{what}: not answered: {o:?} after {:?}; tally {:?}", a.elapsed, tally(attempts)),
+        }
+    }
+    let counts = tally(attempts);
+    for p in allowed {
+        let share = counts.get(p.name()).copied().unwrap_or(0) as f64 / attempts.len() as f64;
+        assert!(
+            (min..=max).contains(&share),
+            "{what}: {} got {:.0}% of {} answers, expected {:.0}%..{:.0}%: {counts:?}",
+            p.name(),
+            share * 100.0,
+            attempts.len(),
+            min * 100.0,
+            max * 100.0
+        );
+    }
+    eprintln!("{what}: {counts:?}");
+}
+
+/// Every attempt refused (ICMP reject or RST), and quickly: a refusal, not a timeout.
+fn assert_refused(what: &str, attempts: &[Attempt]) {
+    for a in attempts {
+        assert_eq!(a.outcome, Outcome::Refused, "{what}");
+        assert!(a.elapsed < Duration::from_millis(500), "{what}: refused only after {:?}", a.elapsed);
+    }
+}
+
+/// Test 1 (cases 1, 14-ish): ClusterIP from a pod, TCP and UDP of one multi-port service, two
+/// local endpoints and one on node2. Uniform choice, pod source kept (not masqueraded).
+#[test]
+fn cluster_ip_spreads_evenly_and_keeps_the_pod_source() {
+    let t = Topo::new();
+    let cip = ip(172, 30, 0, 10);
+    let backends = [Pod::B1, Pod::B2, Pod::R1];
+    t.apply(
+        &Service::cluster_ip("web", cip).port("http", Tcp, 80, ECHO_TCP).port("dns", Udp, 53, ECHO_UDP),
+        &Slice::of("web").port("http", Tcp, ECHO_TCP).port("dns", Udp, ECHO_UDP).endpoints(&backends),
+    );
+    let mut k = t.kproxy(&[]);
+    let mut client = t.prober(Host::Pod(Pod::Client));
+    await_answer(&mut k, &mut client, Tcp, cip, 80);
+    // The CLI contract: one info line per sync that says "sync".
+    k.wait_syncs(1, T1);
+    // 300 draws of 1/3: the mean is 100, sd 8.2; 20%..47% is more than 4.9 sd either side.
+    for (proto, port) in [(Tcp, 80), (Udp, 53)] {
+        let a = client.probe(proto, cip, port, 300, T1);
+        assert_spread(&format!("{proto:?} {cip}:{port} from client"), &a, &backends, |_| Pod::Client.ip(), 0.20, 0.47);
+    }
+}
+
+/// Test 2 (cases 44-46, 50, 53, 60, 69): NodePort, LoadBalancer IP and externalIP from an
+/// off-cluster host, NodePort from a pod and ClusterIP from the host network are all
+/// masqueraded, to the node's address on the way to the chosen backend. NodePorts answer only
+/// on the Node object's InternalIP.
+#[test]
+fn external_and_host_traffic_is_masqueraded() {
+    let t = Topo::new();
+    let cip = ip(172, 30, 0, 20);
+    let backends = [Pod::B1, Pod::R1];
+    t.apply(
+        &Service::cluster_ip("edge", cip)
+            .port("http", Tcp, 80, ECHO_TCP)
+            .node_port(30080)
+            .port("dns", Udp, 53, ECHO_UDP)
+            .node_port(30053)
+            .load_balancer_ip(LB_IP)
+            .external_ip(EXTERNAL_IP),
+        &Slice::of("edge").port("http", Tcp, ECHO_TCP).port("dns", Udp, ECHO_UDP).endpoints(&backends),
+    );
+    let mut k = t.kproxy(&[]);
+    let mut ext = t.prober(Host::Ext);
+    await_answer(&mut k, &mut ext, Tcp, NODE_IP, 30080);
+    // 60 draws of 1/2: both backends must show up; the share bound only rules out "always one".
+    let masq = |p: Pod| p.masqueraded_src();
+    for (proto, dst, port) in
+        [(Tcp, NODE_IP, 30080), (Udp, NODE_IP, 30053), (Tcp, LB_IP, 80), (Udp, LB_IP, 53), (Tcp, EXTERNAL_IP, 80)]
+    {
+        let a = ext.probe(proto, dst, port, 60, T1);
+        assert_spread(&format!("{proto:?} {dst}:{port} from ext"), &a, &backends, masq, 0.1, 0.9);
+    }
+    // The node's other address (towards ext) is local but not the Node's InternalIP: the host
+    // stack gets the packet, nothing listens, RST.
+    let a = ext.one(Tcp, NODE_EXT_IP, 30080, T1);
+    assert_eq!(a.outcome, Outcome::Refused, "NodePort must not answer on a non-primary node address");
+
+    let a = t.prober(Host::Node).probe(Tcp, cip, 80, 60, T1);
+    assert_spread("ClusterIP from the host network", &a, &backends, masq, 0.1, 0.9);
+    let a = t.prober(Host::Pod(Pod::Client)).probe(Tcp, NODE_IP, 30080, 60, T1);
+    assert_spread("NodePort from a pod", &a, &backends, masq, 0.1, 0.9);
+}
+
+/// Test 3 (cases 2, 36, 38, and "a port the ClusterIP does not serve"): hairpin is
+/// masqueraded, a neighbour pod is not; no endpoints and wrong ports are refused at once.
+#[test]
+fn hairpin_is_masqueraded_and_missing_endpoints_or_ports_are_refused() {
+    let t = Topo::new();
+    let (hp, none) = (ip(172, 30, 0, 30), ip(172, 30, 0, 31));
+    t.apply(
+        &Service::cluster_ip("hairpin", hp).port("http", Tcp, 80, ECHO_TCP).port("dns", Udp, 53, ECHO_UDP),
+        &Slice::of("hairpin").port("http", Tcp, ECHO_TCP).port("dns", Udp, ECHO_UDP).endpoint(Pod::B1),
+    );
+    t.apply(
+        &Service::cluster_ip("empty", none)
+            .port("http", Tcp, 80, ECHO_TCP)
+            .node_port(30031)
+            .port("dns", Udp, 53, ECHO_UDP),
+        &Slice::of("empty").port("http", Tcp, ECHO_TCP).port("dns", Udp, ECHO_UDP),
+    );
+    let mut k = t.kproxy(&[]);
+    let mut client = t.prober(Host::Pod(Pod::Client));
+    await_answer(&mut k, &mut client, Tcp, hp, 80);
+    // Everything above came from one sync of the whole directory, so "empty" is programmed too.
+    let mut b1 = t.prober(Host::Pod(Pod::B1));
+    for (proto, port) in [(Tcp, 80), (Udp, 53)] {
+        let a = b1.probe(proto, hp, port, 10, T1);
+        expect_answer(&a, Pod::B1, NODE_BRIDGE_IP).unwrap_or_else(|e| panic!("hairpin {proto:?}: {e}"));
+        let a = t.prober(Host::Pod(Pod::B2)).probe(proto, hp, port, 10, T1);
+        expect_answer(&a, Pod::B1, Pod::B2.ip()).unwrap_or_else(|e| panic!("neighbour {proto:?}: {e}"));
+    }
+
+    // A long timeout, so a drop would show as a slow timeout rather than pass as a refusal.
+    let slow = Duration::from_secs(3);
+    assert_refused("no endpoints, TCP", &client.probe(Tcp, none, 80, 5, slow));
+    assert_refused("no endpoints, UDP", &client.probe(Udp, none, 53, 5, slow));
+    assert_refused("no endpoints, NodePort from ext", &t.prober(Host::Ext).probe(Tcp, NODE_IP, 30031, 5, slow));
+    assert_refused("ClusterIP, unserved TCP port", &client.probe(Tcp, hp, 81, 5, slow));
+    assert_refused("ClusterIP, unserved UDP port", &client.probe(Udp, hp, 54, 5, slow));
+}
+
+/// What a probe batch must show after an edit.
+#[derive(Clone, Copy, Debug)]
+enum Expect<'a> {
+    /// All answered, by exactly this set of backends (each seen at least once).
+    Backends(&'a [Pod]),
+    Refused,
+    /// No answer at all (timeout or refusal): the service is gone.
+    NoAnswer,
+}
+
+/// Waits until traffic to `dst:port` shows `want`; returns how long after `since` the first
+/// fully conforming batch *started* (so the change was in effect by then).
+fn follows(client: &mut Prober, dst: Ipv4Addr, port: u16, want: Expect, since: Instant) -> Duration {
+    let (started, _) = poll(&format!("traffic to {dst}:{port} shows {want:?}"), Duration::from_secs(4), || {
+        let start = Instant::now();
+        let ok = match want {
+            Expect::Backends(pods) => {
+                // 30 draws: the chance that one of 3 backends is missed is 3*(2/3)^30 = 2e-5.
+                let a = client.probe(Tcp, dst, port, 30, T1);
+                let seen: BTreeSet<Option<&str>> = a.iter().map(|a| a.backend()).collect();
+                let want: BTreeSet<Option<&str>> = pods.iter().map(|p| Some(p.name())).collect();
+                (seen == want).then_some(()).ok_or_else(|| format!("{:?}", tally(&a)))
+            }
+            Expect::Refused => {
+                let a = client.probe(Tcp, dst, port, 5, T1);
+                a.iter().all(|a| a.outcome == Outcome::Refused).then_some(()).ok_or_else(|| format!("{:?}", tally(&a)))
+            }
+            Expect::NoAnswer => {
+                let a = client.probe(Tcp, dst, port, 3, Duration::from_millis(200));
+                a.iter().all(|a| a.backend().is_none()).then_some(()).ok_or_else(|| format!("{:?}", tally(&a)))
+            }
+        };
+        ok.map(|()| start.duration_since(since))
+    });
+    started
+}
+
+/// Test 4 (cases 33-35, 32): manifest edits reach the kernel within 2 s each: scale 1 -> 3 -> 0,
+/// restore, replace an endpoint's address, delete the service.
+#[test]
+fn edits_are_followed_within_two_seconds() {
+    let t = Topo::new();
+    let cip = ip(172, 30, 0, 40);
+    let svc = Service::cluster_ip("edit", cip).port("http", Tcp, 80, ECHO_TCP);
+    let slice = || Slice::of("edit").port("http", Tcp, ECHO_TCP);
+    t.apply(&svc, &slice().endpoint(Pod::B1));
+    let mut k = t.kproxy(&[]);
+    let mut client = t.prober(Host::Pod(Pod::Client));
+    await_answer(&mut k, &mut client, Tcp, cip, 80);
+    follows(&mut client, cip, 80, Expect::Backends(&[Pod::B1]), Instant::now());
+
+    let steps: [(&str, Option<Slice>, Expect); 5] = [
+        (
+            "scale 1 -> 3",
+            Some(slice().endpoints(&[Pod::B1, Pod::B2, Pod::B3])),
+            Expect::Backends(&[Pod::B1, Pod::B2, Pod::B3]),
+        ),
+        ("scale 3 -> 0", Some(slice()), Expect::Refused),
+        ("scale 0 -> 2", Some(slice().endpoints(&[Pod::B1, Pod::B2])), Expect::Backends(&[Pod::B1, Pod::B2])),
+        // Same slice, same endpoint count: b2's address becomes b3's.
+        ("replace b2 by b3", Some(slice().endpoints(&[Pod::B1, Pod::B3])), Expect::Backends(&[Pod::B1, Pod::B3])),
+        ("delete the service", None, Expect::NoAnswer),
+    ];
+    for (what, new, want) in steps {
+        let since = Instant::now();
+        match new {
+            Some(s) => t.apply(&svc, &s),
+            None => t.remove_manifest("edit.yaml"),
+        }
+        let took = follows(&mut client, cip, 80, want, since);
+        eprintln!("{what}: in effect after {took:?}");
+        assert!(took <= Duration::from_secs(2), "{what}: took {took:?}");
+    }
+}
+
+/// Test 5 (case 107, issue 2 "start-up never breaks traffic"): a client opens a new connection
+/// every 20 ms while kproxy is stopped with SIGTERM and restarted, then killed with SIGKILL and
+/// restarted. The kernel keeps the old table meanwhile and each new process replaces it in one
+/// transaction: not one connection may fail. Edits made while kproxy is down show that the new
+/// process really reprogrammed the table under traffic.
+#[test]
+fn restarts_under_continuous_traffic_lose_no_connection() {
+    let t = Topo::new();
+    let cip = ip(172, 30, 0, 50);
+    let svc = Service::cluster_ip("restart", cip).port("http", Tcp, 80, ECHO_TCP);
+    let slice = |pods: &[Pod]| Slice::of("restart").port("http", Tcp, ECHO_TCP).endpoints(pods);
+    t.apply(&svc, &slice(&[Pod::B1, Pod::B2]));
+    let mut k = t.kproxy(&[]);
+    let mut client = t.prober(Host::Pod(Pod::Client));
+    await_answer(&mut k, &mut client, Tcp, cip, 80);
+    drop(client);
+
+    let lp = t.traffic_loop(Host::Pod(Pod::Client), Tcp, cip, 80, Duration::from_millis(20), T1);
+    lp.wait_more(10, Duration::from_secs(5));
+    // Backends answering since attempt `from`.
+    let seen_since = |from: usize| -> BTreeSet<String> {
+        lp.results()[from..].iter().filter_map(|(_, a)| a.backend().map(str::to_string)).collect()
+    };
+
+    for (how, next) in [("SIGTERM", vec![Pod::B1, Pod::B2, Pod::B3]), ("SIGKILL", vec![Pod::B2, Pod::B3])] {
+        let status = if how == "SIGTERM" { k.terminate() } else { k.kill9() };
+        eprintln!("kproxy after {how}: {status}");
+        assert!(t.has_kube_proxy_table(), "the table must outlive the process ({how})");
+        // Edit while nobody programs the kernel: traffic goes on with the old table.
+        t.apply(&svc, &slice(&next));
+        let down = lp.len();
+        lp.wait_more(15, Duration::from_secs(5));
+        let old: Vec<String> = seen_since(down).into_iter().collect();
+        eprintln!("while down after {how}: {old:?}");
+        k.start();
+        let up = lp.len();
+        let want: BTreeSet<String> = next.iter().map(|p| p.name().to_string()).collect();
+        // The new process has synced once the loop shows exactly the new endpoint set.
+        poll(&format!("restarted kproxy ({how}) programs {want:?}"), FIRST_SYNC, || {
+            k.assert_running();
+            let r = lp.results();
+            let recent: BTreeSet<String> = r[up.max(r.len().saturating_sub(20))..]
+                .iter()
+                .filter_map(|(_, a)| a.backend().map(str::to_string))
+                .collect();
+            (r.len() >= up + 20 && recent == want).then_some(()).ok_or_else(|| format!("last 20: {recent:?}"))
+        });
+    }
+    lp.wait_more(10, Duration::from_secs(5));
+    let results = lp.stop();
+
+    let failed: Vec<_> = results.iter().filter(|(_, a)| a.backend().is_none()).collect();
+    let counts = tally(&results.iter().map(|(_, a)| a.clone()).collect::<Vec<_>>());
+    eprintln!("{} connections: {counts:?}", results.len());
+    assert!(failed.is_empty(), "{} of {} connections failed: {failed:?}", failed.len(), results.len());
+    for (_, a) in &results {
+        if let Outcome::Answer { src, .. } = &a.outcome {
+            assert_eq!(*src, Pod::Client.ip(), "pod source must be kept");
+        }
+    }
+    // The loop really ran throughout: no gap between attempts much longer than the interval.
+    let gap = results.windows(2).map(|w| w[1].0.saturating_sub(w[0].0)).max().unwrap();
+    assert!(gap < Duration::from_millis(500), "largest gap between attempts {gap:?}");
+}
+
+/// Test 6: `--cleanup` deletes kproxy's table (and nothing else), is idempotent, and afterwards
+/// the ClusterIP is just an unrouted address again. Also: SIGTERM leaves the table in place.
+#[test]
+fn cleanup_removes_the_table() {
+    let t = Topo::new();
+    let cip = ip(172, 30, 0, 60);
+    t.apply(
+        &Service::cluster_ip("gone", cip).port("http", Tcp, 80, ECHO_TCP),
+        &Slice::of("gone").port("http", Tcp, ECHO_TCP).endpoint(Pod::B1),
+    );
+    // Someone else's table in the same namespace must survive the cleanup.
+    let out = t.nft(&["add", "table", "ip", "not-ours"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mut k = t.kproxy(&[]);
+    let mut client = t.prober(Host::Pod(Pod::Client));
+    await_answer(&mut k, &mut client, Tcp, cip, 80);
+    k.terminate();
+    assert!(t.has_kube_proxy_table(), "SIGTERM must leave the table serving");
+    expect_answer(&client.probe(Tcp, cip, 80, 3, T1), Pod::B1, Pod::Client.ip()).unwrap();
+
+    for round in 1..=2 {
+        let out = t.cmd(Host::Node, env!("CARGO_BIN_EXE_kproxy")).arg("--cleanup").output().unwrap();
+        assert!(
+            out.status.success(),
+            "kproxy --cleanup (round {round}) failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!t.has_kube_proxy_table(), "table still there after --cleanup (round {round})");
+        assert!(t.nft(&["list", "table", "ip", "not-ours"]).status.success(), "--cleanup deleted a foreign table");
+    }
+    let a = client.one(Tcp, cip, 80, Duration::from_millis(300));
+    assert_eq!(a.outcome, Outcome::Timeout, "ClusterIP still handled after --cleanup");
+}
+
+/// Flags end to end (cases 48, 50 and masquerade-all): `--masquerade-all` masquerades even a
+/// pod's ClusterIP traffic; `--nodeport-addresses` moves NodePorts from the Node's InternalIP to
+/// the local addresses inside the given CIDR.
+#[test]
+fn masquerade_all_and_nodeport_addresses_flags() {
+    let t = Topo::new();
+    let cip = ip(172, 30, 0, 70);
+    t.apply(
+        &Service::cluster_ip("flags", cip).port("http", Tcp, 80, ECHO_TCP).node_port(30070),
+        &Slice::of("flags").port("http", Tcp, ECHO_TCP).endpoint(Pod::B1),
+    );
+    let mut k = t.kproxy(&["--masquerade-all", "--nodeport-addresses", "203.0.113.0/24"]);
+    let mut client = t.prober(Host::Pod(Pod::Client));
+    await_answer(&mut k, &mut client, Tcp, cip, 80);
+    let a = client.probe(Tcp, cip, 80, 5, T1);
+    expect_answer(&a, Pod::B1, NODE_BRIDGE_IP).unwrap_or_else(|e| panic!("--masquerade-all, pod to ClusterIP: {e}"));
+
+    let mut ext = t.prober(Host::Ext);
+    let a = ext.probe(Tcp, NODE_EXT_IP, 30070, 5, T1);
+    expect_answer(&a, Pod::B1, NODE_BRIDGE_IP).unwrap_or_else(|e| panic!("NodePort on {NODE_EXT_IP}: {e}"));
+    // The InternalIP is outside the list now: the host stack answers with a RST.
+    let a = ext.one(Tcp, NODE_IP, 30070, T1);
+    assert_eq!(a.outcome, Outcome::Refused, "NodePort must not answer on {NODE_IP} outside --nodeport-addresses");
 }

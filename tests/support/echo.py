@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Test-only echo server and client for the packet-flow tests (tests/packet.rs).
 
 The server answers every TCP connection and UDP datagram with "<name> <source ip> <source port>",

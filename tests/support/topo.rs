@@ -157,7 +157,10 @@ impl Proto {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Outcome {
     /// An echo server answered: its name and the source address it saw.
-    Answer { backend: String, src: Ipv4Addr },
+    Answer {
+        backend: String,
+        src: Ipv4Addr,
+    },
     /// ECONNREFUSED: a TCP RST or an ICMP port unreachable (nft `reject`).
     Refused,
     Timeout,
@@ -176,7 +179,8 @@ pub struct Attempt {
 impl Attempt {
     fn parse(line: &str) -> Attempt {
         let f: Vec<&str> = line.split_whitespace().collect();
-        let ms = |s: Option<&&str>| Duration::from_secs_f64(s.and_then(|s| s.parse::<f64>().ok()).unwrap_or(0.0) / 1000.0);
+        let ms =
+            |s: Option<&&str>| Duration::from_secs_f64(s.and_then(|s| s.parse::<f64>().ok()).unwrap_or(0.0) / 1000.0);
         let (outcome, elapsed) = match f.first().copied() {
             Some("ok") if f.len() == 4 => match f[2].parse() {
                 Ok(src) => (Outcome::Answer { backend: f[1].to_string(), src }, ms(f.get(3))),
@@ -517,6 +521,10 @@ impl Topo {
         // inherited host setting (Debian sets it) must not make results depend on the machine.
         // br_netfilter, when loaded, would also pass bridged frames through the ip hooks; we
         // turn it off so the tests prove the routed path alone (-e: absent without the module).
+        // ICMP errors are rate-limited per destination host (burst of 6, then one per
+        // icmp_ratelimit ms): nft `reject` answers TCP and UDP alike with ICMP port unreachable,
+        // so without this a test asking a no-endpoint service more than 6 times a second would
+        // see timeouts, which is the kernel's policy and not what we test.
         for ns in [&node, &node2] {
             run(Command::new("ip").args(["netns", "exec", ns, "sysctl", "-q", "-e", "-w"]).args([
                 "net.ipv4.ip_forward=1",
@@ -525,10 +533,12 @@ impl Topo {
                 "net.ipv4.conf.all.rp_filter=0",
                 "net.ipv4.conf.default.rp_filter=0",
                 "net.bridge.bridge-nf-call-iptables=0",
+                "net.ipv4.icmp_ratelimit=0",
             ]));
         }
 
-        let mut s = String::from("link set lo up\nlink add br0 type bridge\naddr add 10.0.1.1/24 dev br0\nlink set br0 up\n");
+        let mut s =
+            String::from("link set lo up\nlink add br0 type bridge\naddr add 10.0.1.1/24 dev br0\nlink set br0 up\n");
         for p in Pod::LOCAL {
             let _ = write!(
                 s,
@@ -569,7 +579,10 @@ impl Topo {
         }
         ip_batch(
             &self.ns(Host::Pod(Pod::R1)),
-            &format!("link set lo up\naddr add {}/24 dev eth0\nlink set eth0 up\nroute add default via 10.0.2.1\n", Pod::R1.ip()),
+            &format!(
+                "link set lo up\naddr add {}/24 dev eth0\nlink set eth0 up\nroute add default via 10.0.2.1\n",
+                Pod::R1.ip()
+            ),
         );
         // Routes via the peers last: their links are up now.
         ip_batch(&node, &format!("route add 10.0.2.0/24 via {NODE2_IP}\nroute add default via {EXT_IP}\n"));
@@ -595,12 +608,20 @@ impl Topo {
         let mut client = self.prober(Host::Pod(Pod::Client));
         for p in Pod::BACKENDS {
             poll(&format!("client reaches {} directly", p.name()), Duration::from_secs(5), || {
-                expect_answer(&client.probe(Proto::Tcp, p.ip(), ECHO_TCP, 1, Duration::from_millis(500)), p, Pod::Client.ip())
+                expect_answer(
+                    &client.probe(Proto::Tcp, p.ip(), ECHO_TCP, 1, Duration::from_millis(500)),
+                    p,
+                    Pod::Client.ip(),
+                )
             });
         }
         let mut ext = self.prober(Host::Ext);
         poll("ext reaches b1 directly", Duration::from_secs(5), || {
-            expect_answer(&ext.probe(Proto::Tcp, Pod::B1.ip(), ECHO_TCP, 1, Duration::from_millis(500)), Pod::B1, EXT_IP)
+            expect_answer(
+                &ext.probe(Proto::Tcp, Pod::B1.ip(), ECHO_TCP, 1, Duration::from_millis(500)),
+                Pod::B1,
+                EXT_IP,
+            )
         });
     }
 
@@ -633,6 +654,13 @@ impl Topo {
         self.cmd(Host::Node, "nft").args(args).stdin(Stdio::null()).output().unwrap()
     }
 
+    /// Loads an nft script into the node namespace (`nft -f -`); panics when nft refuses it.
+    pub fn nft_script(&self, script: &str) {
+        let mut child = self.cmd(Host::Node, "nft").args(["-f", "-"]).stdin(Stdio::piped()).spawn().unwrap();
+        child.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
+        assert!(child.wait().unwrap().success(), "nft -f refused:\n{script}");
+    }
+
     /// Whether `table ip kube-proxy` exists in the node namespace.
     pub fn has_kube_proxy_table(&self) -> bool {
         self.nft(&["list", "table", "ip", "kube-proxy"]).status.success()
@@ -652,7 +680,15 @@ impl Topo {
     }
 
     /// Starts a client that opens a new connection every `interval` until stopped.
-    pub fn traffic_loop(&self, h: Host, proto: Proto, ip: Ipv4Addr, port: u16, interval: Duration, timeout: Duration) -> TrafficLoop<'_> {
+    pub fn traffic_loop(
+        &self,
+        h: Host,
+        proto: Proto,
+        ip: Ipv4Addr,
+        port: u16,
+        interval: Duration,
+        timeout: Duration,
+    ) -> TrafficLoop<'_> {
         let mut child = self
             .cmd(h, "python3")
             .args([ECHO_PY, "loop", proto.py(), &ip.to_string(), &port.to_string()])
@@ -710,7 +746,12 @@ impl Drop for Topo {
         for ns in &self.namespaces {
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
         }
-        let _ = fs::remove_dir_all(&self.dir);
+        // KPP_KEEP=1 keeps the manifests and kproxy logs for a look after the run.
+        if std::env::var_os("KPP_KEEP").is_some() {
+            eprintln!("kept {}", self.dir.display());
+        } else {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
     }
 }
 
@@ -855,6 +896,8 @@ impl Kproxy<'_> {
             .topo
             .cmd(Host::Node, env!("CARGO_BIN_EXE_kproxy"))
             .args(&self.args)
+            // Plain text in the log file (tracing colours its output unless told not to).
+            .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -884,9 +927,7 @@ impl Kproxy<'_> {
     /// Waits until this process has logged at least `n` sync lines; fails early if it exits.
     pub fn wait_syncs(&mut self, n: usize, limit: Duration) {
         poll("kproxy sync log line", limit, || {
-            if let Some(st) = self.child.as_mut().and_then(|c| c.try_wait().unwrap()) {
-                panic!("kproxy exited ({st}) before syncing:\n{}", self.log());
-            }
+            self.assert_running();
             let c = self.sync_lines();
             if c >= n {
                 Ok(())
@@ -902,7 +943,8 @@ impl Kproxy<'_> {
 
     fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
         let child = self.child.as_mut().expect("kproxy not running");
-        let (st, _) = poll("kproxy exit", limit, || child.try_wait().unwrap().ok_or_else(|| "still running".to_string()));
+        let (st, _) =
+            poll("kproxy exit", limit, || child.try_wait().unwrap().ok_or_else(|| "still running".to_string()));
         self.child = None;
         st
     }
@@ -922,6 +964,13 @@ impl Kproxy<'_> {
     pub fn is_running(&mut self) -> bool {
         self.child.as_mut().is_some_and(|c| c.try_wait().unwrap().is_none())
     }
+
+    /// Panics with the exit status and log if the process has exited.
+    pub fn assert_running(&mut self) {
+        if let Some(st) = self.child.as_mut().and_then(|c| c.try_wait().unwrap()) {
+            panic!("kproxy exited ({st}); log:\n{}", self.log());
+        }
+    }
 }
 
 impl Drop for Kproxy<'_> {
@@ -938,7 +987,11 @@ impl Drop for Kproxy<'_> {
                 eprintln!("{l}");
             }
             let rs = self.topo.nft(&["list", "ruleset"]);
-            eprintln!("--- nft list ruleset in {} ---\n{}", self.topo.ns(Host::Node), String::from_utf8_lossy(&rs.stdout));
+            eprintln!(
+                "--- nft list ruleset in {} ---\n{}",
+                self.topo.ns(Host::Node),
+                String::from_utf8_lossy(&rs.stdout)
+            );
         }
     }
 }
