@@ -353,11 +353,61 @@ fn full_rulesets_list_like_nft() {
     }
 }
 
+/// Deletions of every kind on top of `kitchen_sink`: elements of plain, interval (also open
+/// ranges), concatenated and data sets, a flushed and refilled chain, a deleted set and chain.
+fn kitchen_sink_delta(fam: Family) -> Transaction {
+    let (a1, a2, a3, a4) = match fam {
+        Family::V4 => ("10.0.0.1", "10.0.0.2", "10.0.0.9", "10.0.0.10"),
+        Family::V6 => ("fd00::1", "fd00::2", "fd00::9", "fd00::a"),
+    };
+    let a = |s: &str| Value::Addr(ip(s));
+    let range = |k: Value, e: Value| Element { key: vec![k], key_end: Some(vec![e]), data: None, comment: None };
+    let del = |set: &str, elements: Vec<Element>| Op::DeleteElements { set: set.into(), elements };
+    let proto_port = |p, n| Element::key(vec![Value::Proto(p), Value::Port(n)]);
+    Transaction {
+        family: fam,
+        ops: vec![
+            del("addrs", vec![Element::key(vec![a(a1)])]),
+            del("ranges", vec![range(a(a2), a(a3))]),
+            del("ports", vec![range(Value::Port(80), Value::Port(90)), Element::key(vec![Value::Port(65535)])]),
+            del("verdicts", vec![proto_port(Protocol::Tcp, 1), proto_port(Protocol::Udp, 4), proto_port(Protocol::Sctp, 5)]),
+            del("slots", vec![range(Value::Int(0), Value::Int(3)), range(Value::Int(1000), Value::Int(u32::MAX))]),
+            del("slots-plain", vec![Element::key(vec![Value::Int(100)])]),
+            del("addr-port-ranges", vec![Element::key(vec![a(a1), Value::Port(80)])]),
+            Op::FlushChain("c".into()),
+            Op::AddRule {
+                chain: "c".into(),
+                rule: Rule::new(vec![Expr::InSet { key: vec![Selector::Saddr], set: "ranges".into(), neq: false }]),
+            },
+            Op::DeleteSet("pairs".into()),
+            Op::DeleteChain("target".into()),
+            Op::AddElements {
+                set: "ranges".into(),
+                elements: vec![Element { key: vec![a(a2)], key_end: Some(vec![a(a4)]), data: None, comment: None }],
+            },
+            Op::AddElements {
+                set: "slots".into(),
+                elements: vec![Element {
+                    key: vec![Value::Int(0)],
+                    key_end: Some(vec![Value::Int(3)]),
+                    data: Some(ElemData::Values(vec![a(a4), Value::Port(81)])),
+                    comment: None,
+                }],
+            },
+        ],
+    }
+}
+
 #[test]
 fn kitchen_sink_lists_like_nft() {
     for fam in [Family::V4, Family::V6] {
-        let tx = kitchen_sink(fam);
-        apply_both(&format!("kitchen-sink-{}", fam.nft()), &tx);
+        let name = format!("kitchen-sink-{}", fam.nft());
+        let (x, mut be, y) = apply_both(&name, &kitchen_sink(fam));
+        let delta = kitchen_sink_delta(fam);
+        dump(&format!("{name}-delta"), &delta);
+        be.apply(&delta).unwrap_or_else(|e| panic!("{name}: netlink delta: {e}"));
+        y.nft_script(&delta.to_string()).unwrap_or_else(|e| panic!("{name}: nft -f delta: {e}\n{delta}"));
+        assert_same_listing(&x.list_table(fam.nft()), &y.list_table(fam.nft()), &format!("{name} delta"));
     }
 }
 
@@ -474,6 +524,20 @@ fn incremental_changes_match_full_rulesets() {
         assert_same_listing(&x.list_table("ip"), &y.list_table("ip"), what);
         applied = b_rs;
     }
+
+    // A configuration change: NodePorts on every local address drops the nodeport-ips set
+    // (flush and refill of the chains using it, then DeleteSet) and adds `fib` matches.
+    let mut cfg_all = cfg.clone();
+    cfg_all.nodeport_addresses = NodePortAddresses::All;
+    let c_rs = build(&s, &[], &cfg_all, Some(&applied)).ruleset;
+    let delta = diff(Some(&applied), &c_rs);
+    assert!(delta.ops.iter().any(|o| matches!(o, Op::DeleteSet(n) if n == "nodeport-ips")), "{delta}");
+    dump("incremental-nodeport-all", &delta);
+    be.apply(&delta).unwrap_or_else(|e| panic!("nodeport-addresses change: {e}\n{delta}"));
+    let y = Netns::new();
+    y.nft_script(&diff(None, &c_rs).to_string()).expect("nft -f C");
+    assert_same_listing(&x.list_table("ip"), &y.list_table("ip"), "nodeport-addresses change");
+    let applied = c_rs;
 
     // No change: an empty transaction that sends nothing.
     let same = diff(Some(&applied), &applied.clone());

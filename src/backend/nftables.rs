@@ -33,6 +33,8 @@ const BARRIER_TIMEOUT: Duration = Duration::from_secs(30);
 const RECV_BUF: usize = 256 * 1024;
 /// At most this many lines of an op's text go into an error.
 const TEXT_LINES: usize = 3;
+/// At most this many failures are spelled out in an error message.
+const SHOWN_FAILURES: usize = 5;
 
 // Bits of nlmsghdr.nlmsg_flags in error replies (linux/netlink.h).
 const NLM_F_CAPPED: u16 = 0x100;
@@ -83,12 +85,16 @@ impl fmt::Display for FailedOp {
 pub struct Failures(pub Vec<FailedOp>);
 
 impl fmt::Display for Failures {
+    /// The first few failures (a batch of broken elements can fail in every message).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, x) in self.0.iter().enumerate() {
+        for (i, x) in self.0.iter().take(SHOWN_FAILURES).enumerate() {
             if i > 0 {
                 f.write_str("; ")?;
             }
             write!(f, "{x}")?;
+        }
+        if self.0.len() > SHOWN_FAILURES {
+            write!(f, "; and {} more", self.0.len() - SHOWN_FAILURES)?;
         }
         Ok(())
     }
