@@ -1,15 +1,25 @@
 //! The running daemon: wires a source to the change tracker and the sync loop, and the one-shot
 //! modes (`--dry-run`, `--cleanup`).
 
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use rules::model::Family;
-use tracing::warn;
+use tokio::sync::mpsc;
+use tracing::{error, info, warn};
 
+use crate::backend::nftables::NftablesBackend;
 use crate::config::Config;
+use crate::localaddrs::local_addresses;
 use crate::model::ChangeTracker;
-use crate::source::files::load_dir;
-use crate::sync::{families, Inputs};
+use crate::source::files::{load_dir, DirWatcher};
+use crate::sync::{families, log_report, Event, Inputs, Pacer, Proxier};
+
+impl crate::sync::Backend for NftablesBackend {
+    fn apply(&mut self, tx: &rules::Transaction) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        NftablesBackend::apply(self, tx).map(|_| ()).map_err(|e| e.into())
+    }
+}
 
 /// How often the manifests directory is checked for changes (changes show within 1 s).
 const MANIFEST_POLL: Duration = Duration::from_millis(250);
@@ -49,3 +59,92 @@ pub fn dry_run(cfg: &Config) -> String {
     out
 }
 
+/// `--cleanup`: delete the `kube-proxy` table of both families.
+pub fn cleanup() -> Result<(), crate::backend::nftables::NftError> {
+    let mut b = NftablesBackend::new()?;
+    for f in [Family::V4, Family::V6] {
+        b.apply(&rules::transaction::cleanup(f))?;
+        info!(family = f.label(), "deleted table {} {}", f.nft(), rules::ir::TABLE);
+    }
+    Ok(())
+}
+
+/// Runs until SIGTERM/SIGINT: watch the manifests, sync on change, resync periodically.
+pub async fn run(cfg: Config) -> anyhow::Result<()> {
+    let backend = NftablesBackend::new()?;
+    let tracker = Arc::new(Mutex::new(ChangeTracker::new(&cfg.hostname)));
+    let (tx, mut rx) = mpsc::channel::<Event>(16);
+
+    // The files source: poll the directory, reload everything on change.
+    {
+        let cfg = cfg.clone();
+        let tracker = tracker.clone();
+        tokio::spawn(async move {
+            let dir = cfg.manifests.clone().expect("manifests source");
+            let mut watcher = DirWatcher::new(&dir);
+            let mut first = true;
+            let mut tick = tokio::time::interval(MANIFEST_POLL);
+            loop {
+                tick.tick().await;
+                if !watcher.changed() && !first {
+                    continue;
+                }
+                let changed = load_into(&cfg, &mut tracker.lock().expect("tracker lock"));
+                if first {
+                    first = false;
+                    if tx.send(Event::Synced).await.is_err() {
+                        return;
+                    }
+                } else if changed && tx.send(Event::Changed).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+
+    let mut proxier = Proxier::new(cfg.clone(), backend);
+    let mut pacer = Pacer::new(cfg.min_sync_period, cfg.sync_period, Instant::now());
+    let mut initialized = false;
+    let mut pending = false;
+    let mut last_node_labels = None;
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        let now = Instant::now();
+        let deadline = if pending { pacer.earliest(now) } else { pacer.next_periodic };
+        tokio::select! {
+            ev = rx.recv() => match ev {
+                Some(Event::Synced) => { initialized = true; pending = true; }
+                Some(Event::Changed) => { pending = true; }
+                None => anyhow::bail!("the manifests source stopped"),
+            },
+            _ = tokio::time::sleep_until(deadline.into()), if initialized => {
+                let started = Instant::now();
+                let result = {
+                    let t = tracker.lock().expect("tracker lock");
+                    let node = t.node();
+                    // A change of the node's labels (topology) calls for a full resync, as upstream.
+                    if last_node_labels.as_ref().is_some_and(|l| *l != node.labels) {
+                        proxier.force_full();
+                    }
+                    last_node_labels = Some(node.labels.clone());
+                    let local_ips = local_addresses();
+                    let state = |f: Family| t.cluster_state(f);
+                    proxier.sync(&Inputs { state: &state, node: &node, local_ips: &local_ips })
+                };
+                pending = false;
+                match result {
+                    Ok(report) => {
+                        log_report(&report, started.elapsed());
+                        pacer.record(started, true);
+                    }
+                    Err(e) => {
+                        error!("sync failed, the kernel keeps the previous rules; retrying in full in {:?}: {e}", cfg.sync_period);
+                        pacer.record(started, false);
+                    }
+                }
+            },
+            _ = tokio::signal::ctrl_c() => { info!("interrupted; leaving the rules in place"); return Ok(()); }
+            _ = sigterm.recv() => { info!("terminated; leaving the rules in place"); return Ok(()); }
+        }
+    }
+}
