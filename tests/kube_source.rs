@@ -199,7 +199,8 @@ fn ips(eps: &[Endpoint]) -> Vec<String> {
 
 // ---- tests -------------------------------------------------------------------------------------
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+// The daemon runs a current-thread runtime; so does this test, with the fake on the same thread.
+#[tokio::test]
 async fn initial_list_syncs_with_the_right_state_and_the_upstream_selectors() {
     let fake = FakeApi::start().await;
     basic_cluster(&fake);
@@ -255,7 +256,7 @@ async fn initial_list_syncs_with_the_right_state_and_the_upstream_selectors() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test]
 async fn creates_updates_and_deletes_stream_into_the_tracker() {
     let fake = FakeApi::start().await;
     basic_cluster(&fake);
