@@ -71,7 +71,7 @@ pub struct Flags {
     /// Log format: 'text' (default) or 'json'.
     #[arg(long = "logging-format", default_value = "text")]
     pub logging_format: String,
-    /// Path to a kubeconfig file (the API source is not implemented yet; use --manifests).
+    /// Path to a kubeconfig file with authorization and API server location.
     #[arg(long = "kubeconfig", default_value = "")]
     pub kubeconfig: String,
     /// The address of the Kubernetes API server (overrides the kubeconfig).
@@ -195,9 +195,9 @@ impl NodePortSpec {
     /// What NodePorts answer on in one family, given the node's primary IPs and local addresses.
     pub fn resolve(&self, family: Family, primary_ips: &[IpAddr], local_ips: &[IpAddr]) -> NodePortAddresses {
         match self {
-            NodePortSpec::Primary => NodePortAddresses::Ips(
-                primary_ips.iter().filter(|ip| Family::of(ip) == family).copied().collect(),
-            ),
+            NodePortSpec::Primary => {
+                NodePortAddresses::Ips(primary_ips.iter().filter(|ip| Family::of(ip) == family).copied().collect())
+            }
             NodePortSpec::Cidrs(cidrs) => {
                 let mine: Vec<&Cidr> = cidrs.iter().filter(|c| c.family() == family).collect();
                 // As upstream: no CIDR of this family, or a /0, means every local address.
@@ -316,7 +316,11 @@ struct Raw {
 
 impl Raw {
     fn name(&self, flag: &'static str, field: &'static str) -> &'static str {
-        if self.from_file { field } else { flag }
+        if self.from_file {
+            field
+        } else {
+            flag
+        }
     }
 }
 
@@ -381,11 +385,19 @@ impl Flags {
         let nft = f.nftables.as_ref();
         // The section of the mode in use wins; the other is the fallback, then the top level.
         let (first_period, first_min, first_all, first_bit) = if mode == "iptables" {
-            (ipt.and_then(|i| set(&i.sync_period)), ipt.and_then(|i| set(&i.min_sync_period)),
-             ipt.and_then(|i| i.masquerade_all), ipt.and_then(|i| i.masquerade_bit))
+            (
+                ipt.and_then(|i| set(&i.sync_period)),
+                ipt.and_then(|i| set(&i.min_sync_period)),
+                ipt.and_then(|i| i.masquerade_all),
+                ipt.and_then(|i| i.masquerade_bit),
+            )
         } else {
-            (nft.and_then(|n| set(&n.sync_period)), nft.and_then(|n| set(&n.min_sync_period)),
-             nft.and_then(|n| n.masquerade_all), nft.and_then(|n| n.masquerade_bit))
+            (
+                nft.and_then(|n| set(&n.sync_period)),
+                nft.and_then(|n| set(&n.min_sync_period)),
+                nft.and_then(|n| n.masquerade_all),
+                nft.and_then(|n| n.masquerade_bit),
+            )
         };
         let cc = f.client_connection.as_ref();
         Raw {
@@ -413,7 +425,12 @@ impl Flags {
                 .or(ipt.and_then(|i| set(&i.min_sync_period)))
                 .unwrap_or("1s")
                 .to_string(),
-            logging_format: f.logging.as_ref().and_then(|l| l.format.clone()).filter(|s| !s.is_empty()).unwrap_or_else(|| "text".into()),
+            logging_format: f
+                .logging
+                .as_ref()
+                .and_then(|l| l.format.clone())
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| "text".into()),
             verbosity: f.logging.as_ref().and_then(|l| l.verbosity).unwrap_or(0).max(self.verbosity as u32),
             kubeconfig: cc.and_then(|c| c.kubeconfig.clone()).unwrap_or_default(),
             master: self.master.clone(),
@@ -429,7 +446,8 @@ impl Flags {
         let (raw, unimplemented) = match &self.config {
             Some(path) => {
                 let f = KubeProxyConfiguration::load(path).map_err(|e| ConfigError::File(e.to_string()))?;
-                let un = f.unimplemented_fields().into_iter().map(|s| format!("{} field {s}", path.display())).collect();
+                let un =
+                    f.unimplemented_fields().into_iter().map(|s| format!("{} field {s}", path.display())).collect();
                 (self.raw_from_file(&f), un)
             }
             None => (self.raw_from_flags(), self.unimplemented()),
@@ -470,7 +488,11 @@ impl Flags {
             let mut cidrs = Vec::new();
             for p in &np {
                 if p == "primary" || p == "all" || p == "localhost" {
-                    return Err(invalid(np_name, &np.join(","), format!("the keyword {p:?} cannot be combined with CIDRs")));
+                    return Err(invalid(
+                        np_name,
+                        &np.join(","),
+                        format!("the keyword {p:?} cannot be combined with CIDRs"),
+                    ));
                 }
                 cidrs.push(Cidr::parse(p).map_err(|e| invalid(np_name, p, e))?);
             }
@@ -491,7 +513,9 @@ impl Flags {
         let json_logs = match raw.logging_format.as_str() {
             "text" => false,
             "json" => true,
-            other => return Err(invalid(raw.name("--logging-format", "logging.format"), other, "must be 'text' or 'json'")),
+            other => {
+                return Err(invalid(raw.name("--logging-format", "logging.format"), other, "must be 'text' or 'json'"))
+            }
         };
         for (name, v) in [
             (raw.name("--healthz-bind-address", "healthzBindAddress"), &raw.healthz),
@@ -500,12 +524,14 @@ impl Flags {
             parse_bind_address(v).map_err(|e| invalid(name, v, e))?;
         }
         if raw.burst < 0 {
-            return Err(invalid(raw.name("--kube-api-burst", "clientConnection.burst"), &raw.burst.to_string(), "must not be negative"));
-        }
-        if self.manifests.is_none() && !self.cleanup {
-            return Err(ConfigError::Unsupported(
-                "the Kubernetes API source is not implemented yet: pass --manifests DIR".into(),
+            return Err(invalid(
+                raw.name("--kube-api-burst", "clientConnection.burst"),
+                &raw.burst.to_string(),
+                "must not be negative",
             ));
+        }
+        if self.manifests.is_none() && self.dry_run {
+            return Err(ConfigError::Unsupported("--dry-run needs --manifests DIR".into()));
         }
         Ok(Config {
             mode,
@@ -530,7 +556,6 @@ impl Flags {
             unimplemented,
         })
     }
-
 }
 
 /// Parses `ip:port` / `[ip6]:port` (an empty host is not allowed; kube-proxy defaults it).
@@ -626,7 +651,9 @@ mod tests {
         assert_eq!(c.metrics_bind_address, "0.0.0.0:10249");
         assert_eq!(c.nodeport, NodePortSpec::Cidrs(vec![Cidr::parse("192.168.0.0/24").unwrap()]));
         let un = c.unimplemented.join(" ");
-        for f in ["featureGates", "conntrack.maxPerCore", "oomScoreAdj", "enableProfiling", "detectLocal.bridgeInterface"] {
+        for f in
+            ["featureGates", "conntrack.maxPerCore", "oomScoreAdj", "enableProfiling", "detectLocal.bridgeInterface"]
+        {
             assert!(un.contains(f), "{f} should be reported as not implemented: {un}");
         }
     }
@@ -664,10 +691,8 @@ mod tests {
     #[test]
     fn nodeport_addresses_resolve_per_family() {
         let c = parse(&["--nodeport-addresses", "192.168.0.0/24"]).unwrap();
-        let local: Vec<IpAddr> = ["192.168.0.2", "192.168.1.2", "127.0.0.1", "2001:db8::1"]
-            .iter()
-            .map(|s| s.parse().unwrap())
-            .collect();
+        let local: Vec<IpAddr> =
+            ["192.168.0.2", "192.168.1.2", "127.0.0.1", "2001:db8::1"].iter().map(|s| s.parse().unwrap()).collect();
         assert_eq!(
             c.nodeport.resolve(Family::V4, &[], &local),
             NodePortAddresses::Ips(vec!["192.168.0.2".parse().unwrap()])

@@ -161,8 +161,8 @@ impl KubeProxyConfiguration {
     }
 
     pub fn parse(path: &str, text: &str) -> Result<Self, ConfigFileError> {
-        let c: KubeProxyConfiguration =
-            serde_yaml::from_str(text).map_err(|e| ConfigFileError::Parse { path: path.into(), message: e.to_string() })?;
+        let c: KubeProxyConfiguration = serde_yaml::from_str(text)
+            .map_err(|e| ConfigFileError::Parse { path: path.into(), message: e.to_string() })?;
         if c.api_version.as_deref() != Some(API_VERSION) {
             return Err(ConfigFileError::Field {
                 path: path.into(),

@@ -69,37 +69,51 @@ pub fn cleanup() -> Result<(), crate::backend::nftables::NftError> {
     Ok(())
 }
 
-/// Runs until SIGTERM/SIGINT: watch the manifests, sync on change, resync periodically.
+/// The files source: poll the directory, reload everything on change.
+fn spawn_files_source(cfg: &Config, tracker: Arc<Mutex<ChangeTracker>>, tx: mpsc::Sender<Event>) {
+    let cfg = cfg.clone();
+    tokio::spawn(async move {
+        let dir = cfg.manifests.clone().expect("manifests source");
+        let mut watcher = DirWatcher::new(&dir);
+        let mut first = true;
+        let mut tick = tokio::time::interval(MANIFEST_POLL);
+        loop {
+            tick.tick().await;
+            if !watcher.changed() && !first {
+                continue;
+            }
+            let changed = load_into(&cfg, &mut tracker.lock().expect("tracker lock"));
+            if first {
+                first = false;
+                if tx.send(Event::Synced).await.is_err() {
+                    return;
+                }
+            } else if changed && tx.send(Event::Changed).await.is_err() {
+                return;
+            }
+        }
+    });
+}
+
+/// Runs until SIGTERM/SIGINT: watch the source, sync on change, resync periodically.
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let backend = NftablesBackend::new()?;
     let tracker = Arc::new(Mutex::new(ChangeTracker::new(&cfg.hostname)));
     let (tx, mut rx) = mpsc::channel::<Event>(16);
 
-    // The files source: poll the directory, reload everything on change.
-    {
-        let cfg = cfg.clone();
-        let tracker = tracker.clone();
-        tokio::spawn(async move {
-            let dir = cfg.manifests.clone().expect("manifests source");
-            let mut watcher = DirWatcher::new(&dir);
-            let mut first = true;
-            let mut tick = tokio::time::interval(MANIFEST_POLL);
-            loop {
-                tick.tick().await;
-                if !watcher.changed() && !first {
-                    continue;
-                }
-                let changed = load_into(&cfg, &mut tracker.lock().expect("tracker lock"));
-                if first {
-                    first = false;
-                    if tx.send(Event::Synced).await.is_err() {
-                        return;
-                    }
-                } else if changed && tx.send(Event::Changed).await.is_err() {
-                    return;
-                }
-            }
-        });
+    match &cfg.manifests {
+        Some(_) => spawn_files_source(&cfg, tracker.clone(), tx),
+        None => {
+            let client = crate::source::kube::client(
+                cfg.kubeconfig.as_deref(),
+                cfg.master.as_deref(),
+                cfg.kube_api_qps,
+                cfg.kube_api_burst,
+            )
+            .await?;
+            info!("watching the Kubernetes API for Services, EndpointSlices, ServiceCIDRs and node {}", cfg.hostname);
+            tokio::spawn(crate::source::kube::run(client, cfg.hostname.clone(), tracker.clone(), tx));
+        }
     }
 
     let mut proxier = Proxier::new(cfg.clone(), backend);
@@ -115,7 +129,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             ev = rx.recv() => match ev {
                 Some(Event::Synced) => { initialized = true; pending = true; }
                 Some(Event::Changed) => { pending = true; }
-                None => anyhow::bail!("the manifests source stopped"),
+                None => anyhow::bail!("the object source stopped"),
             },
             _ = tokio::time::sleep_until(deadline.into()), if initialized => {
                 let started = Instant::now();

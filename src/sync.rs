@@ -232,7 +232,13 @@ mod tests {
     fn cfg() -> Config {
         use clap::Parser;
         crate::config::Flags::try_parse_from([
-            "kproxy", "--manifests", "/nonexistent", "--hostname-override", "test-node", "--cluster-cidr", "10.0.0.0/8",
+            "kproxy",
+            "--manifests",
+            "/nonexistent",
+            "--hostname-override",
+            "test-node",
+            "--cluster-cidr",
+            "10.0.0.0/8",
         ])
         .unwrap()
         .into_config()
@@ -250,8 +256,18 @@ mod tests {
     }
 
     fn sync_with(p: &mut Proxier<FakeBackend>, st: &ClusterState) -> Result<SyncReport, SyncError> {
-        let node = NodeInfo { name: "test-node".into(), primary_ips: vec!["192.168.0.2".parse().unwrap()], ..Default::default() };
-        let f = |fam: Family| if fam == Family::V4 { st.clone() } else { ClusterState::default() };
+        let node = NodeInfo {
+            name: "test-node".into(),
+            primary_ips: vec!["192.168.0.2".parse().unwrap()],
+            ..Default::default()
+        };
+        let f = |fam: Family| {
+            if fam == Family::V4 {
+                st.clone()
+            } else {
+                ClusterState::default()
+            }
+        };
         p.sync(&Inputs { state: &f, node: &node, local_ips: &[] })
     }
 

@@ -63,7 +63,8 @@ fn expected_state(family: Family) -> ClusterState {
             let dual = ServicePort::cluster_ip("default", "dual", "", Protocol::Tcp, "172.30.0.20", 443)
                 .with_load_balancer_ip("1.2.3.4");
             // Sloppy 172.30.0.030 in the fixture; no slice, so no endpoints.
-            let same_file = ServicePort::cluster_ip("default", "same-file-good", "", Protocol::Tcp, "172.30.0.30", 8080);
+            let same_file =
+                ServicePort::cluster_ip("default", "same-file-good", "", Protocol::Tcp, "172.30.0.30", 8080);
             let before_break = ServicePort::cluster_ip("default", "before-break", "", Protocol::Tcp, "172.30.0.40", 80);
             st.add_service(web.clone())
                 .add_service(dns_udp.clone())
@@ -112,7 +113,10 @@ fn bad_objects_are_rejected_one_line_each_and_good_ones_are_programmed() {
     }
     let node = tracker.node();
     assert_eq!(node.name, "node-a");
-    assert_eq!(node.primary_ips, vec!["192.168.0.2".parse::<std::net::IpAddr>().unwrap(), "2001:db8::1".parse().unwrap()]);
+    assert_eq!(
+        node.primary_ips,
+        vec!["192.168.0.2".parse::<std::net::IpAddr>().unwrap(), "2001:db8::1".parse().unwrap()]
+    );
     assert_eq!(node.labels.get("topology.kubernetes.io/zone").map(String::as_str), Some("zone-a"));
 }
 
@@ -153,7 +157,9 @@ fn upserting_each_object_gives_the_same_state() {
     // 22 object-level refusals in the fixtures, minus the one that fails deserialization
     // (wrong-type), and the bad Node is not this node's, so it is ignored rather than refused.
     assert_eq!(refused.len(), 19, "{refused:#?}");
-    assert!(refused.iter().all(|l| !l.contains('\n') && (l.starts_with("Service ") || l.starts_with("EndpointSlice "))));
+    assert!(refused
+        .iter()
+        .all(|l| !l.contains('\n') && (l.starts_with("Service ") || l.starts_with("EndpointSlice "))));
     assert!(refused.contains(&r#"EndpointSlice default/web-v6-in-v4: endpoints[0].addresses[0] "fd00:10:180::1" is IPv6 in an addressType IPv4 slice"#.to_string()));
     for family in [Family::V4, Family::V6] {
         assert_eq!(tracker.cluster_state(family), expected_state(family), "{family:?}");
@@ -172,7 +178,9 @@ fn raw_documents(dir: &Path) -> Vec<serde_yaml::Value> {
     for f in files {
         let text = fs::read_to_string(&f).unwrap();
         for chunk in text.split("\n---\n") {
-            let Ok(v) = serde_yaml::from_str::<serde_yaml::Value>(chunk) else { continue };
+            let Ok(v) = serde_yaml::from_str::<serde_yaml::Value>(chunk) else {
+                continue;
+            };
             match v.get("items").and_then(|i| i.as_sequence()) {
                 Some(items) => out.extend(items.iter().cloned()),
                 None => out.push(v),
@@ -196,7 +204,10 @@ fn absurd_sizes_are_refused_with_a_bounded_line() {
     let snap = parse_file(Path::new("huge.yaml"), text.as_bytes());
     let lines: Vec<String> = snap.rejected.iter().map(|r| r.to_string()).collect();
     assert_eq!(lines.len(), 2, "{lines:?}");
-    assert_eq!(lines[0], "huge.yaml: EndpointSlice default/huge: document 1 (line 1): 1001 endpoints exceed the API limit of 1000");
+    assert_eq!(
+        lines[0],
+        "huge.yaml: EndpointSlice default/huge: document 1 (line 1): 1001 endpoints exceed the API limit of 1000"
+    );
     assert!(lines[1].starts_with("huge.yaml: Service default/aaaa"), "{}", &lines[1][..80]);
     assert!(lines[1].len() < 1000, "a 100 kB name is cut in the log line: {} bytes", lines[1].len());
     assert!(snap.services.is_empty() && snap.slices.is_empty());
@@ -289,10 +300,57 @@ items:
 
 /// Fragments that are meaningful to YAML or to our validation, to splice in.
 const TOKENS: &[&str] = &[
-    ":", "-", "- ", "{", "}", "[", "]", "\"", "'", "#", "&a", "*a", "!!str", "|", ">", "\n", "  ", "\t", ",", "---\n",
-    "...\n", "0", "-1", "65535", "65536", "70000", "99999999999", "None", "", "::", "fd00::1", "10.0.0.1", "1.2.3.004",
-    "256.1.1.1", "TCP", "UDP", "SCTP", "HTTP", "FQDN", "IPv6", "Proxy", "null", "~", "true", "\u{0}", "\u{feff}", "é",
-    "kind: List\nitems:\n", "kind: Service\n", "kind: EndpointSlice\n", "metadata: {name: x}\n",
+    ":",
+    "-",
+    "- ",
+    "{",
+    "}",
+    "[",
+    "]",
+    "\"",
+    "'",
+    "#",
+    "&a",
+    "*a",
+    "!!str",
+    "|",
+    ">",
+    "\n",
+    "  ",
+    "\t",
+    ",",
+    "---\n",
+    "...\n",
+    "0",
+    "-1",
+    "65535",
+    "65536",
+    "70000",
+    "99999999999",
+    "None",
+    "",
+    "::",
+    "fd00::1",
+    "10.0.0.1",
+    "1.2.3.004",
+    "256.1.1.1",
+    "TCP",
+    "UDP",
+    "SCTP",
+    "HTTP",
+    "FQDN",
+    "IPv6",
+    "Proxy",
+    "null",
+    "~",
+    "true",
+    "\u{0}",
+    "\u{feff}",
+    "é",
+    "kind: List\nitems:\n",
+    "kind: Service\n",
+    "kind: EndpointSlice\n",
+    "metadata: {name: x}\n",
 ];
 
 fn mutate(rng: &mut Rng, base: &[u8]) -> Vec<u8> {
@@ -390,7 +448,8 @@ fn mutated_manifests_never_panic() {
         refused += snap.rejected.len();
 
         // As the files source does: replace everything.
-        let (_, rejected) = tracker.replace_all(snap.services.clone(), snap.slices.clone(), snap.nodes.clone(), "node-a");
+        let (_, rejected) =
+            tracker.replace_all(snap.services.clone(), snap.slices.clone(), snap.nodes.clone(), "node-a");
         assert!(rejected.is_empty(), "iteration {iteration}: loader let an invalid object through: {rejected:?}");
         check_invariants(&snap, &tracker);
 
@@ -423,7 +482,8 @@ fn mutated_files_on_disk_never_hide_the_good_file() {
     let mut rng = Rng(42);
     for round in 0..40 {
         for i in 0..3 {
-            fs::write(dir.join(format!("m{i}.yaml")), mutate(&mut rng, SEED_DOC.replace("web", "fz").as_bytes())).unwrap();
+            fs::write(dir.join(format!("m{i}.yaml")), mutate(&mut rng, SEED_DOC.replace("web", "fz").as_bytes()))
+                .unwrap();
         }
         let snap = load_dir(&dir);
         let mut tracker = ChangeTracker::new("node-a");

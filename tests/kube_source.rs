@@ -471,8 +471,10 @@ async fn only_the_own_node_is_watched() {
     r.fake.update(&node("node-b", "192.168.0.3", "z2"));
     r.fake.update(&node(NODE, "192.168.0.2", "z9"));
     assert_eq!(r.next_event().await, "Changed");
-    r.until_tracker("own zone label", |t| t.node().labels.get("topology.kubernetes.io/zone").map(String::as_str) == Some("z9"))
-        .await;
+    r.until_tracker("own zone label", |t| {
+        t.node().labels.get("topology.kubernetes.io/zone").map(String::as_str) == Some("z9")
+    })
+    .await;
     r.assert_no_event();
 
     // The own Node deleted and re-created.

@@ -1,7 +1,9 @@
 use rules::model::*;
 fn main() {
     let mut st = ClusterState::default();
-    let a = ServicePort::cluster_ip("ns1", "svc1", "p80", Protocol::Tcp, "172.30.0.41", 80).with_node_port(3001).with_load_balancer_ip("1.2.3.4");
+    let a = ServicePort::cluster_ip("ns1", "svc1", "p80", Protocol::Tcp, "172.30.0.41", 80)
+        .with_node_port(3001)
+        .with_load_balancer_ip("1.2.3.4");
     st.add_service(a.clone());
     st.add_endpoint(&a.name, Endpoint::ready("10.180.0.1", 80));
     st.add_endpoint(&a.name, Endpoint::ready("10.180.0.2", 80));

@@ -109,9 +109,7 @@ pub fn slot_ranges(block: u32, n: usize) -> Vec<(u32, u32)> {
     let base = block as u64 * SLOTS_PER_SERVICE as u64;
     let m = SLOTS_PER_SERVICE as u64;
     let n = n as u64;
-    (0..n)
-        .map(|i| ((base + i * m / n) as u32, (base + (i + 1) * m / n - 1) as u32))
-        .collect()
+    (0..n).map(|i| ((base + i * m / n) as u32, (base + (i + 1) * m / n - 1) as u32)).collect()
 }
 
 /// Assigns slot blocks: a service port keeps its block from `previous`; new ones take the lowest
@@ -222,10 +220,7 @@ pub fn build(state: &ClusterState, node_ips: &[IpAddr], cfg: &BuildConfig, previ
     };
     rs.add_rule(SERVICES, vec![Expr::Vmap { key: tuple.clone(), map: SERVICE_IPS_MAP.into() }]);
     let nodeport_dst = if match_all_nodeports {
-        vec![
-            Expr::FibDaddrLocal,
-            Expr::Cmp { sel: Selector::Daddr, neq: true, right: Operand::Prefix(loopback) },
-        ]
+        vec![Expr::FibDaddrLocal, Expr::Cmp { sel: Selector::Daddr, neq: true, right: Operand::Prefix(loopback) }]
     } else {
         vec![Expr::InSet { key: vec![Selector::Daddr], set: NODEPORT_IPS_SET.into(), neq: false }]
     };
@@ -354,7 +349,10 @@ pub fn build(state: &ClusterState, node_ips: &[IpAddr], cfg: &BuildConfig, previ
                 Element::key(key3(sp.cluster_ip, proto, sp.port)).with_comment(&comment),
             );
             for ip in &ext_ips {
-                rs.add_element(NO_ENDPOINT_SERVICES_SET, Element::key(key3(*ip, proto, sp.port)).with_comment(&comment));
+                rs.add_element(
+                    NO_ENDPOINT_SERVICES_SET,
+                    Element::key(key3(*ip, proto, sp.port)).with_comment(&comment),
+                );
             }
             if sp.node_port != 0 {
                 rs.add_element(

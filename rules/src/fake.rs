@@ -81,7 +81,11 @@ impl FakeKernel {
                     }
                 }
                 Op::AddRule { chain, rule } => {
-                    tab.chains.get_mut(chain).ok_or_else(|| err(format!("chain {chain} missing")))?.1.push(rule.clone());
+                    tab.chains
+                        .get_mut(chain)
+                        .ok_or_else(|| err(format!("chain {chain} missing")))?
+                        .1
+                        .push(rule.clone());
                 }
                 Op::AddElements { set, elements } => {
                     let s = &mut tab.sets.get_mut(set).ok_or_else(|| err(format!("set {set} missing")))?.1;

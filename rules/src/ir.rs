@@ -295,11 +295,22 @@ impl fmt::Display for Operand {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Expr {
     /// `SEL [!=] VALUE`
-    Cmp { sel: Selector, neq: bool, right: Operand },
+    Cmp {
+        sel: Selector,
+        neq: bool,
+        right: Operand,
+    },
     /// `SEL . SEL ... [!=] @set`
-    InSet { key: Vec<Selector>, set: String, neq: bool },
+    InSet {
+        key: Vec<Selector>,
+        set: String,
+        neq: bool,
+    },
     /// `SEL . SEL ... vmap @map`
-    Vmap { key: Vec<Selector>, map: String },
+    Vmap {
+        key: Vec<Selector>,
+        map: String,
+    },
     /// `ct state new`
     CtStateNew,
     /// `ct status dnat`
@@ -313,7 +324,12 @@ pub enum Expr {
     /// `meta mark set meta mark ^ BITS`
     MarkXor(u32),
     /// `meta l4proto PROTO dnat ip to numgen random mod MODULUS offset OFFSET map @MAP`
-    DnatSlots { proto: Protocol, modulus: u32, offset: u32, map: String },
+    DnatSlots {
+        proto: Protocol,
+        modulus: u32,
+        offset: u32,
+        map: String,
+    },
     /// `masquerade fully-random`
     Masquerade,
     /// `reject` (ICMP / ICMPv6 port unreachable)
@@ -443,11 +459,7 @@ impl Ruleset {
         self.chains.insert(name.to_string(), Chain { name: name.to_string(), base, rules: Vec::new() });
     }
     pub fn add_rule(&mut self, chain: &str, exprs: Vec<Expr>) {
-        self.chains
-            .get_mut(chain)
-            .unwrap_or_else(|| panic!("chain {chain} not declared"))
-            .rules
-            .push(Rule::new(exprs));
+        self.chains.get_mut(chain).unwrap_or_else(|| panic!("chain {chain} not declared")).rules.push(Rule::new(exprs));
     }
     /// Number of set/map elements over all sets.
     pub fn element_count(&self) -> usize {

@@ -298,7 +298,11 @@ impl Cidr {
         (0..n)
             .map(|i| {
                 let bits = (self.len as i32 - 8 * i as i32).clamp(0, 8);
-                if bits == 0 { 0 } else { 0xffu8 << (8 - bits) }
+                if bits == 0 {
+                    0
+                } else {
+                    0xffu8 << (8 - bits)
+                }
             })
             .collect()
     }

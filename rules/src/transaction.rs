@@ -18,12 +18,24 @@ pub enum Op {
     DeleteTable,
     AddSet(SetDef),
     DeleteSet(String),
-    AddChain { name: String, base: Option<BaseChain> },
+    AddChain {
+        name: String,
+        base: Option<BaseChain>,
+    },
     FlushChain(String),
     DeleteChain(String),
-    AddRule { chain: String, rule: Rule },
-    AddElements { set: String, elements: Vec<Element> },
-    DeleteElements { set: String, elements: Vec<Element> },
+    AddRule {
+        chain: String,
+        rule: Rule,
+    },
+    AddElements {
+        set: String,
+        elements: Vec<Element>,
+    },
+    DeleteElements {
+        set: String,
+        elements: Vec<Element>,
+    },
 }
 
 /// An ordered list of operations on one family's table, applied all-or-nothing.
@@ -68,18 +80,14 @@ impl fmt::Display for Transaction {
         let fam = self.family.nft();
         for op in &self.ops {
             match op {
-                Op::AddTable => {
-                    writeln!(f, "add table {fam} {TABLE} {{ comment {} ; }}", quote(TABLE_COMMENT))?
-                }
+                Op::AddTable => writeln!(f, "add table {fam} {TABLE} {{ comment {} ; }}", quote(TABLE_COMMENT))?,
                 Op::DeleteTable => writeln!(f, "delete table {fam} {TABLE}")?,
                 Op::AddSet(def) => {
                     let kind = if def.is_map() { "map" } else { "set" };
                     writeln!(f, "add {kind} {fam} {TABLE} {} {{ {def} }}", def.name)?
                 }
                 Op::DeleteSet(name) => writeln!(f, "delete set {fam} {TABLE} {name}")?,
-                Op::AddChain { name, base: Some(b) } => {
-                    writeln!(f, "add chain {fam} {TABLE} {name} {{ {b} }}")?
-                }
+                Op::AddChain { name, base: Some(b) } => writeln!(f, "add chain {fam} {TABLE} {name} {{ {b} }}")?,
                 Op::AddChain { name, base: None } => writeln!(f, "add chain {fam} {TABLE} {name}")?,
                 Op::FlushChain(name) => writeln!(f, "flush chain {fam} {TABLE} {name}")?,
                 Op::DeleteChain(name) => writeln!(f, "delete chain {fam} {TABLE} {name}")?,
@@ -125,12 +133,8 @@ pub fn diff(applied: Option<&Ruleset>, desired: &Ruleset) -> Transaction {
 
     // A set whose declaration changed is re-created: delete it (after its users are gone) and add
     // it anew with all its elements.
-    let recreated: BTreeSet<&String> = desired
-        .sets
-        .iter()
-        .filter(|(n, d)| old.sets.get(*n).is_some_and(|o| o != *d))
-        .map(|(n, _)| n)
-        .collect();
+    let recreated: BTreeSet<&String> =
+        desired.sets.iter().filter(|(n, d)| old.sets.get(*n).is_some_and(|o| o != *d)).map(|(n, _)| n).collect();
 
     // 1. New chains (declarations only, so any rule or element below may reference them).
     for name in &desired.chain_order {

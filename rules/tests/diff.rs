@@ -23,8 +23,7 @@ fn states() -> Vec<(&'static str, ClusterState)> {
     s.add_service(a.clone()).add_endpoint(&a.name, Endpoint::ready("10.0.0.1", 8080));
     out.push(("a-1ep", s.clone()));
 
-    s.add_endpoint(&a.name, Endpoint::ready("10.0.0.2", 8080))
-        .add_endpoint(&a.name, Endpoint::ready("10.0.0.3", 8080));
+    s.add_endpoint(&a.name, Endpoint::ready("10.0.0.2", 8080)).add_endpoint(&a.name, Endpoint::ready("10.0.0.3", 8080));
     out.push(("a-3ep", s.clone()));
 
     let mut s2 = s.clone();

@@ -141,8 +141,7 @@ fn check_namespaced_name(kind: &'static str, ns: &str, name: &str, name_is_label
 fn protocol(kind: &'static str, ns: &str, name: &str, field: &str, p: Option<&str>) -> Result<Protocol, Rejected> {
     // Both Service and EndpointSlice ports default to TCP in the API.
     let p = p.unwrap_or("TCP");
-    Protocol::from_k8s(p)
-        .ok_or_else(|| Rejected::new(kind, ns, name, format!("{field} {p:?} is not TCP, UDP or SCTP")))
+    Protocol::from_k8s(p).ok_or_else(|| Rejected::new(kind, ns, name, format!("{field} {p:?} is not TCP, UDP or SCTP")))
 }
 
 /// Converts a Service into its service ports (upstream `newBaseServiceInfo` per family).
@@ -196,14 +195,17 @@ pub fn service(svc: &Service) -> Result<Converted<ServiceInfo>, Rejected> {
         let ip = parse_ip_sloppy(cluster_ip)
             .ok_or_else(|| rej(format!("spec.clusterIP {cluster_ip:?} is not an IP address")))?;
         if ip != cips[0] {
-            return Err(rej(format!("spec.clusterIP {cluster_ip:?} differs from spec.clusterIPs[0] {:?}", cluster_ips[0])));
+            return Err(rej(format!(
+                "spec.clusterIP {cluster_ip:?} differs from spec.clusterIPs[0] {:?}",
+                cluster_ips[0]
+            )));
         }
     }
 
     let mut external_ips: Vec<IpAddr> = Vec::new();
     for (i, text) in spec.external_ips.iter().flatten().enumerate() {
-        let ip = parse_ip_sloppy(text)
-            .ok_or_else(|| rej(format!("spec.externalIPs[{i}] {text:?} is not an IP address")))?;
+        let ip =
+            parse_ip_sloppy(text).ok_or_else(|| rej(format!("spec.externalIPs[{i}] {text:?} is not an IP address")))?;
         if !external_ips.contains(&ip) {
             external_ips.push(ip);
         }
@@ -212,7 +214,9 @@ pub fn service(svc: &Service) -> Result<Converted<ServiceInfo>, Rejected> {
     let ingress = svc.status.as_ref().and_then(|s| s.load_balancer.as_ref()).and_then(|lb| lb.ingress.as_ref());
     for (i, ing) in ingress.into_iter().flatten().enumerate() {
         // Hostname-only ingress entries have no IP to program.
-        let Some(text) = ing.ip.as_deref().filter(|t| !t.is_empty()) else { continue };
+        let Some(text) = ing.ip.as_deref().filter(|t| !t.is_empty()) else {
+            continue;
+        };
         let ip = parse_ip_sloppy(text)
             .ok_or_else(|| rej(format!("status.loadBalancer.ingress[{i}].ip {text:?} is not an IP address")))?;
         // ipMode Proxy: the load balancer delivers to the node itself, so the VIP must not be
@@ -238,11 +242,13 @@ pub fn service(svc: &Service) -> Result<Converted<ServiceInfo>, Rejected> {
             .ok_or_else(|| rej(format!("spec.ports[{i}].port {} is out of range 1-65535", p.port)))?;
         let node_port = match p.node_port.unwrap_or(0) {
             0 => 0,
-            n => u16::try_from(n)
-                .map_err(|_| rej(format!("spec.ports[{i}].nodePort {n} is out of range 1-65535")))?,
+            n => u16::try_from(n).map_err(|_| rej(format!("spec.ports[{i}].nodePort {n} is out of range 1-65535")))?,
         };
         if let Some(j) = specs.iter().position(|s| s.2 == port && s.1 == proto) {
-            return Err(rej(format!("spec.ports[{i}] duplicates spec.ports[{j}] ({port}/{})", proto.lower().to_uppercase())));
+            return Err(rej(format!(
+                "spec.ports[{i}] duplicates spec.ports[{j}] ({port}/{})",
+                proto.lower().to_uppercase()
+            )));
         }
         // Two entries with one (name, protocol) would be one ServicePortName: one would vanish.
         if let Some(j) = specs.iter().position(|s| s.0 == pname && s.1 == proto) {
@@ -326,7 +332,12 @@ pub fn endpoint_slice(slice: &EndpointSlice) -> Result<Converted<SliceInfo>, Rej
             continue;
         };
         if num == 0 {
-            tracing::debug!(namespace = ns, slice = name, index = i, "ignoring EndpointSlice port with nil or zero port");
+            tracing::debug!(
+                namespace = ns,
+                slice = name,
+                index = i,
+                "ignoring EndpointSlice port with nil or zero port"
+            );
             continue;
         }
         if !seen.insert((pn, proto)) {
@@ -387,10 +398,16 @@ pub fn endpoint_slice(slice: &EndpointSlice) -> Result<Converted<SliceInfo>, Rej
 pub fn node(node: &Node) -> Result<NodeInfo, Rejected> {
     let name = node.metadata.name.as_deref().unwrap_or("");
     if !is_dns1123_subdomain(name) {
-        return Err(Rejected::new("Node", "", name, format!("metadata.name {name:?} is not a valid DNS-1123 subdomain")));
+        return Err(Rejected::new(
+            "Node",
+            "",
+            name,
+            format!("metadata.name {name:?} is not a valid DNS-1123 subdomain"),
+        ));
     }
     let addrs = node.status.as_ref().and_then(|s| s.addresses.as_deref()).unwrap_or(&[]);
-    let of_type = |t: &'static str| addrs.iter().filter(move |a| a.type_ == t).filter_map(|a| parse_ip_sloppy(&a.address));
+    let of_type =
+        |t: &'static str| addrs.iter().filter(move |a| a.type_ == t).filter_map(|a| parse_ip_sloppy(&a.address));
     let all: Vec<IpAddr> = of_type("InternalIP").chain(of_type("ExternalIP")).collect();
     let mut primary_ips = Vec::new();
     if let Some(first) = all.first() {
@@ -553,7 +570,9 @@ status: {loadBalancer: {ingress: [{ip: ' 1.2.3.004'}]}}",
         }
         for label in [LABEL_SERVICE_PROXY_NAME, LABEL_HEADLESS] {
             // Skipped before validation: other proxies' objects are none of our business.
-            let y = format!("metadata: {{namespace: a, name: 'B;', labels: {{{label}: x}}}}\nspec: {{clusterIP: 10.0.0.1}}");
+            let y = format!(
+                "metadata: {{namespace: a, name: 'B;', labels: {{{label}: x}}}}\nspec: {{clusterIP: 10.0.0.1}}"
+            );
             assert!(matches!(service(&svc(&y)), Ok(Converted::Skipped(_))), "{label}");
         }
     }
@@ -569,17 +588,32 @@ status: {loadBalancer: {ingress: [{ip: ' 1.2.3.004'}]}}",
             ("{clusterIP: 10.0.0.1, ports: [{port: -1}]}", "spec.ports[0].port -1 is out of range"),
             ("{clusterIP: 10.0.0.1, ports: [{port: 80, nodePort: 65536}]}", "nodePort 65536 is out of range"),
             ("{clusterIP: 10.0.0.1, ports: [{port: 80, nodePort: -5}]}", "nodePort -5 is out of range"),
-            ("{clusterIP: 10.0.0.1, ports: [{port: 80, protocol: HTTP}]}", "spec.ports[0].protocol \"HTTP\" is not TCP, UDP or SCTP"),
+            (
+                "{clusterIP: 10.0.0.1, ports: [{port: 80, protocol: HTTP}]}",
+                "spec.ports[0].protocol \"HTTP\" is not TCP, UDP or SCTP",
+            ),
             ("{clusterIP: 10.0.0.1, ports: [{port: 80, protocol: tcp}]}", "\"tcp\" is not TCP"),
-            ("{clusterIP: 10.0.0.1, externalIPs: [1.2.3.4, nope], ports: [{port: 80}]}", "spec.externalIPs[1] \"nope\""),
-            ("{clusterIP: 10.0.0.1, ports: [{name: 'a\"b', port: 80}]}", "spec.ports[0].name \"a\\\"b\" is not a valid port name"),
+            (
+                "{clusterIP: 10.0.0.1, externalIPs: [1.2.3.4, nope], ports: [{port: 80}]}",
+                "spec.externalIPs[1] \"nope\"",
+            ),
+            (
+                "{clusterIP: 10.0.0.1, ports: [{name: 'a\"b', port: 80}]}",
+                "spec.ports[0].name \"a\\\"b\" is not a valid port name",
+            ),
             ("{clusterIP: 10.0.0.1, ports: [{name: HTTP, port: 80}]}", "spec.ports[0].name \"HTTP\""),
-            ("{clusterIP: 10.0.0.1, ports: [{name: a, port: 80}, {name: b, port: 80}]}", "spec.ports[1] duplicates spec.ports[0] (80/TCP)"),
+            (
+                "{clusterIP: 10.0.0.1, ports: [{name: a, port: 80}, {name: b, port: 80}]}",
+                "spec.ports[1] duplicates spec.ports[0] (80/TCP)",
+            ),
             ("{clusterIP: 10.0.0.1, ports: [{name: a, port: 80}, {name: a, port: 81}]}", "same name \"a\""),
             ("{clusterIPs: [10.0.0.1, 10.0.0.2], ports: [{port: 80}]}", "two IPv4 addresses"),
             ("{clusterIPs: [10.0.0.1, 'fd00::1', 10.0.0.2], ports: [{port: 80}]}", "3 entries"),
             ("{clusterIP: 10.0.0.1, clusterIPs: [10.0.0.2], ports: [{port: 80}]}", "differs from spec.clusterIPs[0]"),
-            ("{clusterIP: x, clusterIPs: [10.0.0.2], ports: [{port: 80}]}", "spec.clusterIP \"x\" is not an IP address"),
+            (
+                "{clusterIP: x, clusterIPs: [10.0.0.2], ports: [{port: 80}]}",
+                "spec.clusterIP \"x\" is not an IP address",
+            ),
         ];
         for (spec, want) in cases {
             let got = rejected_svc(&base(spec));
@@ -595,9 +629,20 @@ status: {loadBalancer: {ingress: [{ip: ' 1.2.3.004'}]}}",
 
     #[test]
     fn hostile_names_are_rejected() {
-        for (ns, name) in [("default", "web\"x"), ("default", "a{b}"), ("default", "a;b"), ("default", "a b"),
-            ("de fault", "web"), ("", "web"), ("default", ""), ("default", "Web"), ("default", "a.b")] {
-            let y = format!("metadata: {{namespace: '{ns}', name: '{name}'}}\nspec: {{clusterIP: 10.0.0.1, ports: [{{port: 80}}]}}");
+        for (ns, name) in [
+            ("default", "web\"x"),
+            ("default", "a{b}"),
+            ("default", "a;b"),
+            ("default", "a b"),
+            ("de fault", "web"),
+            ("", "web"),
+            ("default", ""),
+            ("default", "Web"),
+            ("default", "a.b"),
+        ] {
+            let y = format!(
+                "metadata: {{namespace: '{ns}', name: '{name}'}}\nspec: {{clusterIP: 10.0.0.1, ports: [{{port: 80}}]}}"
+            );
             let got = rejected_svc(&y);
             assert!(got.contains("is not a valid DNS-1123"), "{ns}/{name}: {got}");
         }
@@ -672,29 +717,51 @@ endpoints: [{addresses: [10.0.0.1]}, {addresses: []}]",
 
     #[test]
     fn invalid_slices_are_rejected_with_reason() {
-        let with = |labels: &str, rest: &str| {
-            format!("metadata: {{namespace: ns1, name: s1, labels: {{{labels}}}}}\n{rest}")
-        };
+        let with =
+            |labels: &str, rest: &str| format!("metadata: {{namespace: ns1, name: s1, labels: {{{labels}}}}}\n{rest}");
         let l = "kubernetes.io/service-name: svc1";
         let cases = [
             (with("", "addressType: IPv4\nendpoints: []"), "missing label kubernetes.io/service-name"),
-            (with("kubernetes.io/service-name: 'a;b'", "addressType: IPv4\nendpoints: []"), "\"a;b\" is not a valid Service name"),
+            (
+                with("kubernetes.io/service-name: 'a;b'", "addressType: IPv4\nendpoints: []"),
+                "\"a;b\" is not a valid Service name",
+            ),
             (with(l, "addressType: ipv4\nendpoints: []"), "addressType \"ipv4\" is not IPv4, IPv6 or FQDN"),
-            (with(l, "addressType: IPv4\nendpoints: [{addresses: [10.0.0.1]}, {addresses: ['10.0.0']}]"), "endpoints[1].addresses[0] \"10.0.0\" is not an IP address"),
-            (with(l, "addressType: IPv4\nendpoints: [{addresses: ['fd00::1']}]"), "\"fd00::1\" is IPv6 in an addressType IPv4 slice"),
-            (with(l, "addressType: IPv6\nendpoints: [{addresses: ['10.0.0.1']}]"), "is IPv4 in an addressType IPv6 slice"),
-            (with(l, "addressType: IPv4\nports: [{name: a, port: 70000}]\nendpoints: []"), "ports[0].port 70000 is out of range 0-65535"),
+            (
+                with(l, "addressType: IPv4\nendpoints: [{addresses: [10.0.0.1]}, {addresses: ['10.0.0']}]"),
+                "endpoints[1].addresses[0] \"10.0.0\" is not an IP address",
+            ),
+            (
+                with(l, "addressType: IPv4\nendpoints: [{addresses: ['fd00::1']}]"),
+                "\"fd00::1\" is IPv6 in an addressType IPv4 slice",
+            ),
+            (
+                with(l, "addressType: IPv6\nendpoints: [{addresses: ['10.0.0.1']}]"),
+                "is IPv4 in an addressType IPv6 slice",
+            ),
+            (
+                with(l, "addressType: IPv4\nports: [{name: a, port: 70000}]\nendpoints: []"),
+                "ports[0].port 70000 is out of range 0-65535",
+            ),
             (with(l, "addressType: IPv4\nports: [{name: a, port: -1}]\nendpoints: []"), "ports[0].port -1"),
-            (with(l, "addressType: IPv4\nports: [{name: a, port: 80, protocol: ICMP}]\nendpoints: []"), "ports[0].protocol \"ICMP\""),
+            (
+                with(l, "addressType: IPv4\nports: [{name: a, port: 80, protocol: ICMP}]\nendpoints: []"),
+                "ports[0].protocol \"ICMP\"",
+            ),
             (with(l, "addressType: IPv4\nports: [{name: 'a}', port: 80}]\nendpoints: []"), "ports[0].name \"a}\""),
-            (with(l, "addressType: IPv4\nports: [{name: a, port: 80}, {name: a, port: 81}]\nendpoints: []"), "ports[1] repeats name \"a\""),
+            (
+                with(l, "addressType: IPv4\nports: [{name: a, port: 80}, {name: a, port: 81}]\nendpoints: []"),
+                "ports[1] repeats name \"a\"",
+            ),
         ];
         for (y, want) in cases {
             let got = rejected_slice(&y);
             assert!(got.starts_with("EndpointSlice ns1/s1: "), "{got}");
             assert!(got.contains(want), "{y}\n=> {got}");
         }
-        let got = rejected_slice(&format!("metadata: {{namespace: ns1, name: 's1\"; flush', labels: {{{l}}}}}\naddressType: IPv4\nendpoints: []"));
+        let got = rejected_slice(&format!(
+            "metadata: {{namespace: ns1, name: 's1\"; flush', labels: {{{l}}}}}\naddressType: IPv4\nendpoints: []"
+        ));
         assert!(got.contains("is not a valid DNS-1123 subdomain"), "{got}");
     }
 

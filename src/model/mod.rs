@@ -35,18 +35,18 @@ pub struct Rejected {
 
 impl Rejected {
     pub(crate) fn new(kind: &'static str, namespace: &str, name: &str, reason: impl Into<String>) -> Self {
-        Rejected {
-            kind,
-            namespace: namespace.to_string(),
-            name: name.to_string(),
-            file: None,
-            reason: reason.into(),
-        }
+        Rejected { kind, namespace: namespace.to_string(), name: name.to_string(), file: None, reason: reason.into() }
     }
 
     /// A whole file (or a document in it that is not a readable object).
     pub(crate) fn file(path: impl Into<PathBuf>, reason: impl Into<String>) -> Self {
-        Rejected { kind: "file", namespace: String::new(), name: String::new(), file: Some(path.into()), reason: reason.into() }
+        Rejected {
+            kind: "file",
+            namespace: String::new(),
+            name: String::new(),
+            file: Some(path.into()),
+            reason: reason.into(),
+        }
     }
 
     pub(crate) fn in_file(mut self, path: impl Into<PathBuf>) -> Self {

@@ -174,7 +174,9 @@ impl ChangeTracker {
         for n in nodes.iter().filter(|n| n.metadata.name.as_deref() == Some(own_node_name)) {
             match convert::node(n) {
                 Ok(info) if new_node.is_none() => new_node = Some(info),
-                Ok(_) => rejected.push(Rejected::new("Node", "", own_node_name, "duplicate Node; the first one is used")),
+                Ok(_) => {
+                    rejected.push(Rejected::new("Node", "", own_node_name, "duplicate Node; the first one is used"))
+                }
                 Err(r) => rejected.push(r),
             }
         }
@@ -416,7 +418,14 @@ spec: {clusterIP: 172.30.0.41, ports: [{name: http, port: 80}, {name: https, por
         let mut t = ChangeTracker::new("node-a");
         assert_eq!(t.upsert_service(&svc(SVC_HTTP)), Ok(true));
         t.upsert_slice(&slice("a", "svc1", "IPv4", "[{name: http, port: 8080}]", "[{addresses: [10.0.1.1]}]")).unwrap();
-        t.upsert_slice(&slice("b", "svc1", "IPv4", "[{name: http, port: 9090}]", "[{addresses: [10.0.1.2], nodeName: node-a}]")).unwrap();
+        t.upsert_slice(&slice(
+            "b",
+            "svc1",
+            "IPv4",
+            "[{name: http, port: 9090}]",
+            "[{addresses: [10.0.1.2], nodeName: node-a}]",
+        ))
+        .unwrap();
         let st = t.cluster_state(Family::V4);
         assert_eq!(st.services.len(), 2);
         assert_eq!(
@@ -431,7 +440,14 @@ spec: {clusterIP: 172.30.0.41, ports: [{name: http, port: 80}, {name: https, por
     fn port_name_and_protocol_must_match() {
         let mut t = ChangeTracker::new("n");
         t.upsert_service(&svc(SVC_HTTP)).unwrap();
-        t.upsert_slice(&slice("a", "svc1", "IPv4", "[{name: p80, port: 80}, {name: http, port: 80, protocol: UDP}]", "[{addresses: [10.0.1.1]}]")).unwrap();
+        t.upsert_slice(&slice(
+            "a",
+            "svc1",
+            "IPv4",
+            "[{name: p80, port: 80}, {name: http, port: 80, protocol: UDP}]",
+            "[{addresses: [10.0.1.1]}]",
+        ))
+        .unwrap();
         assert!(t.cluster_state(Family::V4).endpoints.is_empty());
     }
 
@@ -441,7 +457,10 @@ spec: {clusterIP: 172.30.0.41, ports: [{name: http, port: 80}, {name: https, por
         t.upsert_slice(&slice("a", "svc1", "IPv4", "[{name: http, port: 80}]", "[{addresses: [10.0.1.1]}]")).unwrap();
         assert!(t.cluster_state(Family::V4).services.is_empty());
         t.upsert_service(&svc(SVC_HTTP)).unwrap();
-        assert_eq!(t.cluster_state(Family::V4).endpoints.get(&spn("http")), Some(&vec![Endpoint::ready("10.0.1.1", 80)]));
+        assert_eq!(
+            t.cluster_state(Family::V4).endpoints.get(&spn("http")),
+            Some(&vec![Endpoint::ready("10.0.1.1", 80)])
+        );
     }
 
     #[test]
@@ -449,8 +468,22 @@ spec: {clusterIP: 172.30.0.41, ports: [{name: http, port: 80}, {name: https, por
         let mut t = ChangeTracker::new("n");
         t.upsert_service(&svc(SVC_HTTP)).unwrap();
         let ports = "[{name: http, port: 80}]";
-        t.upsert_slice(&slice("a", "svc1", "IPv4", ports, "[{addresses: [10.0.1.1], conditions: {terminating: true}}, {addresses: [10.0.1.10]}]")).unwrap();
-        t.upsert_slice(&slice("b", "svc1", "IPv4", ports, "[{addresses: [10.0.1.1]}, {addresses: [10.0.1.10], conditions: {terminating: true}}]")).unwrap();
+        t.upsert_slice(&slice(
+            "a",
+            "svc1",
+            "IPv4",
+            ports,
+            "[{addresses: [10.0.1.1], conditions: {terminating: true}}, {addresses: [10.0.1.10]}]",
+        ))
+        .unwrap();
+        t.upsert_slice(&slice(
+            "b",
+            "svc1",
+            "IPv4",
+            ports,
+            "[{addresses: [10.0.1.1]}, {addresses: [10.0.1.10], conditions: {terminating: true}}]",
+        ))
+        .unwrap();
         let eps = t.cluster_state(Family::V4).endpoints.remove(&spn("http")).unwrap();
         assert_eq!(eps.len(), 2);
         assert!(eps.iter().all(|e| !e.terminating), "{eps:?}");
@@ -462,9 +495,11 @@ spec: {clusterIP: 172.30.0.41, ports: [{name: http, port: 80}, {name: https, por
     fn families_are_kept_apart() {
         let mut t = ChangeTracker::new("n");
         t.upsert_service(&svc("metadata: {namespace: ns1, name: svc1}
-spec: {clusterIPs: [172.30.0.41, 'fd00::41'], ports: [{name: http, port: 80}]}")).unwrap();
+spec: {clusterIPs: [172.30.0.41, 'fd00::41'], ports: [{name: http, port: 80}]}"))
+            .unwrap();
         t.upsert_slice(&slice("v4", "svc1", "IPv4", "[{name: http, port: 80}]", "[{addresses: [10.0.1.1]}]")).unwrap();
-        t.upsert_slice(&slice("v6", "svc1", "IPv6", "[{name: http, port: 80}]", "[{addresses: ['fd00:10::1']}]")).unwrap();
+        t.upsert_slice(&slice("v6", "svc1", "IPv6", "[{name: http, port: 80}]", "[{addresses: ['fd00:10::1']}]"))
+            .unwrap();
         let v4 = t.cluster_state(Family::V4);
         let v6 = t.cluster_state(Family::V6);
         assert_eq!(v4.services[&spn("http")].cluster_ip.to_string(), "172.30.0.41");
@@ -497,7 +532,10 @@ spec: {clusterIPs: [172.30.0.41, 'fd00::41'], ports: [{name: http, port: 80}]}")
     fn pending_counts_distinct_services() {
         let mut t = ChangeTracker::new("n");
         t.upsert_service(&svc(SVC_HTTP)).unwrap();
-        t.upsert_service(&svc("metadata: {namespace: ns1, name: svc1}\nspec: {clusterIP: 172.30.0.41, ports: [{port: 81}]}")).unwrap();
+        t.upsert_service(&svc(
+            "metadata: {namespace: ns1, name: svc1}\nspec: {clusterIP: 172.30.0.41, ports: [{port: 81}]}",
+        ))
+        .unwrap();
         t.upsert_slice(&slice("a", "svc1", "IPv4", "[]", "[]")).unwrap();
         t.upsert_slice(&slice("b", "svc1", "IPv4", "[]", "[{addresses: [10.0.0.1]}]")).unwrap();
         // Moving slice b to another Service touches both Services' endpoints.
@@ -593,7 +631,10 @@ spec: {clusterIPs: [172.30.0.41, 'fd00::41'], ports: [{name: http, port: 80}]}")
         let slices = vec![slice("a", "svc1", "IPv4", "[{name: http, port: 80}]", "[{addresses: [10.0.1.1]}]")];
         let nodes: Vec<Node> = vec![
             serde_yaml::from_str("metadata: {name: other}").unwrap(),
-            serde_yaml::from_str("metadata: {name: node-a}\nstatus: {addresses: [{type: InternalIP, address: 192.168.0.2}]}").unwrap(),
+            serde_yaml::from_str(
+                "metadata: {name: node-a}\nstatus: {addresses: [{type: InternalIP, address: 192.168.0.2}]}",
+            )
+            .unwrap(),
         ];
         let (changed, rejected) = t.replace_all(&services, &slices, &nodes, "node-a");
         assert!(changed);
@@ -601,7 +642,10 @@ spec: {clusterIPs: [172.30.0.41, 'fd00::41'], ports: [{name: http, port: 80}]}")
         assert_eq!(lines.len(), 2, "{lines:?}");
         assert!(lines[0].starts_with("Service ns1/bad: spec.ports[0].port 70000"), "{lines:?}");
         assert!(lines[1].contains("Service ns1/svc1: duplicate"), "{lines:?}");
-        assert_eq!(t.cluster_state(Family::V4).services[&spn("http")], ServicePort::cluster_ip("ns1", "svc1", "http", Protocol::Tcp, "172.30.0.41", 80));
+        assert_eq!(
+            t.cluster_state(Family::V4).services[&spn("http")],
+            ServicePort::cluster_ip("ns1", "svc1", "http", Protocol::Tcp, "172.30.0.41", 80)
+        );
         assert_eq!(t.node().name, "node-a");
         assert_eq!(t.node().primary_ips.len(), 1);
         assert_eq!(t.take_pending(), Pending { services: 1, endpoints: 1 });

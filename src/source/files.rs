@@ -179,7 +179,8 @@ impl Loader {
                 }
             }
             Some("EndpointSlice") => {
-                if let Some(mut slice) = self.typed::<EndpointSlice>(path, at, "EndpointSlice", &ns, &name, value, &src) {
+                if let Some(mut slice) = self.typed::<EndpointSlice>(path, at, "EndpointSlice", &ns, &name, value, &src)
+                {
                     default_namespace(&mut slice.metadata);
                     for p in slice.ports.iter_mut().flatten() {
                         p.name.get_or_insert_with(String::new);
@@ -389,7 +390,13 @@ fn list_files(dir: &Path) -> (Vec<PathBuf>, Vec<Rejected>) {
     (files, errors)
 }
 
-fn walk(dir: &Path, depth: usize, visited: &mut BTreeSet<PathBuf>, files: &mut Vec<PathBuf>, errors: &mut Vec<Rejected>) {
+fn walk(
+    dir: &Path,
+    depth: usize,
+    visited: &mut BTreeSet<PathBuf>,
+    files: &mut Vec<PathBuf>,
+    errors: &mut Vec<Rejected>,
+) {
     // Symlinked directories are followed; the canonical-path set stops loops.
     if let Ok(canon) = fs::canonicalize(dir) {
         if !visited.insert(canon) {
@@ -473,7 +480,9 @@ impl DirWatcher {
         let (files, _) = list_files(&self.dir);
         let mut out = BTreeMap::new();
         for path in files {
-            let Ok(meta) = fs::metadata(&path) else { continue };
+            let Ok(meta) = fs::metadata(&path) else {
+                continue;
+            };
             let rel = path.strip_prefix(&self.dir).unwrap_or(&path).to_path_buf();
             let mtime = meta.modified().ok();
             let mtime_ns = mtime
@@ -546,7 +555,13 @@ mod tests {
     }
     fn names<T: k8s_openapi::Metadata<Ty = ObjectMeta>>(v: &[T]) -> Vec<String> {
         v.iter()
-            .map(|o| format!("{}/{}", o.metadata().namespace.as_deref().unwrap_or(""), o.metadata().name.as_deref().unwrap_or("")))
+            .map(|o| {
+                format!(
+                    "{}/{}",
+                    o.metadata().namespace.as_deref().unwrap_or(""),
+                    o.metadata().name.as_deref().unwrap_or("")
+                )
+            })
             .collect()
     }
 
@@ -585,7 +600,13 @@ mod tests {
         let s = parse("l.yaml", &text);
         assert_eq!(names(&s.services), vec!["ns1/web"]);
         assert_eq!(lines(&s).len(), 1, "{:?}", lines(&s));
-        assert!(lines(&s)[0].starts_with("l.yaml: Service default/bad: document 1 (line 1) items[2]: invalid type: string \"x\", expected i32"), "{:?}", lines(&s));
+        assert!(
+            lines(&s)[0].starts_with(
+                "l.yaml: Service default/bad: document 1 (line 1) items[2]: invalid type: string \"x\", expected i32"
+            ),
+            "{:?}",
+            lines(&s)
+        );
         let typed = "apiVersion: v1\nkind: ServiceList\nitems: []\n";
         assert!(parse("t.yaml", typed).is_empty());
         let nested = "kind: List\nitems: [{kind: List, items: []}]\n";
@@ -627,7 +648,8 @@ mod tests {
             l,
             vec!["e.yaml: Service ns1/svc2: document 2 (line 5): spec.ports[0].port: invalid type: string \"abc\", expected i32 at line 11 column 11"]
         );
-        let l = lines(&parse("v.yaml", "apiVersion: discovery.k8s.io/v1beta1\nkind: EndpointSlice\nmetadata: {name: s}\n"));
+        let l =
+            lines(&parse("v.yaml", "apiVersion: discovery.k8s.io/v1beta1\nkind: EndpointSlice\nmetadata: {name: s}\n"));
         assert!(l[0].contains("expected discovery.k8s.io/v1"), "{l:?}");
     }
 
@@ -635,13 +657,19 @@ mod tests {
     fn invalid_objects_are_rejected_with_file_and_document() {
         let text = SVC.replace("port: 80", "port: 0");
         let l = lines(&parse("z.yaml", &text));
-        assert_eq!(l, vec!["z.yaml: Service ns1/web: document 1 (line 1): spec.ports[0].port 0 is out of range 1-65535"]);
+        assert_eq!(
+            l,
+            vec!["z.yaml: Service ns1/web: document 1 (line 1): spec.ports[0].port 0 is out of range 1-65535"]
+        );
     }
 
     #[test]
     fn non_objects_and_non_text() {
         let l = lines(&parse("x.yaml", "just some words\n"));
-        assert_eq!(l, vec!["x.yaml: document 1 (line 1): not a Kubernetes object (the document is a scalar, not a mapping)"]);
+        assert_eq!(
+            l,
+            vec!["x.yaml: document 1 (line 1): not a Kubernetes object (the document is a scalar, not a mapping)"]
+        );
         let l = lines(&parse("x.yaml", "- a\n- b\n"));
         assert!(l[0].contains("a sequence"), "{l:?}");
         let l = lines(&parse("x.yaml", "metadata: {name: a}\n"));
@@ -672,7 +700,11 @@ mod tests {
         d.write("b.yaml", &SVC.replace("web", "b"));
         d.write("a/z.yml", &SVC.replace("web", "az"));
         d.write("A.YAML", &SVC.replace("web", "upper"));
-        d.write("c.json", &serde_json::to_string(&serde_yaml::from_str::<serde_json::Value>(&SVC.replace("web", "c")).unwrap()).unwrap());
+        d.write(
+            "c.json",
+            &serde_json::to_string(&serde_yaml::from_str::<serde_json::Value>(&SVC.replace("web", "c")).unwrap())
+                .unwrap(),
+        );
         d.write("notes.txt", "not read");
         d.write(".hidden.yaml", &SVC.replace("web", "hidden"));
         d.write("..2024_01_01/b.yaml", &SVC.replace("web", "b"));
@@ -681,7 +713,10 @@ mod tests {
         assert_eq!(names(&s.services), vec!["ns1/upper", "ns1/az", "ns1/b", "ns1/c"]);
         let l = lines(&s);
         assert_eq!(l.len(), 1, "{l:?}");
-        assert!(l[0].starts_with(&format!("{}: document 1 (line 1): not valid YAML", d.0.join("garbage.yaml").display())), "{l:?}");
+        assert!(
+            l[0].starts_with(&format!("{}: document 1 (line 1): not valid YAML", d.0.join("garbage.yaml").display())),
+            "{l:?}"
+        );
     }
 
     #[test]

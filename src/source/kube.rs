@@ -151,8 +151,8 @@ pub async fn run(client: Client, hostname: String, tracker: Arc<Mutex<ChangeTrac
     let labels = watcher::Config { page_size: Some(PAGE_SIZE), ..Default::default() }.labels(LABEL_SELECTOR);
     // A field selector on the name, as upstream: only this node's object is ever sent, so the
     // other nodes' frequent status updates cost nothing.
-    let own_node =
-        watcher::Config { page_size: Some(PAGE_SIZE), ..Default::default() }.fields(&format!("metadata.name={hostname}"));
+    let own_node = watcher::Config { page_size: Some(PAGE_SIZE), ..Default::default() }
+        .fields(&format!("metadata.name={hostname}"));
 
     fn watch<K>(api: Api<K>, cfg: watcher::Config, wrap: fn(watcher::Event<K>) -> Update) -> BoxStream<'static, Update>
     where
@@ -535,8 +535,10 @@ mod tests {
     use watcher::Event as W;
 
     fn svc(name: &str, ip: &str) -> Service {
-        serde_yaml::from_str(&format!("metadata: {{namespace: ns, name: {name}}}\nspec: {{clusterIP: {ip}, ports: [{{port: 80}}]}}"))
-            .unwrap()
+        serde_yaml::from_str(&format!(
+            "metadata: {{namespace: ns, name: {name}}}\nspec: {{clusterIP: {ip}, ports: [{{port: 80}}]}}"
+        ))
+        .unwrap()
     }
     fn slice(name: &str, ip: &str, trigger: Option<&str>) -> EndpointSlice {
         let ann = trigger.map(|t| format!(", annotations: {{{TRIGGER_TIME_ANNOTATION}: '{t}'}}")).unwrap_or_default();
@@ -549,14 +551,17 @@ endpoints: [{{addresses: [{ip}]}}]"
         .unwrap()
     }
     fn node(name: &str, ip: &str) -> Node {
-        serde_yaml::from_str(&format!("metadata: {{name: {name}}}\nstatus: {{addresses: [{{type: InternalIP, address: {ip}}}]}}"))
-            .unwrap()
+        serde_yaml::from_str(&format!(
+            "metadata: {{name: {name}}}\nstatus: {{addresses: [{{type: InternalIP, address: {ip}}}]}}"
+        ))
+        .unwrap()
     }
     fn cidr(name: &str, cidrs: &str) -> ServiceCIDR {
         serde_yaml::from_str(&format!("metadata: {{name: {name}}}\nspec: {{cidrs: {cidrs}}}")).unwrap()
     }
     fn status(code: u16) -> watcher::Error {
-        let s = kube::core::Status::failure("the server could not find the requested resource", "NotFound").with_code(code);
+        let s =
+            kube::core::Status::failure("the server could not find the requested resource", "NotFound").with_code(code);
         watcher::Error::InitialListFailed(kube::Error::Api(Box::new(s)))
     }
 
@@ -697,7 +702,10 @@ endpoints: [{{addresses: [{ip}]}}]"
         us.push(Update::Error(Kind::ServiceCidrs, status(500)));
         let outs = apply_all(&mut src, &mut t, us);
         assert!(outs.iter().all(|o| !o.synced), "a 500 is retried, not taken as an answer");
-        assert_eq!(src.apply(&mut t, Update::Error(Kind::ServiceCidrs, status(404))), Outcome { changed: false, synced: true });
+        assert_eq!(
+            src.apply(&mut t, Update::Error(Kind::ServiceCidrs, status(404))),
+            Outcome { changed: false, synced: true }
+        );
         assert_eq!(src.apply(&mut t, Update::Error(Kind::ServiceCidrs, status(404))), Outcome::default());
         // Other kinds' 404s do not count as listed.
         let mut src = Source::new(SystemTime::UNIX_EPOCH);

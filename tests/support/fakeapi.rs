@@ -159,7 +159,9 @@ impl FakeApi {
         let sh = shared.clone();
         let accept = tokio::spawn(async move {
             loop {
-                let Ok((sock, _)) = listener.accept().await else { continue };
+                let Ok((sock, _)) = listener.accept().await else {
+                    continue;
+                };
                 let mut st = sh.lock();
                 if st.down {
                     drop(sock); // closed without an answer, as a crashed server
@@ -655,7 +657,8 @@ fn answer(st: &mut State, method: &str, path: &str, query: &[(String, String)]) 
     };
     let filter = Filter { namespace, labels, fields };
     let rv_param = param("resourceVersion").filter(|v| !v.is_empty());
-    let parse_rv = |v: &str| v.parse::<u64>().map_err(|_| Answer::error(400, &format!("invalid resourceVersion {v:?}")));
+    let parse_rv =
+        |v: &str| v.parse::<u64>().map_err(|_| Answer::error(400, &format!("invalid resourceVersion {v:?}")));
 
     if matches!(param("watch"), Some("true" | "1")) {
         let timeout = Duration::from_secs(param("timeoutSeconds").and_then(|t| t.parse().ok()).unwrap_or(1800));
@@ -690,7 +693,8 @@ fn answer(st: &mut State, method: &str, path: &str, query: &[(String, String)]) 
     // A list.
     let limit = param("limit").and_then(|l| l.parse::<usize>().ok()).filter(|l| *l > 0);
     let (snap_rv, items, offset) = if let Some(token) = param("continue").filter(|c| !c.is_empty()) {
-        let parsed = token.split_once(':').and_then(|(id, off)| Some((id.parse::<u64>().ok()?, off.parse::<usize>().ok()?)));
+        let parsed =
+            token.split_once(':').and_then(|(id, off)| Some((id.parse::<u64>().ok()?, off.parse::<usize>().ok()?)));
         let Some((id, offset)) = parsed else {
             return Answer::error(400, &format!("invalid continue token {token:?}"));
         };

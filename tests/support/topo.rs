@@ -438,8 +438,12 @@ const PREFIX: &str = "kpp";
 /// (kill -9, a hung CI job). Only ours (prefix `kpp<pid>-`) and only when that pid is gone.
 fn sweep_stale() {
     let dead = |name: &str| -> bool {
-        let Some(rest) = name.strip_prefix(PREFIX) else { return false };
-        let Some((pid, _)) = rest.split_once('-') else { return false };
+        let Some(rest) = name.strip_prefix(PREFIX) else {
+            return false;
+        };
+        let Some((pid, _)) = rest.split_once('-') else {
+            return false;
+        };
         pid.parse::<u32>().is_ok_and(|p| p != std::process::id() && !Path::new(&format!("/proc/{p}")).exists())
     };
     if let Ok(rd) = fs::read_dir("/run/netns") {
