@@ -13,9 +13,7 @@ use std::time::Instant;
 
 use kproxy::backend::nftables::{encode, NftError, NftablesBackend};
 use nlns::Netns;
-use rules::ir::{
-    DataType, ElemData, Element, Expr, Operand, Rule, Ruleset, Selector, SetDef, SetType, Value, Verdict,
-};
+use rules::ir::{DataType, ElemData, Element, Expr, Operand, Rule, Ruleset, Selector, SetDef, SetType, Value, Verdict};
 use rules::model::*;
 use rules::transaction::Op;
 use rules::{build, diff, Transaction};
@@ -243,7 +241,11 @@ fn kitchen_sink(fam: Family) -> Transaction {
             accept.clone(),
         ]),
         rule(vec![
-            Expr::InSet { key: vec![Selector::Daddr, Selector::Dport(Protocol::Tcp)], set: "addr-port-ranges".into(), neq: false },
+            Expr::InSet {
+                key: vec![Selector::Daddr, Selector::Dport(Protocol::Tcp)],
+                set: "addr-port-ranges".into(),
+                neq: false,
+            },
             accept.clone(),
         ]),
         rule(vec![
@@ -277,7 +279,12 @@ fn kitchen_sink(fam: Family) -> Transaction {
             set: "ports".into(),
             elements: vec![
                 Element { key: vec![Value::Port(80)], key_end: Some(vec![Value::Port(90)]), data: None, comment: None },
-                Element { key: vec![Value::Port(91)], key_end: Some(vec![Value::Port(100)]), data: None, comment: None },
+                Element {
+                    key: vec![Value::Port(91)],
+                    key_end: Some(vec![Value::Port(100)]),
+                    data: None,
+                    comment: None,
+                },
                 el(vec![Value::Port(65535)]),
             ],
         },
@@ -370,7 +377,10 @@ fn kitchen_sink_delta(fam: Family) -> Transaction {
             del("addrs", vec![Element::key(vec![a(a1)])]),
             del("ranges", vec![range(a(a2), a(a3))]),
             del("ports", vec![range(Value::Port(80), Value::Port(90)), Element::key(vec![Value::Port(65535)])]),
-            del("verdicts", vec![proto_port(Protocol::Tcp, 1), proto_port(Protocol::Udp, 4), proto_port(Protocol::Sctp, 5)]),
+            del(
+                "verdicts",
+                vec![proto_port(Protocol::Tcp, 1), proto_port(Protocol::Udp, 4), proto_port(Protocol::Sctp, 5)],
+            ),
             del("slots", vec![range(Value::Int(0), Value::Int(3)), range(Value::Int(1000), Value::Int(u32::MAX))]),
             del("slots-plain", vec![Element::key(vec![Value::Int(100)])]),
             del("addr-port-ranges", vec![Element::key(vec![a(a1), Value::Port(80)])]),
@@ -415,7 +425,9 @@ fn kitchen_sink_lists_like_nft() {
 /// (`a-b . c-d`), which the IR's text form does not produce.
 #[test]
 fn concatenated_ranges_list_like_nft() {
-    for (fam, lo, hi, mid) in [(Family::V4, "10.0.0.1", "10.0.0.9", "10.0.0.20"), (Family::V6, "fd00::1", "fd00::9", "fd00::20")] {
+    for (fam, lo, hi, mid) in
+        [(Family::V4, "10.0.0.1", "10.0.0.9", "10.0.0.20"), (Family::V6, "fd00::1", "fd00::9", "fd00::20")]
+    {
         let set = SetDef {
             name: "r".into(),
             set_type: SetType::Typed { key: vec![DataType::addr(fam), DataType::InetService], data: None },
@@ -565,7 +577,10 @@ fn failed_batch_changes_nothing_and_names_the_op() {
     let mut bad = Transaction::new(Family::V4);
     bad.ops.push(Op::AddChain { name: "extra".into(), base: None });
     bad.ops.push(Op::AddRule { chain: "extra".into(), rule: Rule::new(vec![Expr::Verdict(Verdict::Accept)]) });
-    bad.ops.push(Op::AddElements { set: "cluster-ips".into(), elements: vec![Element::key(vec![Value::Addr(ip("172.30.9.9"))])] });
+    bad.ops.push(Op::AddElements {
+        set: "cluster-ips".into(),
+        elements: vec![Element::key(vec![Value::Addr(ip("172.30.9.9"))])],
+    });
     bad.ops.push(Op::FlushChain("services".into()));
     bad.ops.push(Op::AddRule {
         chain: "services".into(),

@@ -815,11 +815,8 @@ fn raw_set(def: &SetDef, id: u32) -> Result<RawSet, LowerError> {
             }
             let concat = key.len() > 1;
             let key_type = key.iter().fold(0u32, |acc, t| (acc << TYPE_BITS) | type_id(*t));
-            let key_len = if concat {
-                key.iter().map(|t| type_len(*t).div_ceil(4) * 4).sum()
-            } else {
-                type_len(key[0])
-            };
+            let key_len =
+                if concat { key.iter().map(|t| type_len(*t).div_ceil(4) * 4).sum() } else { type_len(key[0]) };
             if key_len > REG32_COUNT * 4 {
                 return err(format!("set @{}: key longer than 64 bytes", def.name));
             }

@@ -68,22 +68,80 @@ pub(crate) struct RawVerdict {
 /// One nf_tables expression, with exactly the attributes nft 1.0.6 sets for it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Expr {
-    Payload { dreg: u32, base: u32, offset: u32, len: u32 },
-    MetaLoad { key: u32, dreg: u32 },
-    MetaSet { key: u32, sreg: u32 },
-    Cmp { sreg: u32, op: u32, data: Vec<u8> },
+    Payload {
+        dreg: u32,
+        base: u32,
+        offset: u32,
+        len: u32,
+    },
+    MetaLoad {
+        key: u32,
+        dreg: u32,
+    },
+    MetaSet {
+        key: u32,
+        sreg: u32,
+    },
+    Cmp {
+        sreg: u32,
+        op: u32,
+        data: Vec<u8>,
+    },
     /// `op_attr`: nft sets NFTA_BITWISE_OP only for binary operations written by the user
     /// (`meta mark & X`), not for flag matches and prefixes; mirrored for identical bytes.
-    Bitwise { sreg: u32, dreg: u32, len: u32, mask: Vec<u8>, xor: Vec<u8>, op_attr: bool },
-    CtLoad { key: u32, dreg: u32 },
-    Fib { flags: u32, result: u32, dreg: u32 },
-    Lookup { sreg: u32, dreg: Option<u32>, set: String, set_id: Option<u32>, invert: bool },
-    Numgen { dreg: u32, modulus: u32, ng_type: u32, offset: u32 },
-    Byteorder { sreg: u32, dreg: u32, op: u32, len: u32, size: u32 },
-    Nat { nat_type: u32, family: u32, reg_addr_min: u32, reg_proto_min: u32 },
-    Masq { flags: u32 },
-    Reject { reject_type: u32, code: u8 },
-    Immediate { verdict: RawVerdict },
+    Bitwise {
+        sreg: u32,
+        dreg: u32,
+        len: u32,
+        mask: Vec<u8>,
+        xor: Vec<u8>,
+        op_attr: bool,
+    },
+    CtLoad {
+        key: u32,
+        dreg: u32,
+    },
+    Fib {
+        flags: u32,
+        result: u32,
+        dreg: u32,
+    },
+    Lookup {
+        sreg: u32,
+        dreg: Option<u32>,
+        set: String,
+        set_id: Option<u32>,
+        invert: bool,
+    },
+    Numgen {
+        dreg: u32,
+        modulus: u32,
+        ng_type: u32,
+        offset: u32,
+    },
+    Byteorder {
+        sreg: u32,
+        dreg: u32,
+        op: u32,
+        len: u32,
+        size: u32,
+    },
+    Nat {
+        nat_type: u32,
+        family: u32,
+        reg_addr_min: u32,
+        reg_proto_min: u32,
+    },
+    Masq {
+        flags: u32,
+    },
+    Reject {
+        reject_type: u32,
+        code: u8,
+    },
+    Immediate {
+        verdict: RawVerdict,
+    },
 }
 
 impl Expr {
@@ -154,17 +212,57 @@ pub(crate) struct RawSet {
 /// One nf_tables message of a batch. Family is the NFPROTO value (2 = ip, 10 = ip6).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Msg {
-    NewTable { family: u16, name: String, udata: Vec<u8> },
-    DelTable { family: u16, name: String },
-    NewChain { family: u16, table: String, name: String, hook: Option<RawHook> },
-    DelChain { family: u16, table: String, name: String },
+    NewTable {
+        family: u16,
+        name: String,
+        udata: Vec<u8>,
+    },
+    DelTable {
+        family: u16,
+        name: String,
+    },
+    NewChain {
+        family: u16,
+        table: String,
+        name: String,
+        hook: Option<RawHook>,
+    },
+    DelChain {
+        family: u16,
+        table: String,
+        name: String,
+    },
     /// DELRULE without a handle: flushes every rule of the chain.
-    FlushChain { family: u16, table: String, chain: String },
-    NewRule { family: u16, table: String, chain: String, exprs: Vec<Expr> },
-    NewSet { family: u16, table: String, set: RawSet },
-    DelSet { family: u16, table: String, name: String },
+    FlushChain {
+        family: u16,
+        table: String,
+        chain: String,
+    },
+    NewRule {
+        family: u16,
+        table: String,
+        chain: String,
+        exprs: Vec<Expr>,
+    },
+    NewSet {
+        family: u16,
+        table: String,
+        set: RawSet,
+    },
+    DelSet {
+        family: u16,
+        table: String,
+        name: String,
+    },
     /// NEWSETELEM (`delete == false`) or DELSETELEM with the given elements.
-    Elems { delete: bool, family: u16, table: String, set: String, set_id: Option<u32>, elems: Vec<Elem> },
+    Elems {
+        delete: bool,
+        family: u16,
+        table: String,
+        set: String,
+        set_id: Option<u32>,
+        elems: Vec<Elem>,
+    },
 }
 
 impl Msg {
@@ -182,7 +280,7 @@ impl Msg {
                 names(&[table, chain]) + exprs.iter().map(Expr::size_bound).sum::<usize>()
             }
             Msg::NewSet { table, set, .. } => {
-                names(&[table, &set.name]) + 128 + 8 * set.desc_concat.len() + set.udata.len()
+                names(&[table, &set.name]) + 128 + 16 * set.desc_concat.len() + set.udata.len()
             }
             Msg::DelSet { table, name, .. } => names(&[table, name]),
             Msg::Elems { table, set, elems, .. } => {
@@ -414,7 +512,11 @@ fn build_elem_set(
         // SAFETY: ep is live; data pointers valid for their lengths and copied by libnftnl.
         unsafe {
             let bytes = |attr: u32, d: &[u8]| {
-                check(nftnl_set_elem_set(ep, attr as u16, d.as_ptr() as *const c_void, d.len() as u32), "element", attr as u16)
+                check(
+                    nftnl_set_elem_set(ep, attr as u16, d.as_ptr() as *const c_void, d.len() as u32),
+                    "element",
+                    attr as u16,
+                )
             };
             if el.flags != 0 {
                 nftnl_set_elem_set_u32(ep, NFTNL_SET_ELEM_FLAGS as u16, el.flags);
@@ -568,7 +670,9 @@ impl Batch {
                 }
                 (NFT_MSG_NEWCHAIN, *family, NLM_F_CREATE, Obj::Chain(c))
             }
-            Msg::DelChain { family, table, name } => (NFT_MSG_DELCHAIN, *family, 0, Obj::Chain(new_chain(table, name)?)),
+            Msg::DelChain { family, table, name } => {
+                (NFT_MSG_DELCHAIN, *family, 0, Obj::Chain(new_chain(table, name)?))
+            }
             Msg::FlushChain { family, table, chain } => {
                 (NFT_MSG_DELRULE, *family, 0, Obj::Rule(new_rule(table, chain)?))
             }

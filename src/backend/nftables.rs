@@ -330,9 +330,11 @@ fn build_batch(
         for Lowered { msg, elem_index } in lowered {
             let seq = base.wrapping_add(1 + origins.len() as u32);
             let offset = batch.bytes().len();
-            batch
-                .push(&msg, seq)
-                .map_err(|e| NftError::Encode { index, text: op_text(tx, op), reason: e.to_string() })?;
+            batch.push(&msg, seq).map_err(|e| NftError::Encode {
+                index,
+                text: op_text(tx, op),
+                reason: e.to_string(),
+            })?;
             origins.push(MsgOrigin { op: index, offset, elem_index });
         }
     }

@@ -49,11 +49,8 @@ impl Netns {
 
     /// Runs `nft ARGS` in the namespace; Ok(stdout) or Err(stderr).
     pub fn nft(&self, args: &[&str]) -> Result<String, String> {
-        let out = Command::new("ip")
-            .args(["netns", "exec", &self.name, "nft"])
-            .args(args)
-            .output()
-            .expect("running nft");
+        let out =
+            Command::new("ip").args(["netns", "exec", &self.name, "nft"]).args(args).output().expect("running nft");
         if out.status.success() {
             Ok(String::from_utf8_lossy(&out.stdout).into_owned())
         } else {
