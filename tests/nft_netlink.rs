@@ -692,6 +692,27 @@ fn ten_thousand_services_in_one_batch() {
         stats.messages,
         stats.bytes as f64 / 1e6
     );
+    // One-service and one-endpoint changes on top of the big table (timings printed only),
+    // ending where we started so the counts below still hold.
+    let extra = svc("scale", "extra", "http", Protocol::Tcp, "172.31.255.1", 80);
+    let mut with_svc = st.clone();
+    with_svc.add_service(extra.clone());
+    with_svc.add_endpoint(&extra.name, Endpoint::ready("10.99.0.1", 8080));
+    let rs_svc = build(&with_svc, &[ip("192.168.0.2")], &cfg, Some(&rs)).ruleset;
+    let mut with_ep = with_svc.clone();
+    with_ep.add_endpoint(&extra.name, Endpoint::ready("10.99.0.2", 8080));
+    let rs_ep = build(&with_ep, &[ip("192.168.0.2")], &cfg, Some(&rs_svc)).ruleset;
+    for (what, from, to) in [
+        ("service added", &rs, &rs_svc),
+        ("endpoint added", &rs_svc, &rs_ep),
+        ("endpoint removed", &rs_ep, &rs_svc),
+        ("service removed", &rs_svc, &rs),
+    ] {
+        let delta = diff(Some(from), to);
+        let t = Instant::now();
+        be.apply(&delta).unwrap_or_else(|e| panic!("{what}: {e}"));
+        println!("scale: {what}: {:?} ({} ops)", t.elapsed(), delta.ops.len());
+    }
     let listing = ns.nft(&["list", "map", "ip", "kube-proxy", "service-endpoints"]).expect("list map");
     let ranges = listing.matches(" : 10.").count();
     assert_eq!(ranges as u32, SERVICES * ENDPOINTS, "endpoint ranges in service-endpoints");
