@@ -48,7 +48,7 @@ fn cluster(services: usize, endpoints: usize) -> ClusterState {
         for (pn, port) in ports {
             let mut sp = ServicePort::cluster_ip("bench", &format!("svc-{i}"), pn, Protocol::Tcp, &cip, port);
             if i % 10 == 0 {
-                sp = sp.with_node_port(30000 + (i as u16 % 2000) * 2 + (port == 443) as u16);
+                sp = sp.with_node_port(30000 + (i / 10) as u16 * 2 + (port == 443) as u16);
             }
             if i % 50 == 0 {
                 sp = sp.with_load_balancer_ip(&format!("198.51.{}.{}", (i >> 8) & 255, i & 255));

@@ -150,6 +150,58 @@ fn assign_slots(
     (slots, skipped)
 }
 
+/// Drops what two service ports of one family cannot both have: the same ClusterIP, protocol and
+/// port (the later port, by name, is skipped), the same external or LoadBalancer IP and port (that
+/// IP is left out of the later port), or the same node port (the later port loses its node port).
+/// The API server never allows these, but manifests can contain them, and one such object must not
+/// make the whole transaction fail with EEXIST.
+fn resolve_conflicts(state: &ClusterState, fam: Family) -> (BTreeMap<ServicePortName, ServicePort>, Vec<Skipped>) {
+    let mut out = BTreeMap::new();
+    let mut skipped = Vec::new();
+    let mut frontends: BTreeMap<(IpAddr, Protocol, u16), ServicePortName> = BTreeMap::new();
+    let mut node_ports: BTreeMap<(Protocol, u16), ServicePortName> = BTreeMap::new();
+    for sp in state.services.values().filter(|sp| sp.family() == fam) {
+        let proto = sp.name.protocol;
+        if let Some(owner) = frontends.get(&(sp.cluster_ip, proto, sp.port)) {
+            skipped.push(Skipped {
+                service: sp.name.clone(),
+                reason: format!("{} {proto}/{} is already used by {owner}", sp.cluster_ip, sp.port),
+            });
+            continue;
+        }
+        let mut sp = sp.clone();
+        frontends.insert((sp.cluster_ip, proto, sp.port), sp.name.clone());
+        let mut keep = |ip: &IpAddr, skipped: &mut Vec<Skipped>| match frontends.get(&(*ip, proto, sp.port)) {
+            Some(owner) if *owner != sp.name => {
+                skipped.push(Skipped {
+                    service: sp.name.clone(),
+                    reason: format!("{ip} {proto}/{} is already used by {owner}; left out", sp.port),
+                });
+                false
+            }
+            _ => {
+                frontends.insert((*ip, proto, sp.port), sp.name.clone());
+                true
+            }
+        };
+        sp.external_ips.retain(|ip| keep(ip, &mut skipped));
+        sp.load_balancer_ips.retain(|ip| keep(ip, &mut skipped));
+        if sp.node_port != 0 {
+            if let Some(owner) = node_ports.get(&(proto, sp.node_port)) {
+                skipped.push(Skipped {
+                    service: sp.name.clone(),
+                    reason: format!("node port {proto}/{} is already used by {owner}; left out", sp.node_port),
+                });
+                sp.node_port = 0;
+            } else {
+                node_ports.insert((proto, sp.node_port), sp.name.clone());
+            }
+        }
+        out.insert(sp.name.clone(), sp);
+    }
+    (out, skipped)
+}
+
 /// Builds one family's desired ruleset. `node_ips` are the node's local addresses of this family
 /// that NodePorts answer on when `nodeport_addresses` is not `All` (the caller resolves keywords
 /// and CIDRs against the node); `previous` is the last applied ruleset, whose slot blocks are kept.
@@ -267,12 +319,13 @@ pub fn build(state: &ClusterState, node_ips: &[IpAddr], cfg: &BuildConfig, previ
     }
 
     // Per service port.
-    let names: Vec<&ServicePortName> =
-        state.services.values().filter(|sp| sp.family() == fam).map(|sp| &sp.name).collect();
-    let (slots, skipped) = assign_slots(&names, previous);
+    let (services, mut conflicts) = resolve_conflicts(state, fam);
+    let names: Vec<&ServicePortName> = services.keys().collect();
+    let (slots, mut skipped) = assign_slots(&names, previous);
+    skipped.append(&mut conflicts);
     let mut hairpin = BTreeSet::new();
     for (spn, &block) in &slots {
-        let sp = &state.services[spn];
+        let sp = &services[spn];
         let comment = spn.to_string();
         let svc_chain = service_chain(spn);
         let ext_chain = external_chain(spn);
@@ -424,6 +477,28 @@ mod tests {
         let mut not_serving = term;
         not_serving.serving = false;
         assert!(usable_endpoints(&[not_serving], Family::V4).is_empty());
+    }
+
+    #[test]
+    fn conflicting_frontends_are_skipped_not_fatal() {
+        let mut st = ClusterState::default();
+        let a = ServicePort::cluster_ip("ns", "a", "", Protocol::Tcp, "172.30.0.1", 80)
+            .with_node_port(30000)
+            .with_external_ip("192.168.99.1");
+        let b = ServicePort::cluster_ip("ns", "b", "", Protocol::Tcp, "172.30.0.1", 80);
+        let c = ServicePort::cluster_ip("ns", "c", "", Protocol::Tcp, "172.30.0.3", 80)
+            .with_node_port(30000)
+            .with_load_balancer_ip("192.168.99.1");
+        st.add_service(a).add_service(b).add_service(c);
+        let built = build(&st, &[], &BuildConfig::new(Family::V4), None);
+        let reasons: Vec<String> = built.skipped.iter().map(|s| s.to_string()).collect();
+        assert_eq!(reasons.len(), 3, "{reasons:?}");
+        assert!(reasons[0].contains("ns/b") && reasons[0].contains("already used by ns/a"), "{reasons:?}");
+        assert!(!built.ruleset.slots.contains_key(&ServicePortName::new("ns", "b", "", Protocol::Tcp)));
+        assert_eq!(built.ruleset.elements[SERVICE_NODEPORTS_MAP].len(), 1);
+        assert_eq!(built.ruleset.elements[SERVICE_IPS_MAP].len(), 3, "a's CIP + external IP, c's CIP");
+        let mut k = crate::fake::FakeKernel::new();
+        k.apply(&crate::diff(None, &built.ruleset)).expect("no duplicate elements");
     }
 
     #[test]
