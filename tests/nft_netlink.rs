@@ -642,6 +642,31 @@ fn failed_batch_changes_nothing_and_names_the_op() {
     assert_same_listing(&x.list_table("ip"), &y.list_table("ip"), "after failures");
 }
 
+/// Kernels before 6.10 never ACK the END message: success and failure must then be told apart
+/// by the GETGEN barrier alone.
+#[test]
+fn outcome_is_known_without_end_ack() {
+    let f = &fixtures()[0];
+    let rs = build_rs(f);
+    let x = Netns::new();
+    let mut be = x.backend().expect("backend");
+    be.set_end_ack(false);
+    be.apply(&diff(None, &rs)).expect("full transaction without END ACK");
+    assert!(x.list_table("ip").contains("service-ips"));
+    let before = x.ruleset();
+    let mut bad = Transaction::new(Family::V4);
+    bad.ops.push(Op::AddRule { chain: "no-such-chain".into(), rule: Rule::new(vec![Expr::Verdict(Verdict::Accept)]) });
+    match be.apply(&bad) {
+        Err(NftError::Rejected { errno, failures }) => {
+            assert_eq!((errno, failures.0[0].index), (libc::ENOENT, Some(0)), "{failures}")
+        }
+        other => panic!("expected a rejection, got {other:?}"),
+    }
+    assert_eq!(x.ruleset(), before);
+    be.apply(&rules::transaction::cleanup(Family::V4)).expect("cleanup without END ACK");
+    assert_eq!(x.list_table("ip"), "");
+}
+
 // ---------------------------------------------------------------------------------------------
 // 4. scale
 

@@ -137,6 +137,8 @@ pub struct NftablesBackend {
     /// how elements are encoded (plain, rbtree interval, concatenated interval).
     known_sets: HashMap<Family, HashMap<String, SetDef>>,
     recv_buf: Vec<u8>,
+    /// Ask for the END ACK (kernels 6.10+ send it); off only to test the GETGEN fallback.
+    end_ack: bool,
 }
 
 /// Where each message of the batch came from.
@@ -166,7 +168,14 @@ impl NftablesBackend {
         let seq = (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_secs())
             as u32)
             .max(1);
-        Ok(NftablesBackend { sock, seq, known_sets: HashMap::new(), recv_buf: vec![0; RECV_BUF] })
+        Ok(NftablesBackend { sock, seq, known_sets: HashMap::new(), recv_buf: vec![0; RECV_BUF], end_ack: true })
+    }
+
+    /// Whether to ask for the END ACK. Without it the backend behaves as on kernels before
+    /// 6.10, which never send one: tests use this to exercise the GETGEN barrier.
+    #[doc(hidden)]
+    pub fn set_end_ack(&mut self, on: bool) {
+        self.end_ack = on;
     }
 
     /// Applies tx as one atomic batch. An empty tx sends nothing and returns Ok with zero stats.
@@ -182,7 +191,7 @@ impl NftablesBackend {
         let base = self.seq;
         let empty = HashMap::new();
         let known = self.known_sets.get(&tx.family).unwrap_or(&empty);
-        let (batch, origins) = build_batch(tx, known, base)?;
+        let (batch, origins) = build_batch(tx, known, base, self.end_ack)?;
         let end_seq = base + 1 + origins.len() as u32;
         let barrier_seq = end_seq + 1;
         self.seq = barrier_seq + 1;
@@ -320,6 +329,7 @@ fn build_batch(
     tx: &Transaction,
     known: &HashMap<String, SetDef>,
     base: u32,
+    end_ack: bool,
 ) -> Result<(Batch, Vec<MsgOrigin>), NftError> {
     let mut lowerer = Lowerer::new(tx.family, known);
     let mut batch = Batch::new();
@@ -338,7 +348,7 @@ fn build_batch(
             origins.push(MsgOrigin { op: index, offset, elem_index });
         }
     }
-    batch.end(base.wrapping_add(1 + origins.len() as u32), true);
+    batch.end(base.wrapping_add(1 + origins.len() as u32), end_ack);
     Ok((batch, origins))
 }
 
@@ -346,7 +356,7 @@ fn build_batch(
 /// `tx` itself (true of full transactions), without touching the kernel: for size estimates
 /// and byte-level tests. Sequence numbers start at 1.
 pub fn encode(tx: &Transaction) -> Result<Vec<u8>, NftError> {
-    let (batch, _) = build_batch(tx, &HashMap::new(), 1)?;
+    let (batch, _) = build_batch(tx, &HashMap::new(), 1, true)?;
     Ok(batch.bytes().to_vec())
 }
 
