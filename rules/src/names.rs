@@ -21,8 +21,13 @@ pub const SERVICE_IPS_MAP: &str = "service-ips";
 pub const SERVICE_NODEPORTS_MAP: &str = "service-nodeports";
 pub const NO_ENDPOINT_SERVICES_SET: &str = "no-endpoint-services";
 pub const NO_ENDPOINT_NODEPORTS_SET: &str = "no-endpoint-nodeports";
-/// kproxy's own: endpoint slots, `slot : addr . port`, looked up by the DNAT rule.
+/// kproxy's own: endpoint slots, `slot : addr . port`, looked up by the DNAT rules (name prefix of
+/// the per-shard maps).
 pub const SERVICE_ENDPOINTS_MAP: &str = "service-endpoints";
+/// The endpoint map of one shard of service ports: `service-endpoints-<shard>`.
+pub fn service_endpoints_map(shard: u32) -> String {
+    format!("{SERVICE_ENDPOINTS_MAP}-{shard}")
+}
 /// kproxy's own: `endpoint . endpoint` pairs, so hairpin traffic is masqueraded in postrouting.
 pub const HAIRPIN_SET: &str = "hairpin-endpoints";
 
