@@ -122,6 +122,20 @@ pub struct ServicePort {
     pub external_ips: Vec<IpAddr>,
     /// Status ingress IPs (ipMode Proxy ones are already left out).
     pub load_balancer_ips: Vec<IpAddr>,
+    /// `externalTrafficPolicy: Local` on a Service that is externally accessible by type
+    /// (upstream `ExternalPolicyLocal`): external traffic goes to this node's endpoints only.
+    pub external_traffic_policy_local: bool,
+    /// `internalTrafficPolicy: Local`: ClusterIP traffic goes to this node's endpoints only.
+    pub internal_traffic_policy_local: bool,
+    /// `spec.healthCheckNodePort` of a LoadBalancer Service with `externalTrafficPolicy: Local`;
+    /// 0 when the Service needs none.
+    pub health_check_node_port: u16,
+    /// `sessionAffinity: ClientIP`: how long (seconds) a client sticks to its endpoint after its
+    /// last new connection. `None` without affinity.
+    pub session_affinity_timeout: Option<u32>,
+    /// `spec.loadBalancerSourceRanges` of this port's family (other families' ranges are left
+    /// out, as upstream does): traffic to the LoadBalancer IPs from elsewhere is dropped.
+    pub load_balancer_source_ranges: Vec<Cidr>,
 }
 
 impl ServicePort {
@@ -134,6 +148,11 @@ impl ServicePort {
             node_port: 0,
             external_ips: Vec::new(),
             load_balancer_ips: Vec::new(),
+            external_traffic_policy_local: false,
+            internal_traffic_policy_local: false,
+            health_check_node_port: 0,
+            session_affinity_timeout: None,
+            load_balancer_source_ranges: Vec::new(),
         }
     }
     pub fn with_node_port(mut self, node_port: u16) -> Self {
@@ -148,9 +167,43 @@ impl ServicePort {
         self.load_balancer_ips.push(ip.parse().expect("fixture IP"));
         self
     }
+    /// `externalTrafficPolicy: Local` (the caller makes sure the Service is externally accessible).
+    pub fn with_external_traffic_policy_local(mut self) -> Self {
+        self.external_traffic_policy_local = true;
+        self
+    }
+    pub fn with_internal_traffic_policy_local(mut self) -> Self {
+        self.internal_traffic_policy_local = true;
+        self
+    }
+    pub fn with_health_check_node_port(mut self, port: u16) -> Self {
+        self.health_check_node_port = port;
+        self
+    }
+    /// `sessionAffinity: ClientIP` with this timeout in seconds.
+    pub fn with_session_affinity(mut self, timeout_seconds: u32) -> Self {
+        self.session_affinity_timeout = Some(timeout_seconds);
+        self
+    }
+    pub fn with_source_range(mut self, cidr: &str) -> Self {
+        self.load_balancer_source_ranges.push(Cidr::parse(cidr).expect("fixture CIDR"));
+        self
+    }
     /// True when the port is reachable from outside the cluster (upstream `ExternallyAccessible`).
     pub fn externally_accessible(&self) -> bool {
         self.node_port != 0 || !self.external_ips.is_empty() || !self.load_balancer_ips.is_empty()
+    }
+    /// Whether traffic to this port can go to endpoints on any node (upstream
+    /// `UsesClusterEndpoints`): internal traffic with the Cluster policy, or any external access,
+    /// since even with `externalTrafficPolicy: Local` pod and node traffic short-circuits to all
+    /// endpoints.
+    pub fn uses_cluster_endpoints(&self) -> bool {
+        !self.internal_traffic_policy_local || self.externally_accessible()
+    }
+    /// Whether some traffic to this port goes to this node's endpoints only (upstream
+    /// `UsesLocalEndpoints`).
+    pub fn uses_local_endpoints(&self) -> bool {
+        self.internal_traffic_policy_local || (self.external_traffic_policy_local && self.externally_accessible())
     }
     pub fn family(&self) -> Family {
         Family::of(&self.cluster_ip)
@@ -167,6 +220,10 @@ pub struct Endpoint {
     pub terminating: bool,
     /// The node the endpoint runs on, when the slice says.
     pub node_name: Option<String>,
+    /// `hints.forZones` names, sorted and deduplicated; empty when the slice gives none.
+    pub zone_hints: Vec<String>,
+    /// `hints.forNodes` names, sorted and deduplicated; empty when the slice gives none.
+    pub node_hints: Vec<String>,
 }
 
 impl Endpoint {
@@ -179,6 +236,8 @@ impl Endpoint {
             serving: true,
             terminating: false,
             node_name: None,
+            zone_hints: Vec::new(),
+            node_hints: Vec::new(),
         }
     }
     pub fn on_node(mut self, node: &str) -> Self {
@@ -190,6 +249,32 @@ impl Endpoint {
         self.serving = false;
         self
     }
+    /// Not ready, still serving, terminating: the fallback kind (cases 21-24).
+    pub fn serving_terminating(mut self) -> Self {
+        self.ready = false;
+        self.serving = true;
+        self.terminating = true;
+        self
+    }
+    /// Not ready, not serving, terminating: never used.
+    pub fn terminating_not_serving(mut self) -> Self {
+        self.ready = false;
+        self.serving = false;
+        self.terminating = true;
+        self
+    }
+    pub fn with_zone_hints(mut self, zones: &[&str]) -> Self {
+        self.zone_hints = sorted_names(zones);
+        self
+    }
+    pub fn with_node_hints(mut self, nodes: &[&str]) -> Self {
+        self.node_hints = sorted_names(nodes);
+        self
+    }
+    /// Whether the endpoint runs on the node called `node` (upstream `IsLocal`).
+    pub fn is_local_to(&self, node: &str) -> bool {
+        self.node_name.as_deref() == Some(node)
+    }
     /// `IP:port` (`[IP]:port` for IPv6), the string upstream sorts and hashes endpoints by.
     pub fn addr_string(&self) -> String {
         match self.ip {
@@ -197,6 +282,13 @@ impl Endpoint {
             IpAddr::V6(ip) => format!("[{ip}]:{}", self.port),
         }
     }
+}
+
+fn sorted_names(names: &[&str]) -> Vec<String> {
+    let mut v: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+    v.sort();
+    v.dedup();
+    v
 }
 
 /// What the rules need to know about this node.

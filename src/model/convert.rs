@@ -12,7 +12,7 @@ use std::net::IpAddr;
 
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use rules::model::{Family, NodeInfo, Protocol, ServicePort, ServicePortName};
+use rules::model::{Cidr, Family, NodeInfo, Protocol, ServicePort, ServicePortName};
 
 use super::validate::{is_dns1123_label, is_dns1123_subdomain, is_port_name, parse_ip_sloppy};
 use super::Rejected;
@@ -31,6 +31,12 @@ pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
 pub const MAX_SLICE_ENDPOINTS: usize = 1000;
 pub const MAX_ENDPOINT_ADDRESSES: usize = 100;
 pub const MAX_SLICE_PORTS: usize = 20000;
+/// API-server limit on `hints.forZones` and `hints.forNodes` entries of one endpoint.
+pub const MAX_ENDPOINT_HINTS: usize = 8;
+/// The API server's default `sessionAffinityConfig.clientIP.timeoutSeconds` (3 hours).
+pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10800;
+/// The API server's maximum affinity timeout (one day).
+pub const MAX_AFFINITY_TIMEOUT: u32 = 86400;
 
 /// The result of converting an object that is not invalid.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -115,6 +121,10 @@ pub struct SliceEndpoint {
     pub serving: bool,
     pub terminating: bool,
     pub node_name: Option<String>,
+    /// `hints.forZones` names, sorted and deduplicated.
+    pub zone_hints: Vec<String>,
+    /// `hints.forNodes` names, sorted and deduplicated.
+    pub node_hints: Vec<String>,
 }
 
 fn has_label(labels: &Option<BTreeMap<String, String>>, key: &str) -> bool {
@@ -229,6 +239,18 @@ pub fn service(svc: &Service) -> Result<Converted<ServiceInfo>, Rejected> {
         }
     }
 
+    let policies = policies(spec, !external_ips.is_empty()).map_err(rej)?;
+
+    let mut source_ranges: Vec<Cidr> = Vec::new();
+    for (i, text) in spec.load_balancer_source_ranges.iter().flatten().enumerate() {
+        // Upstream trims whitespace (case 62) and parses sloppily (case 61).
+        let cidr = parse_cidr_sloppy(text)
+            .ok_or_else(|| rej(format!("spec.loadBalancerSourceRanges[{i}] {text:?} is not a CIDR")))?;
+        if !source_ranges.contains(&cidr) {
+            source_ranges.push(cidr);
+        }
+    }
+
     let mut specs: Vec<(String, Protocol, u16, u16)> = Vec::new();
     for (i, p) in spec.ports.iter().flatten().enumerate() {
         let pname = p.name.as_deref().unwrap_or("");
@@ -271,10 +293,81 @@ pub fn service(svc: &Service) -> Result<Converted<ServiceInfo>, Rejected> {
                 node_port: *node_port,
                 external_ips: of_family(&external_ips),
                 load_balancer_ips: of_family(&lb_ips),
+                external_traffic_policy_local: policies.external_local,
+                internal_traffic_policy_local: policies.internal_local,
+                health_check_node_port: policies.health_check_node_port,
+                session_affinity_timeout: policies.affinity_timeout,
+                load_balancer_source_ranges: source_ranges.iter().copied().filter(|c| c.family() == fam).collect(),
             });
         }
     }
     Ok(Converted::Proxied(ServiceInfo { namespace: ns.to_string(), name: name.to_string(), ports }))
+}
+
+/// The traffic policies of a Service, as upstream's `newBaseServiceInfo` reads them.
+struct Policies {
+    external_local: bool,
+    internal_local: bool,
+    health_check_node_port: u16,
+    affinity_timeout: Option<u32>,
+}
+
+fn policies(spec: &k8s_openapi::api::core::v1::ServiceSpec, has_external_ips: bool) -> Result<Policies, String> {
+    let ty = spec.type_.as_deref().unwrap_or("ClusterIP");
+    // apiservice.ExternallyAccessible: the Service's type (not its ports) decides whether the
+    // external policy applies at all.
+    let accessible = ty == "LoadBalancer" || ty == "NodePort" || (ty == "ClusterIP" && has_external_ips);
+    let local = |field: &str, v: Option<&str>| match v {
+        None | Some("Cluster") => Ok(false),
+        Some("Local") => Ok(true),
+        Some(other) => Err(format!("{field} {other:?} is not Cluster or Local")),
+    };
+    let external_local =
+        local("spec.externalTrafficPolicy", spec.external_traffic_policy.as_deref())? && accessible;
+    let internal_local = local("spec.internalTrafficPolicy", spec.internal_traffic_policy.as_deref())?;
+    // apiservice.NeedsHealthCheck: only LoadBalancers with the Local external policy have one.
+    let health_check_node_port = match spec.health_check_node_port.unwrap_or(0) {
+        _ if !(ty == "LoadBalancer" && external_local) => 0,
+        0 => 0,
+        n => u16::try_from(n).map_err(|_| format!("spec.healthCheckNodePort {n} is out of range 1-65535"))?,
+    };
+    let affinity_timeout = match spec.session_affinity.as_deref() {
+        None | Some("None") => None,
+        Some("ClientIP") => {
+            let t = spec
+                .session_affinity_config
+                .as_ref()
+                .and_then(|c| c.client_ip.as_ref())
+                .and_then(|c| c.timeout_seconds)
+                .map_or(Ok(DEFAULT_AFFINITY_TIMEOUT), |t| {
+                    u32::try_from(t).ok().filter(|t| (1..=MAX_AFFINITY_TIMEOUT).contains(t)).ok_or_else(|| {
+                        format!(
+                            "spec.sessionAffinityConfig.clientIP.timeoutSeconds {t} is out of range 1-{MAX_AFFINITY_TIMEOUT}"
+                        )
+                    })
+                })?;
+            Some(t)
+        }
+        Some(other) => return Err(format!("spec.sessionAffinity {other:?} is not None or ClientIP")),
+    };
+    Ok(Policies { external_local, internal_local, health_check_node_port, affinity_timeout })
+}
+
+/// `addr/len` as upstream's `netutils.ParseCIDRSloppy` reads it after `strings.TrimSpace`: the
+/// address may have zero-padded IPv4 octets, the length leading zeros (`203.0.113.000/025`).
+/// Host bits are cleared, as Go's `ParseCIDR` returns the network.
+fn parse_cidr_sloppy(text: &str) -> Option<Cidr> {
+    let (addr, len) = text.trim().split_once('/')?;
+    let ip = parse_ip_sloppy(addr)?;
+    if len.is_empty() || len.len() > 3 || !len.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    // A mapped IPv6 address (`::ffff:1.2.3.4/120`) is parsed as IPv4 by parse_ip_sloppy; its
+    // prefix length would then mean something else, so refuse it rather than guess.
+    if ip.is_ipv4() && addr.contains(':') {
+        return None;
+    }
+    Cidr::parse(&format!("{ip}/{}", len.parse::<u8>().ok()?)).ok()
 }
 
 /// Converts an EndpointSlice (upstream endpointslicecache `updatePending` + `addEndpoints`).
@@ -372,6 +465,11 @@ pub fn endpoint_slice(slice: &EndpointSlice) -> Result<Converted<SliceInfo>, Rej
             )));
         }
         let c = ep.conditions.as_ref();
+        let hints = ep.hints.as_ref();
+        let zone_hints = hint_names(hints.and_then(|h| h.for_zones.as_deref()).unwrap_or(&[]), |z| &z.name)
+            .map_err(|n| rej(format!("endpoints[{i}].hints.forZones has {n} entries, over the API limit of {MAX_ENDPOINT_HINTS}")))?;
+        let node_hints = hint_names(hints.and_then(|h| h.for_nodes.as_deref()).unwrap_or(&[]), |z| &z.name)
+            .map_err(|n| rej(format!("endpoints[{i}].hints.forNodes has {n} entries, over the API limit of {MAX_ENDPOINT_HINTS}")))?;
         // Case 19/24: ready and serving default to true, terminating to false.
         endpoints.push(SliceEndpoint {
             ip,
@@ -379,6 +477,8 @@ pub fn endpoint_slice(slice: &EndpointSlice) -> Result<Converted<SliceInfo>, Rej
             serving: c.and_then(|c| c.serving).unwrap_or(true),
             terminating: c.and_then(|c| c.terminating).unwrap_or(false),
             node_name: ep.node_name.clone(),
+            zone_hints,
+            node_hints,
         });
     }
 
@@ -390,6 +490,18 @@ pub fn endpoint_slice(slice: &EndpointSlice) -> Result<Converted<SliceInfo>, Rej
         ports,
         endpoints,
     }))
+}
+
+/// Topology hint names, sorted and deduplicated. They are only compared with the node's name and
+/// zone, never written into a rule, so any text is harmless; only their number is bounded.
+fn hint_names<T>(hints: &[T], name: impl Fn(&T) -> &String) -> Result<Vec<String>, usize> {
+    if hints.len() > MAX_ENDPOINT_HINTS {
+        return Err(hints.len());
+    }
+    let mut v: Vec<String> = hints.iter().map(|h| name(h).clone()).filter(|n| !n.is_empty()).collect();
+    v.sort();
+    v.dedup();
+    Ok(v)
 }
 
 /// Converts a Node: name, labels and primary IPs as upstream `GetNodeHostIPs` picks them: all
@@ -648,6 +760,126 @@ status: {loadBalancer: {ingress: [{ip: ' 1.2.3.004'}]}}",
         }
     }
 
+    #[test]
+    fn traffic_policies_follow_upstream_service_info() {
+        let lb = |extra: &str| {
+            proxied_svc(&format!(
+                "metadata: {{namespace: a, name: b}}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.0.0.1
+  ports: [{{port: 80, nodePort: 30080}}]
+{extra}"
+            ))
+            .ports
+            .remove(0)
+        };
+        let p = lb("  externalTrafficPolicy: Local\n  internalTrafficPolicy: Local\n  healthCheckNodePort: 30000");
+        assert!(p.external_traffic_policy_local && p.internal_traffic_policy_local);
+        assert_eq!(p.health_check_node_port, 30000);
+        assert!(p.uses_cluster_endpoints() && p.uses_local_endpoints());
+        let p = lb("  externalTrafficPolicy: Cluster\n  healthCheckNodePort: 30000");
+        assert!(!p.external_traffic_policy_local);
+        assert_eq!(p.health_check_node_port, 0, "only eTP Local LoadBalancers need a health check");
+        assert_eq!(lb("").session_affinity_timeout, None);
+
+        // externalTrafficPolicy only applies to externally accessible types (ExternalPolicyLocal).
+        let cip = |extra: &str| {
+            proxied_svc(&format!(
+                "metadata: {{namespace: a, name: b}}\nspec: {{clusterIP: 10.0.0.1, ports: [{{port: 80}}], {extra}}}"
+            ))
+            .ports
+            .remove(0)
+        };
+        let p = cip("externalTrafficPolicy: Local, internalTrafficPolicy: Local");
+        assert!(!p.external_traffic_policy_local && p.internal_traffic_policy_local);
+        assert!(!p.uses_cluster_endpoints() && p.uses_local_endpoints());
+        let p = cip("externalTrafficPolicy: Local, externalIPs: [192.168.99.1]");
+        assert!(p.external_traffic_policy_local, "a ClusterIP Service with externalIPs is accessible");
+        let p = cip("type: NodePort, externalTrafficPolicy: Local, healthCheckNodePort: 30000");
+        assert!(p.external_traffic_policy_local);
+        assert_eq!(p.health_check_node_port, 0, "NodePort Services get no health check port");
+
+        // Session affinity: the API default timeout, an explicit one.
+        assert_eq!(cip("sessionAffinity: ClientIP").session_affinity_timeout, Some(10800));
+        let p = cip("sessionAffinity: ClientIP, sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}");
+        assert_eq!(p.session_affinity_timeout, Some(60));
+        assert_eq!(cip("sessionAffinity: None").session_affinity_timeout, None);
+    }
+
+    #[test]
+    fn source_ranges_are_trimmed_normalised_and_split_by_family() {
+        let s = proxied_svc(
+            "metadata: {namespace: a, name: b}
+spec:
+  type: LoadBalancer
+  clusterIPs: [172.30.0.41, 'fd00::41']
+  ports: [{port: 80, nodePort: 30080}]
+  loadBalancerSourceRanges: [' 203.0.113.0/25', '203.0.113.000/025', '192.168.0.7/24 ', '2001:db8::/32']",
+        );
+        let ranges = |p: &ServicePort| p.load_balancer_source_ranges.iter().map(|c| c.to_string()).collect::<Vec<_>>();
+        // Case 62: whitespace trimmed; case 61: leading zeros decimal; duplicates once; host bits cleared.
+        assert_eq!(ranges(&s.ports[0]), vec!["203.0.113.0/25", "192.168.0.0/24"]);
+        assert_eq!(ranges(&s.ports[1]), vec!["2001:db8::/32"]);
+    }
+
+    #[test]
+    fn invalid_policies_and_ranges_reject_the_service() {
+        let base = |spec: &str| {
+            format!("metadata: {{namespace: ns1, name: svc1}}\nspec: {{clusterIP: 10.0.0.1, ports: [{{port: 80}}], {spec}}}")
+        };
+        let cases = [
+            ("loadBalancerSourceRanges: [10.0.0.0/8, bogus]", "spec.loadBalancerSourceRanges[1] \"bogus\" is not a CIDR"),
+            ("loadBalancerSourceRanges: ['10.0.0.1']", "spec.loadBalancerSourceRanges[0] \"10.0.0.1\" is not a CIDR"),
+            ("loadBalancerSourceRanges: ['10.0.0.0/33']", "\"10.0.0.0/33\" is not a CIDR"),
+            ("loadBalancerSourceRanges: ['10.0.0.0/-1']", "is not a CIDR"),
+            ("loadBalancerSourceRanges: ['10.0.0.0/8; drop']", "is not a CIDR"),
+            ("externalTrafficPolicy: local", "spec.externalTrafficPolicy \"local\" is not Cluster or Local"),
+            ("internalTrafficPolicy: OnlyLocal", "spec.internalTrafficPolicy \"OnlyLocal\""),
+            ("sessionAffinity: Cookie", "spec.sessionAffinity \"Cookie\" is not None or ClientIP"),
+            (
+                "sessionAffinity: ClientIP, sessionAffinityConfig: {clientIP: {timeoutSeconds: 0}}",
+                "timeoutSeconds 0 is out of range 1-86400",
+            ),
+            (
+                "sessionAffinity: ClientIP, sessionAffinityConfig: {clientIP: {timeoutSeconds: 86401}}",
+                "timeoutSeconds 86401",
+            ),
+            (
+                "type: LoadBalancer, externalTrafficPolicy: Local, healthCheckNodePort: 70000",
+                "spec.healthCheckNodePort 70000 is out of range",
+            ),
+        ];
+        for (spec, want) in cases {
+            let got = rejected_svc(&base(spec));
+            assert!(got.starts_with("Service ns1/svc1: "), "{got}");
+            assert!(got.contains(want), "{spec}: {got}");
+        }
+    }
+
+    #[test]
+    fn endpoint_hints_are_read_sorted_and_bounded() {
+        let s = proxied_slice(
+            "metadata: {namespace: a, name: s, labels: {kubernetes.io/service-name: b}}
+addressType: IPv4
+endpoints:
+- addresses: [10.0.0.1]
+  hints: {forZones: [{name: zone-b}, {name: zone-a}, {name: zone-b}], forNodes: [{name: node-1}]}
+- addresses: [10.0.0.2]",
+        );
+        assert_eq!(s.endpoints[0].zone_hints, vec!["zone-a", "zone-b"]);
+        assert_eq!(s.endpoints[0].node_hints, vec!["node-1"]);
+        assert!(s.endpoints[1].zone_hints.is_empty() && s.endpoints[1].node_hints.is_empty());
+        let zones: Vec<String> = (0..9).map(|i| format!("{{name: z{i}}}")).collect();
+        let got = rejected_slice(&format!(
+            "metadata: {{namespace: ns1, name: s1, labels: {{kubernetes.io/service-name: b}}}}
+addressType: IPv4
+endpoints: [{{addresses: [10.0.0.1], hints: {{forZones: [{}]}}}}]",
+            zones.join(", ")
+        ));
+        assert!(got.contains("endpoints[0].hints.forZones has 9 entries, over the API limit of 8"), "{got}");
+    }
+
     const SLICE: &str = "
 metadata:
   namespace: ns1
@@ -677,6 +909,8 @@ endpoints:
             serving,
             terminating,
             node_name: node.map(String::from),
+            zone_hints: vec![],
+            node_hints: vec![],
         };
         assert_eq!(
             s.endpoints,

@@ -369,6 +369,8 @@ fn merge_endpoints(slices: &[&SliceInfo], port_name: &str, protocol: Protocol) -
                     serving: e.serving,
                     terminating: e.terminating,
                     node_name: e.node_name.clone(),
+                    zone_hints: e.zone_hints.clone(),
+                    node_hints: e.node_hints.clone(),
                 };
                 // Keep the first copy unless a non-terminating one replaces a terminating one.
                 match merged.entry((e.ip, port.port)) {
@@ -434,6 +436,22 @@ spec: {clusterIP: 172.30.0.41, ports: [{name: http, port: 80}, {name: https, por
         );
         // Case 14: https has no slice port, so no endpoints (the rules will reject).
         assert_eq!(st.endpoints.get(&spn("https")), None);
+    }
+
+    #[test]
+    fn endpoint_hints_reach_the_cluster_state() {
+        let mut t = ChangeTracker::new("n");
+        t.upsert_service(&svc(SVC_HTTP)).unwrap();
+        t.upsert_slice(&slice(
+            "a",
+            "svc1",
+            "IPv4",
+            "[{name: http, port: 80}]",
+            "[{addresses: [10.0.1.1], hints: {forZones: [{name: z1}], forNodes: [{name: n}]}}]",
+        ))
+        .unwrap();
+        let eps = &t.cluster_state(Family::V4).endpoints[&spn("http")];
+        assert_eq!(eps[0], Endpoint::ready("10.0.1.1", 80).with_zone_hints(&["z1"]).with_node_hints(&["n"]));
     }
 
     #[test]
