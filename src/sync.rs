@@ -78,7 +78,7 @@ pub fn desired(cfg: &Config, family: Family, inputs: &Inputs<'_>, previous: Opti
         rules::model::NodePortAddresses::Ips(ips) => ips.clone(),
         _ => Vec::new(),
     };
-    let bc = cfg.build_config(family, np);
+    let bc = cfg.build_config(family, np).with_node(inputs.node);
     rules::build(&(inputs.state)(family), &node_ips, &bc, previous)
 }
 

@@ -337,6 +337,10 @@ scenarios! {
     ignored_services => "ignored-services",
     sloppy_ips => "sloppy-ips",
     dual_stack => "dual-stack",
+    etp_local_63_71 => "etp-local-63-71",
+    etp_local_no_detector_68 => "etp-local-no-detector-68",
+    terminating_local_72_75 => "terminating-local-72-75",
+    itp_local_82_87 => "itp-local-82-87",
 }
 
 #[test]

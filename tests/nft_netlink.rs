@@ -140,6 +140,31 @@ fn ipv6_state() -> ClusterState {
     st
 }
 
+/// Traffic policies (issue 4): eTP Local with local and remote endpoints (a local chain, the
+/// external chain's `fib saddr type local` short-circuit), eTP Local with remote endpoints only
+/// and iTP Local (the no-local-endpoint sets).
+fn policies(fam: Family) -> ClusterState {
+    let a = |v4: &str, v6: &str| if fam == Family::V4 { v4.to_string() } else { v6.to_string() };
+    let mut st = ClusterState::default();
+    let e = svc("ns7", "etp", "http", Protocol::Tcp, &a("172.30.7.1", "fd00:30::71"), 80)
+        .with_node_port(30780)
+        .with_load_balancer_ip(&a("1.2.3.7", "2001:db8::7"))
+        .with_external_traffic_policy_local();
+    st.add_service(e.clone());
+    st.add_endpoint(&e.name, Endpoint::ready(&a("10.180.7.1", "fd00:180::71"), 8080).on_node("node-a"));
+    st.add_endpoint(&e.name, Endpoint::ready(&a("10.180.7.2", "fd00:180::72"), 8080).on_node("node-b"));
+    let r = svc("ns7", "remote", "", Protocol::Udp, &a("172.30.7.2", "fd00:30::72"), 53)
+        .with_node_port(30753)
+        .with_external_traffic_policy_local();
+    st.add_service(r.clone());
+    st.add_endpoint(&r.name, Endpoint::ready(&a("10.180.7.3", "fd00:180::73"), 53).on_node("node-b"));
+    let i = svc("ns7", "itp", "p", Protocol::Tcp, &a("172.30.7.3", "fd00:30::73"), 443)
+        .with_internal_traffic_policy_local();
+    st.add_service(i.clone());
+    st.add_endpoint(&i.name, Endpoint::ready(&a("10.180.7.4", "fd00:180::74"), 8443).on_node("node-b"));
+    st
+}
+
 struct Fixture {
     name: &'static str,
     state: ClusterState,
@@ -177,7 +202,33 @@ fn fixtures() -> Vec<Fixture> {
         Fixture { name: "empty-cluster", state: ClusterState::default(), node_ips: vec![], cfg: v4_cfg() },
         Fixture { name: "ipv6", state: ipv6_state(), node_ips: vec![ip("fd00::2")], cfg: v6 },
         Fixture { name: "ipv6-nodeport-all", state: ipv6_state(), node_ips: vec![], cfg: v6_all },
+        Fixture {
+            name: "policies",
+            state: policies(Family::V4),
+            node_ips: vec![ip("192.168.0.2")],
+            cfg: {
+                let mut c = cidr8_node(Family::V4, "10.0.0.0/8");
+                c.node_name = "node-a".into();
+                c
+            },
+        },
+        Fixture {
+            name: "policies-ipv6",
+            state: policies(Family::V6),
+            node_ips: vec![ip("fd00::2")],
+            cfg: {
+                let mut c = cidr8_node(Family::V6, "fd00:180::/64");
+                c.node_name = "node-a".into();
+                c
+            },
+        },
     ]
+}
+
+fn cidr8_node(fam: Family, cidr: &str) -> BuildConfig {
+    let mut c = BuildConfig::new(fam);
+    c.cluster_cidr = Some(Cidr::parse(cidr).unwrap());
+    c
 }
 
 fn build_rs(f: &Fixture) -> Ruleset {

@@ -418,3 +418,102 @@ fn masquerade_all_and_nodeport_addresses_flags() {
     let a = ext.one(Tcp, NODE_IP, 30070, T1);
     assert_eq!(a.outcome, Outcome::Refused, "NodePort must not answer on {NODE_IP} outside --nodeport-addresses");
 }
+
+// ------------------------------------------------------------------------------------------------
+// Traffic policies (issue 4)
+
+/// Every attempt unanswered (a silent drop), not refused: `timeout` each.
+fn assert_dropped(what: &str, attempts: &[Attempt]) {
+    for a in attempts {
+        assert_eq!(a.outcome, Outcome::Timeout, "{what}: expected a silent drop; tally {:?}", tally(attempts));
+    }
+}
+
+/// Cases 63-66, 70, 71: externalTrafficPolicy Local with a local (b1) and a remote (r1) endpoint.
+/// From outside, the NodePort and the LoadBalancer IP reach only b1, which sees the client's own
+/// address; a pod short-circuits to both endpoints with its source kept; the node itself reaches
+/// both, masqueraded. A second service with only the remote endpoint drops external traffic
+/// (no refusal) while pods still reach r1.
+#[test]
+fn external_traffic_policy_local_keeps_the_client_source_and_stays_on_the_node() {
+    let t = Topo::new();
+    let (cip, cip2) = (ip(172, 30, 0, 80), ip(172, 30, 0, 81));
+    let lb2 = Ipv4Addr::new(198, 51, 100, 11);
+    t.apply(
+        &Service::cluster_ip("local", cip)
+            .port("http", Tcp, 80, ECHO_TCP)
+            .node_port(30080)
+            .port("dns", Udp, 53, ECHO_UDP)
+            .node_port(30053)
+            .load_balancer_ip(LB_IP)
+            .spec("externalTrafficPolicy: Local"),
+        &Slice::of("local").port("http", Tcp, ECHO_TCP).port("dns", Udp, ECHO_UDP).endpoints(&[Pod::B1, Pod::R1]),
+    );
+    t.apply(
+        &Service::cluster_ip("remote", cip2)
+            .port("http", Tcp, 80, ECHO_TCP)
+            .node_port(30081)
+            .load_balancer_ip(lb2)
+            .spec("externalTrafficPolicy: Local"),
+        &Slice::of("remote").port("http", Tcp, ECHO_TCP).endpoint(Pod::R1),
+    );
+    let mut k = t.kproxy(&[]);
+    let mut ext = t.prober(Host::Ext);
+    await_answer(&mut k, &mut ext, Tcp, NODE_IP, 30080);
+    for (proto, dst, port) in [(Tcp, NODE_IP, 30080), (Udp, NODE_IP, 30053), (Tcp, LB_IP, 80), (Udp, LB_IP, 53)] {
+        let a = ext.probe(proto, dst, port, 30, T1);
+        expect_answer(&a, Pod::B1, EXT_IP).unwrap_or_else(|e| panic!("ext -> {dst}:{port} {proto:?}: {e}"));
+    }
+    // Pods and the node are not subject to the policy (they short-circuit to every endpoint).
+    let mut client = t.prober(Host::Pod(Pod::Client));
+    for (dst, port) in [(LB_IP, 80), (NODE_IP, 30080)] {
+        let a = client.probe(Tcp, dst, port, 40, T1);
+        assert_spread(&format!("pod -> {dst}:{port}"), &a, &[Pod::B1, Pod::R1], |_| Pod::Client.ip(), 0.1, 0.9);
+    }
+    let a = t.prober(Host::Node).probe(Tcp, NODE_IP, 30080, 40, T1);
+    assert_spread("node -> its node port", &a, &[Pod::B1, Pod::R1], |p| p.masqueraded_src(), 0.1, 0.9);
+    // The ClusterIP ignores the external policy (case 69).
+    let a = client.probe(Tcp, cip, 80, 40, T1);
+    assert_spread("pod -> ClusterIP", &a, &[Pod::B1, Pod::R1], |_| Pod::Client.ip(), 0.1, 0.9);
+
+    // Cases 70, 71: no local endpoint. Dropped from outside (not refused: the client retries and
+    // the load balancer's health check takes the node out), still served to pods.
+    let quick = Duration::from_millis(400);
+    assert_dropped("ext -> node port without local endpoints", &ext.probe(Tcp, NODE_IP, 30081, 3, quick));
+    assert_dropped("ext -> LB IP without local endpoints", &ext.probe(Tcp, lb2, 80, 3, quick));
+    let a = client.probe(Tcp, lb2, 80, 5, T1);
+    expect_answer(&a, Pod::R1, Pod::Client.ip()).unwrap_or_else(|e| panic!("pod -> LB IP of remote-only service: {e}"));
+}
+
+/// Cases 82-84: internalTrafficPolicy Local. ClusterIP traffic goes to this node's endpoint only;
+/// when the node has none left, it is dropped (not refused) although r1 still serves; NodePort
+/// traffic of the same Service is not affected (case 87).
+#[test]
+fn internal_traffic_policy_local_uses_only_local_endpoints() {
+    let t = Topo::new();
+    let cip = ip(172, 30, 0, 90);
+    let svc = Service::cluster_ip("itp", cip)
+        .port("http", Tcp, 80, ECHO_TCP)
+        .node_port(30090)
+        .spec("internalTrafficPolicy: Local");
+    let slice = || Slice::of("itp").port("http", Tcp, ECHO_TCP);
+    t.apply(&svc, &slice().endpoints(&[Pod::B1, Pod::B2, Pod::R1]));
+    let mut k = t.kproxy(&[]);
+    let mut client = t.prober(Host::Pod(Pod::Client));
+    await_answer(&mut k, &mut client, Tcp, cip, 80);
+    let a = client.probe(Tcp, cip, 80, 60, T1);
+    assert_spread("pod -> ClusterIP, iTP Local", &a, &[Pod::B1, Pod::B2], |_| Pod::Client.ip(), 0.2, 0.8);
+    let a = t.prober(Host::Node).probe(Tcp, cip, 80, 20, T1);
+    assert_spread("node -> ClusterIP, iTP Local", &a, &[Pod::B1, Pod::B2], |_| NODE_BRIDGE_IP, 0.05, 0.95);
+    let a = t.prober(Host::Ext).probe(Tcp, NODE_IP, 30090, 40, T1);
+    assert_spread("ext -> node port (cluster policy)", &a, &[Pod::B1, Pod::B2, Pod::R1], |p| p.masqueraded_src(), 0.05, 0.9);
+
+    t.apply(&svc, &slice().endpoint(Pod::R1));
+    let (_, took) = poll("ClusterIP dropped once the local endpoints are gone", Duration::from_secs(4), || {
+        let a = client.probe(Tcp, cip, 80, 2, Duration::from_millis(300));
+        a.iter().all(|a| a.outcome == Outcome::Timeout).then_some(()).ok_or_else(|| format!("{:?}", tally(&a)))
+    });
+    eprintln!("drop in effect after {took:?}");
+    let a = t.prober(Host::Ext).probe(Tcp, NODE_IP, 30090, 5, T1);
+    expect_answer(&a, Pod::R1, Pod::R1.masqueraded_src()).unwrap_or_else(|e| panic!("node port, remote only: {e}"));
+}

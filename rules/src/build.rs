@@ -23,6 +23,23 @@
 //! 27720 = lcm(1..12): the split is exactly uniform for up to 12 endpoints and for every count
 //! dividing it; for other counts an endpoint's share is off by at most N/27720 of itself.
 //!
+//! # Traffic policies
+//!
+//! A port with a Local policy (`internalTrafficPolicy`, or `externalTrafficPolicy` on an
+//! externally accessible port) owns a second slot block for this node's endpoints, reached from a
+//! `local-HASH-…` chain that ends in the same DNAT through the endpoint map. The chains of a port
+//! depend only on its Service: `service-…` exists when some traffic uses the Cluster policy,
+//! `local-…` when some uses a Local one, whether endpoints exist or not. An empty block makes the
+//! DNAT lookup fail, the packet leaves the nat chain untouched, and the filter chains decide:
+//! `no-endpoint-services` / `-nodeports` reject (no endpoint anywhere), `no-local-endpoint-services`
+//! / `-nodeports` drop (endpoints elsewhere, none here). Upstream writes these as `drop` verdicts
+//! in its no-endpoint maps; two plain sets keep the state set data and the filter rules fixed. So
+//! an endpoint change stays data-only under every policy.
+//!
+//! With `externalTrafficPolicy: Local`, `external-…` short-circuits pods (`ip saddr <cluster
+//! CIDR>`, with a local traffic detector only) and the node itself (`fib saddr type local`,
+//! masqueraded) to `service-…`, and sends the rest to `local-…`, keeping the client's address.
+//!
 //! Hairpin masquerade (a pod reaching itself through its service) is decided in postrouting from
 //! the `hairpin-endpoints` set of `addr . addr` pairs (`ct status dnat` and source == destination),
 //! which replaces upstream's per-endpoint chains.
@@ -59,11 +76,21 @@ impl fmt::Display for Skipped {
     }
 }
 
+/// Service ports with a Local traffic policy whose traffic is dropped because this node has no
+/// endpoint for them while other nodes do (upstream's `sync_proxy_rules_no_local_endpoints_total`,
+/// label `traffic_policy="internal"` / `"external"`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NoLocalEndpoints {
+    pub internal: usize,
+    pub external: usize,
+}
+
 /// Result of a build: the ruleset and what had to be left out.
 #[derive(Debug, Clone)]
 pub struct Built {
     pub ruleset: Ruleset,
     pub skipped: Vec<Skipped>,
+    pub no_local_endpoints: NoLocalEndpoints,
 }
 
 /// Base chains: (name, type, hook, priority).
@@ -87,12 +114,29 @@ fn goto(c: &str) -> Expr {
     Expr::Verdict(Verdict::Goto(c.to_string()))
 }
 
-/// The endpoints a service port's cluster traffic goes to: ready ones; when none is ready, the
-/// serving-and-terminating ones (upstream `CategorizeEndpoints`). Deduplicated by `IP:port`
-/// (a non-terminating copy wins) and sorted by `IP:port` string, as upstream orders them.
-pub fn usable_endpoints(eps: &[Endpoint], family: Family) -> Vec<Endpoint> {
+/// The endpoint sets of one service port, as upstream's `CategorizeEndpoints` makes them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Categorized {
+    /// Where traffic under the Cluster policy goes: the ready endpoints; when none is ready
+    /// anywhere, the serving-and-terminating ones. Empty when the port uses no cluster endpoints.
+    pub cluster: Vec<Endpoint>,
+    /// Where traffic under a Local policy goes: this node's ready endpoints; when it has none, its
+    /// serving-and-terminating ones (cases 72-74). Empty when the port uses no Local policy.
+    pub local: Vec<Endpoint>,
+    /// Whether any endpoint on any node is usable (ready, or serving and terminating). Without one
+    /// the port's traffic is rejected; with one but no local endpoint, Local traffic is dropped.
+    pub has_any: bool,
+}
+
+/// Categorizes a service port's endpoints for this node (upstream `CategorizeEndpoints`).
+///
+/// Endpoints of another family or without a port are ignored; the same `IP:port` counts once (a
+/// non-terminating copy wins); each list is sorted by the `IP:port` string, as upstream orders
+/// endpoints, which fixes their slot ranges.
+pub fn categorize_endpoints(eps: &[Endpoint], sp: &ServicePort, node_name: &str) -> Categorized {
+    let fam = sp.family();
     let mut by_addr: BTreeMap<(IpAddr, u16), &Endpoint> = BTreeMap::new();
-    for ep in eps.iter().filter(|e| Family::of(&e.ip) == family && e.port != 0) {
+    for ep in eps.iter().filter(|e| Family::of(&e.ip) == fam && e.port != 0) {
         by_addr
             .entry((ep.ip, ep.port))
             .and_modify(|cur| {
@@ -102,13 +146,25 @@ pub fn usable_endpoints(eps: &[Endpoint], family: Family) -> Vec<Endpoint> {
             })
             .or_insert(ep);
     }
-    let all: Vec<&Endpoint> = by_addr.into_values().collect();
-    let mut chosen: Vec<Endpoint> = all.iter().filter(|e| e.ready).map(|e| (*e).clone()).collect();
-    if chosen.is_empty() {
-        chosen = all.iter().filter(|e| e.serving && e.terminating).map(|e| (*e).clone()).collect();
+    let mut all: Vec<&Endpoint> = by_addr.into_values().collect();
+    all.sort_by_cached_key(|e| e.addr_string());
+    let pick = |f: &dyn Fn(&Endpoint) -> bool| all.iter().filter(|e| f(e)).map(|e| (*e).clone()).collect::<Vec<_>>();
+    let fallback = |e: &Endpoint| e.serving && e.terminating;
+
+    let mut out = Categorized { has_any: all.iter().any(|e| e.ready || fallback(e)), ..Default::default() };
+    if sp.uses_cluster_endpoints() {
+        out.cluster = pick(&|e| e.ready);
+        if out.cluster.is_empty() {
+            out.cluster = pick(&fallback);
+        }
     }
-    chosen.sort_by_cached_key(|e| e.addr_string());
-    chosen
+    if sp.uses_local_endpoints() {
+        out.local = pick(&|e| e.is_local_to(node_name) && e.ready);
+        if out.local.is_empty() {
+            out.local = pick(&|e| e.is_local_to(node_name) && fallback(e));
+        }
+    }
+    out
 }
 
 /// Splits a service's slot block among `n` endpoints: inclusive ranges, in endpoint order.
@@ -119,26 +175,52 @@ pub fn slot_ranges(block: u32, n: usize) -> Vec<(u32, u32)> {
     (0..n).map(|i| ((base + i * m / n) as u32, (base + (i + 1) * m / n - 1) as u32)).collect()
 }
 
-/// Assigns slot blocks: a service port keeps its block from `previous`; new ones take the lowest
-/// free block. Returns the assignment and the service ports that did not fit.
-fn assign_slots(
-    names: &[&ServicePortName],
-    previous: Option<&Ruleset>,
-) -> (BTreeMap<ServicePortName, u32>, Vec<Skipped>) {
-    let mut slots = BTreeMap::new();
+/// Which endpoint list a slot block serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Pool {
+    Cluster,
+    Local,
+}
+
+/// Slot blocks of every service port, per pool.
+#[derive(Debug, Default)]
+struct Blocks {
+    cluster: BTreeMap<ServicePortName, u32>,
+    local: BTreeMap<ServicePortName, u32>,
+}
+
+impl Blocks {
+    fn pool(&mut self, p: Pool) -> &mut BTreeMap<ServicePortName, u32> {
+        match p {
+            Pool::Cluster => &mut self.cluster,
+            Pool::Local => &mut self.local,
+        }
+    }
+}
+
+/// Assigns slot blocks: a service port keeps its blocks from `previous`; new ones take the lowest
+/// free block. A port with the Cluster policy needs a cluster block, one with a Local policy a
+/// local block, some ports both. Returns the assignment and the service ports that did not fit
+/// (they get no block at all).
+fn assign_slots(wants: &[(&ServicePortName, Pool)], previous: Option<&Ruleset>) -> (Blocks, Vec<Skipped>) {
+    let mut blocks = Blocks::default();
     let mut used = BTreeSet::new();
     if let Some(prev) = previous {
-        for n in names {
-            if let Some(&b) = prev.slots.get(*n) {
-                slots.insert((*n).clone(), b);
+        for (n, pool) in wants {
+            let old = match pool {
+                Pool::Cluster => prev.slots.get(*n),
+                Pool::Local => prev.local_slots.get(*n),
+            };
+            if let Some(&b) = old {
+                blocks.pool(*pool).insert((*n).clone(), b);
                 used.insert(b);
             }
         }
     }
-    let mut skipped = Vec::new();
+    let mut skipped: Vec<Skipped> = Vec::new();
     let mut next = 0u32;
-    for n in names {
-        if slots.contains_key(*n) {
+    for (n, pool) in wants {
+        if blocks.pool(*pool).contains_key(*n) || skipped.iter().any(|s| s.service == **n) {
             continue;
         }
         while used.contains(&next) {
@@ -147,14 +229,19 @@ fn assign_slots(
         if next >= MAX_SERVICE_PORTS {
             skipped.push(Skipped {
                 service: (*n).clone(),
-                reason: format!("more than {MAX_SERVICE_PORTS} service ports in one IP family"),
+                reason: format!("more than {MAX_SERVICE_PORTS} endpoint slot blocks in one IP family"),
             });
             continue;
         }
-        slots.insert((*n).clone(), next);
+        blocks.pool(*pool).insert((*n).clone(), next);
         used.insert(next);
     }
-    (slots, skipped)
+    // A port that got only one of the two blocks it needs is not programmed at all.
+    for s in &skipped {
+        blocks.cluster.remove(&s.service);
+        blocks.local.remove(&s.service);
+    }
+    (blocks, skipped)
 }
 
 /// Drops what two service ports of one family cannot both have: the same ClusterIP, protocol and
@@ -237,8 +324,18 @@ pub fn build(state: &ClusterState, node_ips: &[IpAddr], cfg: &BuildConfig, previ
         set_type: typed(np_key.clone(), Some(DataType::Verdict)),
         interval: false,
     });
-    rs.add_set(SetDef { name: NO_ENDPOINT_SERVICES_SET.into(), set_type: typed(svc_key, None), interval: false });
-    rs.add_set(SetDef { name: NO_ENDPOINT_NODEPORTS_SET.into(), set_type: typed(np_key, None), interval: false });
+    rs.add_set(SetDef {
+        name: NO_ENDPOINT_SERVICES_SET.into(),
+        set_type: typed(svc_key.clone(), None),
+        interval: false,
+    });
+    rs.add_set(SetDef {
+        name: NO_ENDPOINT_NODEPORTS_SET.into(),
+        set_type: typed(np_key.clone(), None),
+        interval: false,
+    });
+    rs.add_set(SetDef { name: NO_LOCAL_ENDPOINT_SERVICES_SET.into(), set_type: typed(svc_key, None), interval: false });
+    rs.add_set(SetDef { name: NO_LOCAL_ENDPOINT_NODEPORTS_SET.into(), set_type: typed(np_key, None), interval: false });
     rs.add_set(SetDef { name: HAIRPIN_SET.into(), set_type: typed(vec![addr_t, addr_t], None), interval: false });
 
     // Base chains and their fixed rules.
@@ -295,19 +392,29 @@ pub fn build(state: &ClusterState, node_ips: &[IpAddr], cfg: &BuildConfig, previ
     rs.add_rule(MASQUERADING, vec![Expr::MarkXor(mark)]);
     rs.add_rule(MASQUERADING, vec![Expr::Masquerade]);
 
+    // No endpoint anywhere: reject. Endpoints elsewhere but none here for a Local policy: drop
+    // (upstream's `drop` verdict in no-endpoint-services; two plain sets here, so that the
+    // no-endpoint state stays set data).
+    let drop = Expr::Verdict(Verdict::Drop);
     rs.add_rule(
         SERVICE_ENDPOINTS_CHECK,
-        vec![Expr::InSet { key: tuple, set: NO_ENDPOINT_SERVICES_SET.into(), neq: false }, goto(REJECT_CHAIN)],
+        vec![Expr::InSet { key: tuple.clone(), set: NO_ENDPOINT_SERVICES_SET.into(), neq: false }, goto(REJECT_CHAIN)],
+    );
+    rs.add_rule(
+        SERVICE_ENDPOINTS_CHECK,
+        vec![Expr::InSet { key: tuple, set: NO_LOCAL_ENDPOINT_SERVICES_SET.into(), neq: false }, drop.clone()],
     );
     let nodeport_check_dst = if match_all_nodeports {
         vec![Expr::Cmp { sel: Selector::Daddr, neq: true, right: Operand::Prefix(loopback) }]
     } else {
         vec![Expr::InSet { key: vec![Selector::Daddr], set: NODEPORT_IPS_SET.into(), neq: false }]
     };
-    let mut r = nodeport_check_dst;
-    r.push(Expr::InSet { key: proto_port, set: NO_ENDPOINT_NODEPORTS_SET.into(), neq: false });
-    r.push(goto(REJECT_CHAIN));
-    rs.add_rule(NODEPORT_ENDPOINTS_CHECK, r);
+    for (set, verdict) in [(NO_ENDPOINT_NODEPORTS_SET, goto(REJECT_CHAIN)), (NO_LOCAL_ENDPOINT_NODEPORTS_SET, drop)] {
+        let mut r = nodeport_check_dst.clone();
+        r.push(Expr::InSet { key: proto_port.clone(), set: set.into(), neq: false });
+        r.push(verdict);
+        rs.add_rule(NODEPORT_ENDPOINTS_CHECK, r);
+    }
     rs.add_rule(REJECT_CHAIN, vec![Expr::Reject]);
     rs.add_rule(
         CLUSTER_IPS_CHECK,
@@ -322,11 +429,20 @@ pub fn build(state: &ClusterState, node_ips: &[IpAddr], cfg: &BuildConfig, previ
 
     // Per service port.
     let (services, mut conflicts) = resolve_conflicts(state, fam);
-    let names: Vec<&ServicePortName> = services.keys().collect();
-    let (slots, mut skipped) = assign_slots(&names, previous);
+    let mut wants: Vec<(&ServicePortName, Pool)> = Vec::new();
+    for (spn, sp) in &services {
+        if sp.uses_cluster_endpoints() {
+            wants.push((spn, Pool::Cluster));
+        }
+        if sp.uses_local_endpoints() {
+            wants.push((spn, Pool::Local));
+        }
+    }
+    let (blocks, mut skipped) = assign_slots(&wants, previous);
     skipped.append(&mut conflicts);
     // One endpoint map per shard of ENDPOINT_MAP_SHARD slot blocks (see the module doc).
-    let shards: BTreeSet<u32> = slots.values().map(|b| b / ENDPOINT_MAP_SHARD).collect();
+    let shards: BTreeSet<u32> =
+        blocks.cluster.values().chain(blocks.local.values()).map(|b| b / ENDPOINT_MAP_SHARD).collect();
     for shard in &shards {
         rs.add_set(SetDef {
             name: service_endpoints_map(*shard),
@@ -334,56 +450,90 @@ pub fn build(state: &ClusterState, node_ips: &[IpAddr], cfg: &BuildConfig, previ
             interval: true,
         });
     }
+    let node_name = cfg.node_name.as_str();
+    let local_detector = cfg.cluster_cidr.filter(|c| c.family() == fam);
     let mut hairpin = BTreeSet::new();
-    for (spn, &block) in &slots {
-        let sp = &services[spn];
+    let mut no_local = NoLocalEndpoints::default();
+    for (spn, sp) in &services {
+        let cluster_block = blocks.cluster.get(spn).copied();
+        let local_block = blocks.local.get(spn).copied();
+        if cluster_block.is_none() && local_block.is_none() {
+            continue; // skipped: no slot block
+        }
         let comment = spn.to_string();
-        let svc_chain = service_chain(spn);
-        let ext_chain = external_chain(spn);
         let proto = spn.protocol;
-        let eps = usable_endpoints(state.endpoints.get(spn).map(|v| v.as_slice()).unwrap_or(&[]), fam);
+        let cat = categorize_endpoints(state.endpoints.get(spn).map(|v| v.as_slice()).unwrap_or(&[]), sp, node_name);
+        let svc_chain = service_chain(spn);
+        let loc_chain = local_chain(spn);
+        let ext_chain = external_chain(spn);
+        let internal_chain = if sp.internal_traffic_policy_local { &loc_chain } else { &svc_chain };
+        // externalTrafficPolicy: Local matters only where external traffic exists at all.
+        let external_local = sp.external_traffic_policy_local && sp.externally_accessible();
 
-        rs.add_chain(&svc_chain, None);
-        let masq_match = |extra: Option<Expr>| {
+        // The ClusterIP's masquerade rule lives in the internal chain only, as upstream.
+        let masq_rule = || {
             let mut r = vec![
                 Expr::Cmp { sel: Selector::Daddr, neq: false, right: Operand::Value(Value::Addr(sp.cluster_ip)) },
                 Expr::Cmp { sel: Selector::Dport(proto), neq: false, right: Operand::Value(Value::Port(sp.port)) },
             ];
-            r.extend(extra);
-            r.push(jump(MARK_FOR_MASQUERADE));
-            r
+            if cfg.masquerade_all {
+                r.push(jump(MARK_FOR_MASQUERADE));
+                Some(r)
+            } else {
+                let cidr = local_detector?;
+                r.push(Expr::Cmp { sel: Selector::Saddr, neq: true, right: Operand::Prefix(cidr) });
+                r.push(jump(MARK_FOR_MASQUERADE));
+                Some(r)
+            }
         };
-        if cfg.masquerade_all {
-            rs.add_rule(&svc_chain, masq_match(None));
-        } else if let Some(cidr) = cfg.cluster_cidr.filter(|c| c.family() == fam) {
-            rs.add_rule(
-                &svc_chain,
-                masq_match(Some(Expr::Cmp { sel: Selector::Saddr, neq: true, right: Operand::Prefix(cidr) })),
-            );
+        let dnat = |block: u32| Expr::DnatSlots {
+            proto,
+            modulus: SLOTS_PER_SERVICE,
+            offset: block * SLOTS_PER_SERVICE,
+            map: service_endpoints_map(block / ENDPOINT_MAP_SHARD),
+        };
+        for (chain, block) in [(&svc_chain, cluster_block), (&loc_chain, local_block)] {
+            let Some(block) = block else { continue };
+            rs.add_chain(chain, None);
+            if chain == internal_chain {
+                if let Some(r) = masq_rule() {
+                    rs.add_rule(chain, r);
+                }
+            }
+            rs.add_rule(chain, vec![dnat(block)]);
         }
-        rs.add_rule(
-            &svc_chain,
-            vec![Expr::DnatSlots {
-                proto,
-                modulus: SLOTS_PER_SERVICE,
-                offset: block * SLOTS_PER_SERVICE,
-                map: service_endpoints_map(block / ENDPOINT_MAP_SHARD),
-            }],
-        );
 
-        let external = sp.externally_accessible();
-        if external {
+        if sp.externally_accessible() {
             rs.add_chain(&ext_chain, None);
-            rs.add_rule(&ext_chain, vec![jump(MARK_FOR_MASQUERADE)]);
-            rs.add_rule(&ext_chain, vec![goto(&svc_chain)]);
+            if external_local {
+                // Pods and the node itself short-circuit to every endpoint, as if they had gone out
+                // to the load balancer and come back; the node's own traffic is masqueraded since
+                // its source (often the LB IP itself) cannot be answered directly. Only traffic
+                // from elsewhere keeps its source and goes to local endpoints.
+                if let Some(cidr) = local_detector {
+                    rs.add_rule(
+                        &ext_chain,
+                        vec![
+                            Expr::Cmp { sel: Selector::Saddr, neq: false, right: Operand::Prefix(cidr) },
+                            goto(&svc_chain),
+                        ],
+                    );
+                }
+                rs.add_rule(&ext_chain, vec![Expr::FibSaddrLocal, jump(MARK_FOR_MASQUERADE)]);
+                rs.add_rule(&ext_chain, vec![Expr::FibSaddrLocal, goto(&svc_chain)]);
+                rs.add_rule(&ext_chain, vec![goto(&loc_chain)]);
+            } else {
+                rs.add_rule(&ext_chain, vec![jump(MARK_FOR_MASQUERADE)]);
+                rs.add_rule(&ext_chain, vec![goto(&svc_chain)]);
+            }
         }
 
         rs.add_element(CLUSTER_IPS_SET, Element::key(vec![Value::Addr(sp.cluster_ip)]));
-        let to_svc = ElemData::Verdict(Verdict::Goto(svc_chain.clone()));
+        let to_internal = ElemData::Verdict(Verdict::Goto(internal_chain.clone()));
         let to_ext = ElemData::Verdict(Verdict::Goto(ext_chain.clone()));
         rs.add_element(
             SERVICE_IPS_MAP,
-            Element::key(key3(sp.cluster_ip, proto, sp.port)).with_comment(&comment).with_data(to_svc),
+            Element::key(key3(sp.cluster_ip, proto, sp.port)).with_comment(&comment).with_data(to_internal),
         );
         let ext_ips: BTreeSet<IpAddr> = sp
             .external_ips
@@ -407,43 +557,53 @@ pub fn build(state: &ClusterState, node_ips: &[IpAddr], cfg: &BuildConfig, previ
             );
         }
 
-        if eps.is_empty() {
-            rs.add_element(
-                NO_ENDPOINT_SERVICES_SET,
-                Element::key(key3(sp.cluster_ip, proto, sp.port)).with_comment(&comment),
-            );
-            for ip in &ext_ips {
-                rs.add_element(
-                    NO_ENDPOINT_SERVICES_SET,
-                    Element::key(key3(*ip, proto, sp.port)).with_comment(&comment),
-                );
+        // Where the no-endpoint verdicts apply: the ClusterIP is internal traffic; external and
+        // LoadBalancer IPs and the node port are external traffic (whatever the client).
+        let internal_keys = vec![key3(sp.cluster_ip, proto, sp.port)];
+        let external_keys: Vec<Vec<Value>> = ext_ips.iter().map(|ip| key3(*ip, proto, sp.port)).collect();
+        let np_key = (sp.node_port != 0).then(|| vec![Value::Proto(proto), Value::Port(sp.node_port)]);
+        let mut mark = |services_set: &str, nodeports_set: &str, internal: bool, external: bool| {
+            let keys = internal_keys.iter().filter(|_| internal).chain(external_keys.iter().filter(|_| external));
+            for k in keys {
+                rs.add_element(services_set, Element::key(k.clone()).with_comment(&comment));
             }
-            if sp.node_port != 0 {
-                rs.add_element(
-                    NO_ENDPOINT_NODEPORTS_SET,
-                    Element::key(vec![Value::Proto(proto), Value::Port(sp.node_port)]).with_comment(&comment),
-                );
+            if let (Some(k), true) = (&np_key, external) {
+                rs.add_element(nodeports_set, Element::key(k.clone()).with_comment(&comment));
             }
-            continue;
+        };
+        if !cat.has_any {
+            mark(NO_ENDPOINT_SERVICES_SET, NO_ENDPOINT_NODEPORTS_SET, true, true);
+        } else {
+            let internal_none = sp.internal_traffic_policy_local && cat.local.is_empty();
+            // Counted by the Service's policy, as upstream, even for a port without external access.
+            let external_none = sp.external_traffic_policy_local && cat.local.is_empty();
+            no_local.internal += internal_none as usize;
+            no_local.external += external_none as usize;
+            mark(NO_LOCAL_ENDPOINT_SERVICES_SET, NO_LOCAL_ENDPOINT_NODEPORTS_SET, internal_none, external_none);
         }
-        for (ep, (lo, hi)) in eps.iter().zip(slot_ranges(block, eps.len())) {
-            rs.add_element(
-                &service_endpoints_map(block / ENDPOINT_MAP_SHARD),
-                Element {
-                    key: vec![Value::Int(lo)],
-                    key_end: Some(vec![Value::Int(hi)]),
-                    data: Some(ElemData::Values(vec![Value::Addr(ep.ip), Value::Port(ep.port)])),
-                    comment: None,
-                },
-            );
-            hairpin.insert(ep.ip);
+
+        for (eps, block) in [(&cat.cluster, cluster_block), (&cat.local, local_block)] {
+            let Some(block) = block else { continue };
+            for (ep, (lo, hi)) in eps.iter().zip(slot_ranges(block, eps.len())) {
+                rs.add_element(
+                    &service_endpoints_map(block / ENDPOINT_MAP_SHARD),
+                    Element {
+                        key: vec![Value::Int(lo)],
+                        key_end: Some(vec![Value::Int(hi)]),
+                        data: Some(ElemData::Values(vec![Value::Addr(ep.ip), Value::Port(ep.port)])),
+                        comment: None,
+                    },
+                );
+                hairpin.insert(ep.ip);
+            }
         }
     }
     for ip in hairpin {
         rs.add_element(HAIRPIN_SET, Element::key(vec![Value::Addr(ip), Value::Addr(ip)]));
     }
-    rs.slots = slots;
-    Built { ruleset: rs, skipped }
+    rs.slots = blocks.cluster;
+    rs.local_slots = blocks.local;
+    Built { ruleset: rs, skipped, no_local_endpoints: no_local }
 }
 
 #[cfg(test)]
@@ -475,19 +635,95 @@ mod tests {
         assert!(r.last().unwrap().1 >= r.last().unwrap().0);
     }
 
+    fn addrs(eps: &[Endpoint]) -> Vec<String> {
+        eps.iter().map(|e| e.addr_string()).collect()
+    }
+
     #[test]
-    fn usable_endpoints_prefers_ready_then_terminating() {
-        let mut term = Endpoint::ready("10.0.0.3", 80);
-        term.ready = false;
-        term.terminating = true;
+    fn cluster_endpoints_prefer_ready_then_serving_terminating() {
+        let sp = ServicePort::cluster_ip("ns", "s", "", Protocol::Tcp, "172.30.0.1", 80);
+        let term = Endpoint::ready("10.0.0.3", 80).serving_terminating();
         let eps = vec![Endpoint::ready("10.0.0.2", 80), term.clone(), Endpoint::ready("10.0.0.1", 80).not_ready()];
-        let u = usable_endpoints(&eps, Family::V4);
-        assert_eq!(u.iter().map(|e| e.addr_string()).collect::<Vec<_>>(), vec!["10.0.0.2:80"]);
-        let u = usable_endpoints(&[term.clone()], Family::V4);
-        assert_eq!(u.len(), 1, "serving+terminating is the fallback");
-        let mut not_serving = term;
-        not_serving.serving = false;
-        assert!(usable_endpoints(&[not_serving], Family::V4).is_empty());
+        let c = categorize_endpoints(&eps, &sp, "n");
+        assert_eq!(addrs(&c.cluster), vec!["10.0.0.2:80"]);
+        assert!(c.has_any && c.local.is_empty(), "no Local policy, no local list");
+        let c = categorize_endpoints(&[term.clone()], &sp, "n");
+        assert_eq!(c.cluster.len(), 1, "serving+terminating is the fallback");
+        let c = categorize_endpoints(&[Endpoint::ready("10.0.0.4", 80).terminating_not_serving()], &sp, "n");
+        assert!(c.cluster.is_empty() && !c.has_any);
+        // Another family, port 0 and duplicates are left out; order is the IP:port string's.
+        let eps = vec![
+            Endpoint::ready("10.0.0.10", 80),
+            Endpoint::ready("fd00::1", 80),
+            Endpoint::ready("10.0.0.9", 0),
+            Endpoint::ready("10.0.0.2", 80).serving_terminating(),
+            Endpoint::ready("10.0.0.2", 80),
+        ];
+        assert_eq!(addrs(&categorize_endpoints(&eps, &sp, "n").cluster), vec!["10.0.0.10:80", "10.0.0.2:80"]);
+    }
+
+    /// Upstream's TestTerminatingEndpointsTrafficPolicyLocal / ...Cluster, cases 21-24 and 72-75:
+    /// eps .1, .2 local ready; .3 local serving-terminating; .4 local terminating not serving; .5
+    /// remote, in the state each case gives it.
+    #[test]
+    fn terminating_fallback_per_policy() {
+        let lb = ServicePort::cluster_ip("ns", "s", "", Protocol::Tcp, "172.30.1.1", 80)
+            .with_node_port(30001)
+            .with_load_balancer_ip("1.2.3.4");
+        let local = lb.clone().with_external_traffic_policy_local();
+        let ep = |i: u8| Endpoint::ready(&format!("10.0.1.{i}"), 80).on_node(if i == 5 { "other" } else { "n" });
+        let cases: [(&str, Vec<Endpoint>, &[&str], &[&str]); 4] = [
+            (
+                "ready endpoints exist (21, 72)",
+                vec![ep(1), ep(2), ep(3).serving_terminating(), ep(4).terminating_not_serving(), ep(5)],
+                &["10.0.1.1:80", "10.0.1.2:80", "10.0.1.5:80"],
+                &["10.0.1.1:80", "10.0.1.2:80"],
+            ),
+            (
+                "only terminating endpoints exist (22, 73)",
+                vec![ep(2).serving_terminating(), ep(3).serving_terminating(), ep(4).terminating_not_serving(), ep(5)],
+                &["10.0.1.5:80"],
+                &["10.0.1.2:80", "10.0.1.3:80"],
+            ),
+            ("terminating endpoints on the remote node (74)", vec![ep(5).serving_terminating()], &["10.0.1.5:80"], &[]),
+            (
+                "no usable endpoints on any node (23, 75)",
+                vec![ep(1).terminating_not_serving(), ep(5).terminating_not_serving()],
+                &[],
+                &[],
+            ),
+        ];
+        for (what, eps, cluster, local_eps) in cases {
+            let c = categorize_endpoints(&eps, &local, "n");
+            assert_eq!(addrs(&c.cluster), cluster, "{what}: cluster");
+            assert_eq!(addrs(&c.local), local_eps, "{what}: local");
+            assert_eq!(c.has_any, !cluster.is_empty(), "{what}");
+            let c = categorize_endpoints(&eps, &lb, "n");
+            assert_eq!(addrs(&c.cluster), cluster, "{what}: eTP Cluster");
+            assert!(c.local.is_empty(), "{what}: eTP Cluster has no local list");
+        }
+        // Case 22 with eTP Cluster: ready .5 is remote and wins over local serving-terminating.
+        let c = categorize_endpoints(&[ep(2).serving_terminating(), ep(5).serving_terminating()], &lb, "n");
+        assert_eq!(addrs(&c.cluster), vec!["10.0.1.2:80", "10.0.1.5:80"]);
+    }
+
+    #[test]
+    fn internal_policy_local_uses_only_local_endpoints() {
+        let sp = ServicePort::cluster_ip("ns", "s", "", Protocol::Tcp, "172.30.0.1", 80)
+            .with_internal_traffic_policy_local();
+        let eps = vec![
+            Endpoint::ready("10.0.0.1", 80).on_node("n"),
+            Endpoint::ready("10.0.0.2", 80).on_node("m"),
+            Endpoint::ready("10.0.0.3", 80),
+        ];
+        let c = categorize_endpoints(&eps, &sp, "n");
+        assert!(c.cluster.is_empty(), "a ClusterIP-only iTP Local port uses no cluster endpoints");
+        assert_eq!(addrs(&c.local), vec!["10.0.0.1:80"]);
+        let c = categorize_endpoints(&eps[1..], &sp, "n");
+        assert!(c.local.is_empty() && c.has_any, "case 84: endpoints elsewhere only");
+        // An endpoint without nodeName is never local.
+        let c = categorize_endpoints(&eps[2..], &sp, "");
+        assert!(c.local.is_empty());
     }
 
     #[test]
@@ -524,5 +760,115 @@ mod tests {
         let second = build(&st, &[], &cfg, Some(&first)).ruleset;
         assert_eq!(second.slots[&b], 0, "existing service keeps its block");
         assert_eq!(second.slots[&ServicePortName::new("ns", "a", "", Protocol::Tcp)], 1);
+    }
+
+    fn node_cfg() -> BuildConfig {
+        let mut cfg = BuildConfig::new(Family::V4);
+        cfg.node_name = "n".into();
+        cfg.cluster_cidr = Some(Cidr::parse("10.0.0.0/8").unwrap());
+        cfg
+    }
+
+    fn elements(rs: &Ruleset, set: &str) -> Vec<String> {
+        rs.elements[set].iter().map(|e| e.to_string()).collect()
+    }
+
+    #[test]
+    fn local_policies_get_their_own_block_and_drop_without_local_endpoints() {
+        let etp = ServicePort::cluster_ip("ns", "e", "", Protocol::Tcp, "172.30.0.1", 80)
+            .with_node_port(30001)
+            .with_load_balancer_ip("1.2.3.4")
+            .with_external_traffic_policy_local();
+        let itp = ServicePort::cluster_ip("ns", "i", "", Protocol::Tcp, "172.30.0.2", 80)
+            .with_internal_traffic_policy_local();
+        let mut st = ClusterState::default();
+        st.add_service(etp.clone()).add_service(itp.clone());
+        st.add_endpoint(&etp.name, Endpoint::ready("10.0.1.1", 80).on_node("n"));
+        st.add_endpoint(&etp.name, Endpoint::ready("10.0.2.1", 80).on_node("m"));
+        st.add_endpoint(&itp.name, Endpoint::ready("10.0.2.2", 80).on_node("m"));
+        let cfg = node_cfg();
+        let b = build(&st, &[], &cfg, None);
+        let rs = &b.ruleset;
+        assert_eq!((rs.slots.get(&etp.name), rs.local_slots.get(&etp.name)), (Some(&0), Some(&1)));
+        assert_eq!((rs.slots.get(&itp.name), rs.local_slots.get(&itp.name)), (None, Some(&2)));
+        assert!(!rs.chains.contains_key(&service_chain(&itp.name)), "no cluster traffic, no cluster chain");
+        assert_eq!(
+            elements(rs, &service_endpoints_map(0)),
+            vec!["0-13859 : 10.0.1.1 . 80", "13860-27719 : 10.0.2.1 . 80", "27720-55439 : 10.0.1.1 . 80"]
+        );
+        assert_eq!(elements(rs, NO_LOCAL_ENDPOINT_SERVICES_SET), vec!["172.30.0.2 . tcp . 80 comment \"ns/i\""]);
+        assert_eq!(b.no_local_endpoints, NoLocalEndpoints { internal: 1, external: 0 });
+
+        // The eTP Local port loses its local endpoint: element changes only, no chain touched.
+        let mut st2 = st.clone();
+        st2.endpoints.get_mut(&etp.name).unwrap().remove(0);
+        let b2 = build(&st2, &[], &cfg, Some(rs));
+        assert_eq!(b2.no_local_endpoints, NoLocalEndpoints { internal: 1, external: 1 });
+        assert_eq!(
+            elements(&b2.ruleset, NO_LOCAL_ENDPOINT_SERVICES_SET),
+            vec!["1.2.3.4 . tcp . 80 comment \"ns/e\"", "172.30.0.2 . tcp . 80 comment \"ns/i\""]
+        );
+        assert_eq!(elements(&b2.ruleset, NO_LOCAL_ENDPOINT_NODEPORTS_SET), vec!["tcp . 30001 comment \"ns/e\""]);
+        let tx = crate::diff(Some(rs), &b2.ruleset);
+        assert!(
+            tx.ops.iter().all(|o| matches!(o, crate::Op::AddElements { .. } | crate::Op::DeleteElements { .. })),
+            "an endpoint change must be data only:\n{tx}"
+        );
+        let mut k = crate::fake::FakeKernel::new();
+        k.apply(&crate::diff(None, rs)).unwrap();
+        k.apply(&tx).unwrap();
+
+        // No endpoints anywhere: rejected, not dropped, and not counted (upstream TestNoEndpointsMetric).
+        let mut st3 = st.clone();
+        st3.endpoints.clear();
+        let b3 = build(&st3, &[], &cfg, Some(rs));
+        assert_eq!(b3.no_local_endpoints, NoLocalEndpoints::default());
+        assert!(b3.ruleset.elements[NO_LOCAL_ENDPOINT_SERVICES_SET].is_empty());
+        assert_eq!(b3.ruleset.elements[NO_ENDPOINT_SERVICES_SET].len(), 3);
+    }
+
+    #[test]
+    fn external_chain_short_circuits_pods_and_the_node_under_etp_local() {
+        let sp = ServicePort::cluster_ip("ns", "e", "", Protocol::Tcp, "172.30.0.1", 80)
+            .with_node_port(30001)
+            .with_external_traffic_policy_local();
+        let mut st = ClusterState::default();
+        st.add_service(sp.clone());
+        let text = |cfg: &BuildConfig| -> Vec<String> {
+            let rs = build(&st, &[], cfg, None).ruleset;
+            rs.chains[&external_chain(&sp.name)].rules.iter().map(|r| r.display(Family::V4).to_string()).collect()
+        };
+        let (svc, loc) = (service_chain(&sp.name), local_chain(&sp.name));
+        assert_eq!(
+            text(&node_cfg()),
+            vec![
+                format!("ip saddr 10.0.0.0/8 goto {svc}"),
+                "fib saddr type local jump mark-for-masquerade".to_string(),
+                format!("fib saddr type local goto {svc}"),
+                format!("goto {loc}"),
+            ]
+        );
+        // Case 68: no local traffic detector, no pod short-circuit.
+        let mut cfg = node_cfg();
+        cfg.cluster_cidr = None;
+        assert_eq!(text(&cfg).len(), 3);
+        // Case 12: --masquerade-all does not change the external chain (only the ClusterIP rule).
+        cfg.masquerade_all = true;
+        assert_eq!(text(&cfg)[0], "fib saddr type local jump mark-for-masquerade");
+    }
+
+    #[test]
+    fn build_config_takes_name_zone_and_primary_ip_of_its_family_from_the_node() {
+        let node = NodeInfo {
+            name: "n1".into(),
+            primary_ips: vec!["fd00::2".parse().unwrap(), "192.168.0.2".parse().unwrap()],
+            labels: [(LABEL_TOPOLOGY_ZONE.to_string(), "zone-a".to_string())].into(),
+            ..Default::default()
+        };
+        let cfg = BuildConfig::new(Family::V4).with_node(&node);
+        assert_eq!(cfg.node_name, "n1");
+        assert_eq!(cfg.node_zone.as_deref(), Some("zone-a"));
+        assert_eq!(cfg.node_ip, Some("192.168.0.2".parse().unwrap()));
+        assert_eq!(BuildConfig::new(Family::V6).with_node(&node).node_ip, Some("fd00::2".parse().unwrap()));
     }
 }

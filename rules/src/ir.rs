@@ -317,6 +317,8 @@ pub enum Expr {
     CtStatusDnat,
     /// `fib daddr type local`
     FibDaddrLocal,
+    /// `fib saddr type local`: the packet comes from one of this node's own addresses.
+    FibSaddrLocal,
     /// `meta mark & MASK == 0`
     MarkClear(u32),
     /// `meta mark set meta mark | BITS`
@@ -392,6 +394,7 @@ impl fmt::Display for RuleText<'_> {
                 Expr::CtStateNew => f.write_str("ct state new")?,
                 Expr::CtStatusDnat => f.write_str("ct status dnat")?,
                 Expr::FibDaddrLocal => f.write_str("fib daddr type local")?,
+                Expr::FibSaddrLocal => f.write_str("fib saddr type local")?,
                 Expr::MarkClear(m) => write!(f, "meta mark & {m:#010x} == 0")?,
                 Expr::MarkOr(m) => write!(f, "meta mark set meta mark | {m:#010x}")?,
                 Expr::MarkXor(m) => write!(f, "meta mark set meta mark ^ {m:#010x}")?,
@@ -430,8 +433,11 @@ pub struct Ruleset {
     /// Creation order of sets (first) and chains (second).
     pub set_order: Vec<String>,
     pub chain_order: Vec<String>,
-    /// Endpoint slot block of every service port (see `build::SLOTS_PER_SERVICE`).
+    /// Endpoint slot block of every service port's cluster endpoints (see
+    /// `build::SLOTS_PER_SERVICE`).
     pub slots: BTreeMap<ServicePortName, u32>,
+    /// Slot block of the local endpoints of every service port with a Local traffic policy.
+    pub local_slots: BTreeMap<ServicePortName, u32>,
 }
 
 impl Ruleset {
@@ -444,6 +450,7 @@ impl Ruleset {
             set_order: Vec::new(),
             chain_order: Vec::new(),
             slots: BTreeMap::new(),
+            local_slots: BTreeMap::new(),
         }
     }
     pub fn add_set(&mut self, def: SetDef) {

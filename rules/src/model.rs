@@ -291,6 +291,9 @@ fn sorted_names(names: &[&str]) -> Vec<String> {
     v
 }
 
+/// The Node label holding the node's zone (upstream `v1.LabelTopologyZone`).
+pub const LABEL_TOPOLOGY_ZONE: &str = "topology.kubernetes.io/zone";
+
 /// What the rules need to know about this node.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct NodeInfo {
@@ -341,6 +344,13 @@ pub struct BuildConfig {
     /// `1 << masquerade_bit` is the mark that requests masquerade (default bit 14).
     pub masquerade_bit: u8,
     pub nodeport_addresses: NodePortAddresses,
+    /// This node's name: endpoints whose `nodeName` is this are local (Local traffic policies).
+    pub node_name: String,
+    /// This node's zone (label `topology.kubernetes.io/zone`), for topology hints.
+    pub node_zone: Option<String>,
+    /// This node's primary IP of the family (upstream's `nodeIP`): when a LoadBalancer source
+    /// range contains it, the LoadBalancer IPs themselves are allowed sources too.
+    pub node_ip: Option<IpAddr>,
 }
 
 impl BuildConfig {
@@ -351,7 +361,17 @@ impl BuildConfig {
             masquerade_all: false,
             masquerade_bit: 14,
             nodeport_addresses: NodePortAddresses::Primary,
+            node_name: String::new(),
+            node_zone: None,
+            node_ip: None,
         }
+    }
+    /// Takes this node's name, zone and primary IP of the family from its Node object.
+    pub fn with_node(mut self, node: &NodeInfo) -> Self {
+        self.node_name = node.name.clone();
+        self.node_zone = node.labels.get(LABEL_TOPOLOGY_ZONE).cloned();
+        self.node_ip = node.primary_ips.iter().copied().find(|ip| Family::of(ip) == self.family);
+        self
     }
     pub fn masquerade_mark(&self) -> u32 {
         1u32 << self.masquerade_bit

@@ -21,6 +21,11 @@ pub const SERVICE_IPS_MAP: &str = "service-ips";
 pub const SERVICE_NODEPORTS_MAP: &str = "service-nodeports";
 pub const NO_ENDPOINT_SERVICES_SET: &str = "no-endpoint-services";
 pub const NO_ENDPOINT_NODEPORTS_SET: &str = "no-endpoint-nodeports";
+/// kproxy's own: service IPs whose Local traffic policy finds no endpoint on this node while other
+/// nodes have some (upstream puts these in `no-endpoint-services` with a `drop` verdict).
+pub const NO_LOCAL_ENDPOINT_SERVICES_SET: &str = "no-local-endpoint-services";
+/// kproxy's own: the same for node ports (externalTrafficPolicy: Local).
+pub const NO_LOCAL_ENDPOINT_NODEPORTS_SET: &str = "no-local-endpoint-nodeports";
 /// kproxy's own: endpoint slots, `slot : addr . port`, looked up by the DNAT rules (name prefix of
 /// the per-shard maps).
 pub const SERVICE_ENDPOINTS_MAP: &str = "service-endpoints";
@@ -57,6 +62,11 @@ pub fn service_port_chain_base(spn: &ServicePortName) -> String {
 /// `service-HASH-ns/svc/proto/portName`: the chain that picks an endpoint.
 pub fn service_chain(spn: &ServicePortName) -> String {
     format!("service-{}", service_port_chain_base(spn))
+}
+
+/// `local-HASH-ns/svc/proto/portName`: the chain that picks one of this node's endpoints.
+pub fn local_chain(spn: &ServicePortName) -> String {
+    format!("local-{}", service_port_chain_base(spn))
 }
 
 /// `external-HASH-ns/svc/proto/portName`: the chain for NodePort, LB and external IP traffic.

@@ -32,6 +32,7 @@ const NFT_CT_STATUS: u32 = 2;
 const CT_STATE_NEW: u32 = 1 << 3;
 /// IPS_DST_NAT
 const IPS_DST_NAT: u32 = 1 << 5;
+const NFTA_FIB_F_SADDR: u32 = 1 << 0;
 const NFTA_FIB_F_DADDR: u32 = 1 << 1;
 const NFT_FIB_RESULT_ADDRTYPE: u32 = 3;
 /// RTN_LOCAL
@@ -225,6 +226,10 @@ impl<'a> Lowerer<'a> {
             IrExpr::CtStatusDnat => flag_match(out, Expr::CtLoad { key: NFT_CT_STATUS, dreg: 1 }, IPS_DST_NAT),
             IrExpr::FibDaddrLocal => {
                 out.push(Expr::Fib { flags: NFTA_FIB_F_DADDR, result: NFT_FIB_RESULT_ADDRTYPE, dreg: 1 });
+                out.push(Expr::Cmp { sreg: 1, op: NFT_CMP_EQ, data: RTN_LOCAL.to_ne_bytes().to_vec() });
+            }
+            IrExpr::FibSaddrLocal => {
+                out.push(Expr::Fib { flags: NFTA_FIB_F_SADDR, result: NFT_FIB_RESULT_ADDRTYPE, dreg: 1 });
                 out.push(Expr::Cmp { sreg: 1, op: NFT_CMP_EQ, data: RTN_LOCAL.to_ne_bytes().to_vec() });
             }
             IrExpr::MarkClear(m) => {

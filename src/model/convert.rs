@@ -322,8 +322,7 @@ fn policies(spec: &k8s_openapi::api::core::v1::ServiceSpec, has_external_ips: bo
         Some("Local") => Ok(true),
         Some(other) => Err(format!("{field} {other:?} is not Cluster or Local")),
     };
-    let external_local =
-        local("spec.externalTrafficPolicy", spec.external_traffic_policy.as_deref())? && accessible;
+    let external_local = local("spec.externalTrafficPolicy", spec.external_traffic_policy.as_deref())? && accessible;
     let internal_local = local("spec.internalTrafficPolicy", spec.internal_traffic_policy.as_deref())?;
     // apiservice.NeedsHealthCheck: only LoadBalancers with the Local external policy have one.
     let health_check_node_port = match spec.health_check_node_port.unwrap_or(0) {
@@ -466,10 +465,18 @@ pub fn endpoint_slice(slice: &EndpointSlice) -> Result<Converted<SliceInfo>, Rej
         }
         let c = ep.conditions.as_ref();
         let hints = ep.hints.as_ref();
-        let zone_hints = hint_names(hints.and_then(|h| h.for_zones.as_deref()).unwrap_or(&[]), |z| &z.name)
-            .map_err(|n| rej(format!("endpoints[{i}].hints.forZones has {n} entries, over the API limit of {MAX_ENDPOINT_HINTS}")))?;
-        let node_hints = hint_names(hints.and_then(|h| h.for_nodes.as_deref()).unwrap_or(&[]), |z| &z.name)
-            .map_err(|n| rej(format!("endpoints[{i}].hints.forNodes has {n} entries, over the API limit of {MAX_ENDPOINT_HINTS}")))?;
+        let zone_hints =
+            hint_names(hints.and_then(|h| h.for_zones.as_deref()).unwrap_or(&[]), |z| &z.name).map_err(|n| {
+                rej(format!(
+                    "endpoints[{i}].hints.forZones has {n} entries, over the API limit of {MAX_ENDPOINT_HINTS}"
+                ))
+            })?;
+        let node_hints =
+            hint_names(hints.and_then(|h| h.for_nodes.as_deref()).unwrap_or(&[]), |z| &z.name).map_err(|n| {
+                rej(format!(
+                    "endpoints[{i}].hints.forNodes has {n} entries, over the API limit of {MAX_ENDPOINT_HINTS}"
+                ))
+            })?;
         // Case 19/24: ready and serving default to true, terminating to false.
         endpoints.push(SliceEndpoint {
             ip,
@@ -829,7 +836,10 @@ spec:
             format!("metadata: {{namespace: ns1, name: svc1}}\nspec: {{clusterIP: 10.0.0.1, ports: [{{port: 80}}], {spec}}}")
         };
         let cases = [
-            ("loadBalancerSourceRanges: [10.0.0.0/8, bogus]", "spec.loadBalancerSourceRanges[1] \"bogus\" is not a CIDR"),
+            (
+                "loadBalancerSourceRanges: [10.0.0.0/8, bogus]",
+                "spec.loadBalancerSourceRanges[1] \"bogus\" is not a CIDR",
+            ),
             ("loadBalancerSourceRanges: ['10.0.0.1']", "spec.loadBalancerSourceRanges[0] \"10.0.0.1\" is not a CIDR"),
             ("loadBalancerSourceRanges: ['10.0.0.0/33']", "\"10.0.0.0/33\" is not a CIDR"),
             ("loadBalancerSourceRanges: ['10.0.0.0/-1']", "is not a CIDR"),

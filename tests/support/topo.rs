@@ -247,6 +247,8 @@ pub struct Service {
     ports: Vec<SvcPort>,
     external_ips: Vec<Ipv4Addr>,
     lb_ips: Vec<Ipv4Addr>,
+    /// Extra `spec:` fields, one YAML line each (`externalTrafficPolicy: Local`).
+    spec_lines: Vec<String>,
 }
 
 #[derive(Clone, Debug)]
@@ -260,7 +262,14 @@ struct SvcPort {
 
 impl Service {
     pub fn cluster_ip(name: &str, ip: Ipv4Addr) -> Self {
-        Service { name: name.into(), cluster_ip: ip, ports: vec![], external_ips: vec![], lb_ips: vec![] }
+        Service {
+            name: name.into(),
+            cluster_ip: ip,
+            ports: vec![],
+            external_ips: vec![],
+            lb_ips: vec![],
+            spec_lines: vec![],
+        }
     }
     pub fn port(mut self, name: &str, proto: Proto, port: u16, target: u16) -> Self {
         self.ports.push(SvcPort { name: name.into(), proto, port, target, node_port: None });
@@ -277,6 +286,11 @@ impl Service {
     }
     pub fn external_ip(mut self, ip: Ipv4Addr) -> Self {
         self.external_ips.push(ip);
+        self
+    }
+    /// Adds one field to the Service's spec, as a YAML line: `spec("externalTrafficPolicy: Local")`.
+    pub fn spec(mut self, line: &str) -> Self {
+        self.spec_lines.push(line.to_string());
         self
     }
     pub fn name(&self) -> &str {
@@ -317,6 +331,9 @@ impl Service {
         }
         if !self.external_ips.is_empty() {
             let _ = writeln!(y, "  externalIPs: [{}]", join(&self.external_ips));
+        }
+        for l in &self.spec_lines {
+            let _ = writeln!(y, "  {l}");
         }
         if !self.lb_ips.is_empty() {
             y.push_str("status:\n  loadBalancer:\n    ingress:\n");
