@@ -10,30 +10,36 @@ use tracing::{error, info, warn};
 
 use crate::backend::nftables::NftablesBackend;
 use crate::config::Config;
+use crate::http::Observer;
 use crate::localaddrs::local_addresses;
+use crate::metrics::Metrics;
 use crate::model::ChangeTracker;
 use crate::source::files::{load_dir, DirWatcher};
-use crate::sync::{families, log_report, Event, Inputs, Pacer, Proxier};
+use crate::sync::{families, log_report, Event, FaultHook, Inputs, Pacer, Proxier};
 
 impl crate::sync::Backend for NftablesBackend {
-    fn apply(&mut self, tx: &rules::Transaction) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-        NftablesBackend::apply(self, tx).map(|_| ()).map_err(|e| e.into())
+    fn apply(
+        &mut self,
+        tx: &rules::Transaction,
+    ) -> Result<crate::backend::nftables::ApplyStats, Box<dyn std::error::Error + Send + Sync>> {
+        NftablesBackend::apply(self, tx).map_err(|e| e.into())
     }
 }
 
 /// How often the manifests directory is checked for changes (changes show within 1 s).
 const MANIFEST_POLL: Duration = Duration::from_millis(250);
 
-/// Loads the manifests directory into a tracker, logging every rejected object once.
-fn load_into(cfg: &Config, tracker: &mut ChangeTracker) -> bool {
+/// Loads the manifests directory into a tracker, logging (and counting, given metrics) every
+/// rejected object once per load.
+fn load_into(cfg: &Config, tracker: &mut ChangeTracker, metrics: Option<&Metrics>) -> bool {
     let dir = cfg.manifests.as_ref().expect("manifests source");
     let snap = load_dir(dir);
-    for r in &snap.rejected {
-        warn!("skipping {r}");
-    }
     let (changed, rejected) = tracker.replace_all(snap.services, snap.slices, snap.nodes, &cfg.hostname);
-    for r in &rejected {
-        warn!("skipping {r}");
+    for r in snap.rejected.iter().chain(&rejected) {
+        warn!(kind = r.kind, object = %r.object(), "skipping {r}");
+        if let Some(m) = metrics {
+            m.object_rejected(r);
+        }
     }
     changed
 }
@@ -41,7 +47,7 @@ fn load_into(cfg: &Config, tracker: &mut ChangeTracker) -> bool {
 /// `--dry-run`: the full transaction of every family as an nft script.
 pub fn dry_run(cfg: &Config) -> String {
     let mut tracker = ChangeTracker::new(&cfg.hostname);
-    load_into(cfg, &mut tracker);
+    load_into(cfg, &mut tracker, None);
     let node = tracker.node();
     // Touch nothing: NodePort CIDRs are matched against the Node object's addresses, not this
     // machine's interfaces, so the output is the same wherever it is printed.
@@ -70,7 +76,12 @@ pub fn cleanup() -> Result<(), crate::backend::nftables::NftError> {
 }
 
 /// The files source: poll the directory, reload everything on change.
-fn spawn_files_source(cfg: &Config, tracker: Arc<Mutex<ChangeTracker>>, tx: mpsc::Sender<Event>) {
+fn spawn_files_source(
+    cfg: &Config,
+    tracker: Arc<Mutex<ChangeTracker>>,
+    tx: mpsc::Sender<Event>,
+    metrics: Arc<Metrics>,
+) {
     let cfg = cfg.clone();
     tokio::spawn(async move {
         let dir = cfg.manifests.clone().expect("manifests source");
@@ -82,7 +93,7 @@ fn spawn_files_source(cfg: &Config, tracker: Arc<Mutex<ChangeTracker>>, tx: mpsc
             if !watcher.changed() && !first {
                 continue;
             }
-            let changed = load_into(&cfg, &mut tracker.lock().expect("tracker lock"));
+            let changed = load_into(&cfg, &mut tracker.lock().expect("tracker lock"), Some(&metrics));
             if first {
                 first = false;
                 if tx.send(Event::Synced).await.is_err() {
@@ -100,9 +111,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let backend = NftablesBackend::new()?;
     let tracker = Arc::new(Mutex::new(ChangeTracker::new(&cfg.hostname)));
     let (tx, mut rx) = mpsc::channel::<Event>(16);
+    let mut obs = Observer::new(&cfg)?;
+    obs.start_servers(&cfg)?;
 
     match &cfg.manifests {
-        Some(_) => spawn_files_source(&cfg, tracker.clone(), tx),
+        Some(_) => spawn_files_source(&cfg, tracker.clone(), tx, obs.metrics.clone()),
         None => {
             let client = crate::source::kube::client(
                 cfg.kubeconfig.as_deref(),
@@ -116,25 +129,30 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         }
     }
 
-    let mut proxier = Proxier::new(cfg.clone(), backend);
+    let mut proxier = Proxier::new(cfg.clone(), FaultHook::from_env(backend));
     let mut pacer = Pacer::new(cfg.min_sync_period, cfg.sync_period, Instant::now());
     let mut initialized = false;
     let mut pending = false;
     let mut last_node_labels = None;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    obs.loop_started();
     loop {
         let now = Instant::now();
         let deadline = if pending { pacer.earliest(now) } else { pacer.next_periodic };
         tokio::select! {
-            ev = rx.recv() => match ev {
-                Some(Event::Synced) => { initialized = true; pending = true; }
-                Some(Event::Changed) => { pending = true; }
-                None => anyhow::bail!("the object source stopped"),
+            ev = rx.recv() => {
+                match ev {
+                    Some(Event::Synced) => { initialized = true; pending = true; }
+                    Some(Event::Changed) => { pending = true; }
+                    None => anyhow::bail!("the object source stopped"),
+                }
+                obs.changed(&tracker.lock().expect("tracker lock"));
             },
             _ = tokio::time::sleep_until(deadline.into()), if initialized => {
                 let started = Instant::now();
-                let result = {
-                    let t = tracker.lock().expect("tracker lock");
+                let (result, taken) = {
+                    let mut t = tracker.lock().expect("tracker lock");
+                    let taken = obs.sync_starting(&mut t);
                     let node = t.node();
                     // A change of the node's labels (topology) calls for a full resync, as upstream.
                     if last_node_labels.as_ref().is_some_and(|l| *l != node.labels) {
@@ -143,9 +161,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                     last_node_labels = Some(node.labels.clone());
                     let local_ips = local_addresses();
                     let state = |f: Family| t.cluster_state(f);
-                    proxier.sync(&Inputs { state: &state, node: &node, local_ips: &local_ips })
+                    (proxier.sync(&Inputs { state: &state, node: &node, local_ips: &local_ips }), taken)
                 };
                 pending = false;
+                obs.sync_done(&result, started, taken);
                 match result {
                     Ok(report) => {
                         log_report(&report, started.elapsed());

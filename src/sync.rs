@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use rules::ir::Ruleset;
@@ -14,11 +15,14 @@ use rules::transaction::TxStats;
 use rules::Transaction;
 use tracing::{debug, info, warn};
 
+use crate::backend::nftables::ApplyStats;
 use crate::config::Config;
+use crate::metrics::RulesetCounts;
 
-/// Where transactions go: the netlink backend in the daemon, a fake in tests.
+/// Where transactions go: the netlink backend in the daemon, a fake in tests. `Ok` says how big
+/// the batch was (for the transaction-size metrics).
 pub trait Backend {
-    fn apply(&mut self, tx: &Transaction) -> Result<(), Box<dyn std::error::Error + Send + Sync>>;
+    fn apply(&mut self, tx: &Transaction) -> Result<ApplyStats, Box<dyn std::error::Error + Send + Sync>>;
 }
 
 /// The fake kernel (one per family) as a backend, for tests of the loop.
@@ -31,7 +35,7 @@ pub struct FakeBackend {
 }
 
 impl Backend for FakeBackend {
-    fn apply(&mut self, tx: &Transaction) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    fn apply(&mut self, tx: &Transaction) -> Result<ApplyStats, Box<dyn std::error::Error + Send + Sync>> {
         if std::mem::take(&mut self.fail_next) {
             return Err("injected failure".into());
         }
@@ -41,24 +45,82 @@ impl Backend for FakeBackend {
             .apply(tx)
             .map_err(|e| format!("fake kernel refused op {}: {}", e.op_index, e.reason))?;
         self.transactions.push(tx.clone());
-        Ok(())
+        // One message per op plus the batch framing, as the netlink backend counts; the bytes are
+        // the script's, a stand-in of the right order of magnitude.
+        Ok(ApplyStats { messages: tx.ops.len() + 2, bytes: tx.to_string().len() })
     }
 }
 
-/// A family's sync failed; the kernel still holds its previous ruleset.
+/// Test hook: with `KPROXY_TEST_FAIL_APPLY=FILE` in the environment, every apply fails without
+/// touching the kernel while FILE exists, or blocks until FILE goes away when FILE contains
+/// `block`. End-to-end tests use it to drive the health checks into "stuck" and back; without the
+/// variable it costs one environment lookup at start-up.
+pub struct FaultHook<B> {
+    inner: B,
+    flag: Option<PathBuf>,
+}
+
+/// The environment variable of [`FaultHook`].
+pub const FAIL_APPLY_ENV: &str = "KPROXY_TEST_FAIL_APPLY";
+
+impl<B> FaultHook<B> {
+    pub fn from_env(inner: B) -> Self {
+        let flag = std::env::var_os(FAIL_APPLY_ENV).filter(|v| !v.is_empty()).map(PathBuf::from);
+        if let Some(f) = &flag {
+            warn!("{FAIL_APPLY_ENV} is set: applies fail while {} exists (a test hook)", f.display());
+        }
+        FaultHook { inner, flag }
+    }
+}
+
+impl<B: Backend> Backend for FaultHook<B> {
+    fn apply(&mut self, tx: &Transaction) -> Result<ApplyStats, Box<dyn std::error::Error + Send + Sync>> {
+        if let Some(flag) = &self.flag {
+            while let Ok(content) = std::fs::read_to_string(flag) {
+                if content.trim() != "block" {
+                    return Err(format!("injected failure: {} exists", flag.display()).into());
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        self.inner.apply(tx)
+    }
+}
+
+/// A family's sync failed; the kernel still holds its previous ruleset. `report` says what the
+/// whole sync did, the failed family and any others.
 #[derive(Debug, thiserror::Error)]
 #[error("applying the {family} ruleset: {source}")]
 pub struct SyncError {
     pub family: &'static str,
     #[source]
     pub source: Box<dyn std::error::Error + Send + Sync>,
+    pub report: SyncReport,
+}
+
+/// What one family's sync did.
+#[derive(Debug, Clone)]
+pub struct FamilyReport {
+    pub family: Family,
+    /// Synced from scratch (the kernel state was unknown).
+    pub full: bool,
+    pub stats: TxStats,
+    /// What was sent; zero when the transaction was empty (nothing is sent then).
+    pub applied: ApplyStats,
+    pub build: Duration,
+    pub diff: Duration,
+    pub apply: Duration,
+    /// What the desired ruleset holds.
+    pub counts: RulesetCounts,
+    /// Why the apply failed; `None` on success.
+    pub error: Option<String>,
 }
 
 /// What one sync did.
 #[derive(Debug, Default)]
 pub struct SyncReport {
     pub full: bool,
-    pub families: Vec<(Family, TxStats)>,
+    pub families: Vec<FamilyReport>,
     pub build: Duration,
     pub diff: Duration,
     pub apply: Duration,
@@ -73,13 +135,40 @@ pub struct Inputs<'a> {
 
 /// The desired ruleset of one family, and the build warnings.
 pub fn desired(cfg: &Config, family: Family, inputs: &Inputs<'_>, previous: Option<&Ruleset>) -> rules::Built {
+    desired_from(cfg, family, &(inputs.state)(family), inputs, previous)
+}
+
+/// [`desired`] from an already computed cluster state.
+fn desired_from(
+    cfg: &Config,
+    family: Family,
+    state: &ClusterState,
+    inputs: &Inputs<'_>,
+    previous: Option<&Ruleset>,
+) -> rules::Built {
     let np = cfg.nodeport.resolve(family, &inputs.node.primary_ips, inputs.local_ips);
     let node_ips: Vec<IpAddr> = match &np {
         rules::model::NodePortAddresses::Ips(ips) => ips.clone(),
         _ => Vec::new(),
     };
     let bc = cfg.build_config(family, np).with_node(inputs.node);
-    rules::build(&(inputs.state)(family), &node_ips, &bc, previous)
+    rules::build(state, &node_ips, &bc, previous)
+}
+
+/// How big a family's desired rules are, and the Local-policy ports without a local endpoint
+/// that the build counted (for `no_local_endpoints_total`).
+fn counts(state: &ClusterState, built: &rules::Built) -> RulesetCounts {
+    let rs = &built.ruleset;
+    RulesetCounts {
+        service_ports: state.services.len(),
+        endpoints: state.endpoints.values().map(Vec::len).sum(),
+        chains: rs.chains.len(),
+        rules: rs.chains.values().map(|c| c.rules.len()).sum(),
+        sets: rs.sets.len(),
+        elements: rs.element_count(),
+        no_local_internal: built.no_local_endpoints.internal,
+        no_local_external: built.no_local_endpoints.external,
+    }
 }
 
 /// The families kproxy programs: IPv4 always; IPv6 once anything IPv6 is configured or present.
@@ -126,39 +215,53 @@ impl<B: Backend> Proxier<B> {
         for family in fams {
             let t0 = Instant::now();
             let previous = self.applied.get(&family);
-            let built = desired(&self.cfg, family, inputs, previous);
+            let state = (inputs.state)(family);
+            let built = desired_from(&self.cfg, family, &state, inputs, previous);
             for s in &built.skipped {
                 warn!(family = family.label(), "skipping {s}");
             }
             let t1 = Instant::now();
             let tx = rules::diff(previous, &built.ruleset);
             let t2 = Instant::now();
-            report.full |= previous.is_none();
-            report.build += t1 - t0;
-            report.diff += t2 - t1;
+            let mut fr = FamilyReport {
+                family,
+                full: previous.is_none(),
+                stats: TxStats::default(),
+                applied: ApplyStats::default(),
+                build: t1 - t0,
+                diff: t2 - t1,
+                apply: Duration::ZERO,
+                counts: counts(&state, &built),
+                error: None,
+            };
             if tx.is_empty() {
                 debug!(family = family.label(), "no changes");
-                report.families.push((family, TxStats::default()));
-                continue;
-            }
-            debug!(family = family.label(), "transaction:\n{tx}");
-            let stats = tx.stats();
-            match self.backend.apply(&tx) {
-                Ok(()) => {
-                    self.applied.insert(family, built.ruleset);
-                    report.families.push((family, stats));
-                }
-                Err(e) => {
-                    self.applied.remove(&family);
-                    if first_err.is_none() {
-                        first_err = Some(SyncError { family: family.label(), source: e });
+            } else {
+                debug!(family = family.label(), "transaction:\n{tx}");
+                fr.stats = tx.stats();
+                match self.backend.apply(&tx) {
+                    Ok(applied) => {
+                        fr.applied = applied;
+                        self.applied.insert(family, built.ruleset);
+                    }
+                    Err(e) => {
+                        self.applied.remove(&family);
+                        fr.error = Some(e.to_string());
+                        if first_err.is_none() {
+                            first_err = Some((family.label(), e));
+                        }
                     }
                 }
+                fr.apply = t2.elapsed();
             }
-            report.apply += t2.elapsed();
+            report.full |= fr.full;
+            report.build += fr.build;
+            report.diff += fr.diff;
+            report.apply += fr.apply;
+            report.families.push(fr);
         }
         match first_err {
-            Some(e) => Err(e),
+            Some((family, source)) => Err(SyncError { family, source, report }),
             None => Ok(report),
         }
     }
@@ -208,16 +311,19 @@ impl Pacer {
 
 /// Logs one line per sync at info level, as operators expect.
 pub fn log_report(r: &SyncReport, elapsed: Duration) {
-    let ops: usize = r.families.iter().map(|(_, s)| s.ops).sum();
-    let added: usize = r.families.iter().map(|(_, s)| s.elements_added).sum();
-    let removed: usize = r.families.iter().map(|(_, s)| s.elements_removed).sum();
+    let ops: usize = r.families.iter().map(|f| f.stats.ops).sum();
+    let added: usize = r.families.iter().map(|f| f.stats.elements_added).sum();
+    let removed: usize = r.families.iter().map(|f| f.stats.elements_removed).sum();
+    let bytes: usize = r.families.iter().map(|f| f.applied.bytes).sum();
     info!(
         mode = "nftables",
         full = r.full,
         ops,
+        bytes,
         elements_added = added,
         elements_removed = removed,
         build_ms = r.build.as_secs_f64() * 1e3,
+        diff_ms = r.diff.as_secs_f64() * 1e3,
         apply_ms = r.apply.as_secs_f64() * 1e3,
         elapsed_ms = elapsed.as_secs_f64() * 1e3,
         "sync done"
@@ -292,6 +398,73 @@ mod tests {
         assert!(!r.full);
         let last = p.backend.transactions.last().unwrap();
         assert!(last.ops.iter().all(|o| matches!(o, rules::Op::AddElements { .. } | rules::Op::DeleteElements { .. })));
+    }
+
+    #[test]
+    fn the_report_says_per_family_what_was_built_sent_and_why_it_failed() {
+        let mut p = Proxier::new(cfg(), FakeBackend::default());
+        let r = sync_with(&mut p, &state(2)).unwrap();
+        let f = &r.families[0];
+        assert_eq!((f.family, f.full, f.error.as_deref()), (Family::V4, true, None));
+        assert_eq!(f.applied.messages, f.stats.ops + 2);
+        assert!(f.applied.bytes > 0);
+        assert_eq!((f.counts.service_ports, f.counts.endpoints), (1, 2));
+        assert!(f.counts.elements > 0 && f.counts.rules > 0 && f.counts.chains > 0);
+        // A no-op sync sends nothing but still reports what the ruleset holds.
+        let r = sync_with(&mut p, &state(2)).unwrap();
+        assert_eq!(r.families[0].applied, ApplyStats::default());
+        assert_eq!(r.families[0].counts.endpoints, 2);
+
+        p.backend.fail_next = true;
+        let e = sync_with(&mut p, &state(3)).unwrap_err();
+        assert_eq!(e.family, "IPv4");
+        let f = &e.report.families[0];
+        assert_eq!(f.error.as_deref(), Some("injected failure"));
+        assert!(f.stats.ops > 0, "the failed transaction's size is still reported");
+    }
+
+    #[test]
+    fn local_policy_ports_without_local_endpoints_are_counted() {
+        let mut s = ClusterState::default();
+        let local = |name: &str, ip: &str| {
+            ServicePort::cluster_ip("ns", name, "", Protocol::Tcp, ip, 80).with_internal_traffic_policy_local()
+        };
+        // Endpoints elsewhere only: counted.
+        let a = local("a", "172.30.0.1");
+        s.add_service(a.clone());
+        s.add_endpoint(&a.name, Endpoint::ready("10.1.0.1", 80).on_node("other"));
+        // A local endpoint: not counted.
+        let b = local("b", "172.30.0.2");
+        s.add_service(b.clone());
+        s.add_endpoint(&b.name, Endpoint::ready("10.1.0.2", 80).on_node("test-node"));
+        // No endpoints at all: not counted (upstream TestNoEndpointsMetric).
+        s.add_service(local("c", "172.30.0.3"));
+        // External Local policy, endpoints elsewhere: counted as external.
+        let d = ServicePort::cluster_ip("ns", "d", "", Protocol::Tcp, "172.30.0.4", 80)
+            .with_node_port(30004)
+            .with_external_traffic_policy_local();
+        s.add_service(d.clone());
+        s.add_endpoint(&d.name, Endpoint::ready("10.1.0.4", 80).on_node("other"));
+        let mut p = Proxier::new(cfg(), FakeBackend::default());
+        let r = sync_with(&mut p, &s).unwrap();
+        let c = r.families[0].counts;
+        assert_eq!((c.no_local_internal, c.no_local_external), (1, 1));
+    }
+
+    #[test]
+    fn fault_hook_fails_while_the_flag_file_exists() {
+        let dir = std::env::temp_dir().join(format!("kproxy-faulthook-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let flag = dir.join("fail");
+        let mut hook = FaultHook { inner: FakeBackend::default(), flag: Some(flag.clone()) };
+        let tx = rules::diff(None, &rules::ir::Ruleset::new(Family::V4));
+        assert!(hook.apply(&tx).is_ok());
+        std::fs::write(&flag, "").unwrap();
+        let e = hook.apply(&tx).unwrap_err().to_string();
+        assert!(e.starts_with("injected failure"), "{e}");
+        std::fs::remove_file(&flag).unwrap();
+        assert!(hook.apply(&tx).is_ok());
+        std::fs::remove_dir_all(&dir).ok();
     }
 
     #[test]

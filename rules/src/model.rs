@@ -303,6 +303,10 @@ pub struct NodeInfo {
     /// Every InternalIP and ExternalIP of the Node object, in order.
     pub addresses: Vec<IpAddr>,
     pub labels: BTreeMap<String, String>,
+    /// The Node has a deletionTimestamp or the cluster autoscaler's `ToBeDeletedByClusterAutoscaler`
+    /// taint. The rules ignore it; `/healthz` fails for such a node (as upstream) so that load
+    /// balancers drain it before it goes away.
+    pub being_deleted: bool,
 }
 
 /// The whole cluster as one family's rules see it: every service port and its endpoints.

@@ -22,6 +22,8 @@ use super::Rejected;
 pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
 /// Set by the EndpointSlice controller on headless Services' slices; filtered out like the above.
 pub const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
+/// The taint the cluster autoscaler puts on a node before deleting it (upstream `ToBeDeletedTaint`).
+pub const TO_BE_DELETED_TAINT: &str = "ToBeDeletedByClusterAutoscaler";
 /// The label that ties an EndpointSlice to its Service.
 pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
 
@@ -535,11 +537,19 @@ pub fn node(node: &Node) -> Result<NodeInfo, Rejected> {
             primary_ips.push(*other);
         }
     }
+    let tainted = node
+        .spec
+        .as_ref()
+        .and_then(|s| s.taints.as_deref())
+        .unwrap_or(&[])
+        .iter()
+        .any(|t| t.key == TO_BE_DELETED_TAINT);
     Ok(NodeInfo {
         name: name.to_string(),
         primary_ips,
         addresses: all,
         labels: node.metadata.labels.clone().unwrap_or_default(),
+        being_deleted: node.metadata.deletion_timestamp.is_some() || tainted,
     })
 }
 
@@ -1048,5 +1058,16 @@ status:
         assert!(node_of("metadata: {name: n}").primary_ips.is_empty());
         let bad: Node = serde_yaml::from_str("metadata: {name: 'n;x'}").unwrap();
         assert!(node(&bad).unwrap_err().to_string().starts_with("Node n;x: metadata.name"));
+    }
+
+    #[test]
+    fn node_being_deleted_by_timestamp_or_autoscaler_taint() {
+        assert!(!node_of("metadata: {name: n}").being_deleted);
+        assert!(!node_of("metadata: {name: n}\nspec: {taints: [{key: other, effect: NoSchedule}]}").being_deleted);
+        assert!(
+            node_of("metadata: {name: n}\nspec: {taints: [{key: ToBeDeletedByClusterAutoscaler, value: '1700000000', effect: NoSchedule}]}")
+                .being_deleted
+        );
+        assert!(node_of("metadata: {name: n, deletionTimestamp: '2024-01-01T00:00:00Z'}").being_deleted);
     }
 }
