@@ -197,7 +197,13 @@ fn reg<M: prometheus::core::Collector + Clone + 'static>(r: &Registry, name: &st
     Ok(m)
 }
 
-fn hist(r: &Registry, name: &str, help: String, buckets: Vec<f64>, labels: &[&str]) -> Result<HistogramVec, MetricsError> {
+fn hist(
+    r: &Registry,
+    name: &str,
+    help: String,
+    buckets: Vec<f64>,
+    labels: &[&str],
+) -> Result<HistogramVec, MetricsError> {
     let m = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)
         .map_err(|source| MetricsError::Register { name: name.to_string(), source })?;
     reg(r, name, m)
@@ -332,7 +338,12 @@ impl Metrics {
                 alpha("Cumulative proxy healthz HTTP status"),
                 &["code"],
             )?,
-            livez_total: counter_vec(&r, &up("proxy_livez_total"), alpha("Cumulative proxy livez HTTP status"), &["code"])?,
+            livez_total: counter_vec(
+                &r,
+                &up("proxy_livez_total"),
+                alpha("Cumulative proxy livez HTTP status"),
+                &["code"],
+            )?,
             no_local_endpoints_total: int_gauge_vec(
                 &r,
                 &up("sync_proxy_rules_no_local_endpoints_total"),
@@ -452,15 +463,30 @@ impl Metrics {
         };
         let process = Process {
             cpu_seconds_total: {
-                let m = prometheus::Counter::new("process_cpu_seconds_total", "Total user and system CPU time spent in seconds.")
-                    .map_err(|source| MetricsError::Register { name: "process_cpu_seconds_total".into(), source })?;
+                let m = prometheus::Counter::new(
+                    "process_cpu_seconds_total",
+                    "Total user and system CPU time spent in seconds.",
+                )
+                .map_err(|source| MetricsError::Register { name: "process_cpu_seconds_total".into(), source })?;
                 reg(&r, "process_cpu_seconds_total", m)?
             },
-            resident_memory_bytes: int_gauge(&r, "process_resident_memory_bytes", "Resident memory size in bytes.".into())?,
-            virtual_memory_bytes: int_gauge(&r, "process_virtual_memory_bytes", "Virtual memory size in bytes.".into())?,
+            resident_memory_bytes: int_gauge(
+                &r,
+                "process_resident_memory_bytes",
+                "Resident memory size in bytes.".into(),
+            )?,
+            virtual_memory_bytes: int_gauge(
+                &r,
+                "process_virtual_memory_bytes",
+                "Virtual memory size in bytes.".into(),
+            )?,
             start_time_seconds: {
-                let m = Gauge::new("process_start_time_seconds", "Start time of the process since unix epoch in seconds.")
-                    .map_err(|source| MetricsError::Register { name: "process_start_time_seconds".into(), source })?;
+                let m =
+                    Gauge::new("process_start_time_seconds", "Start time of the process since unix epoch in seconds.")
+                        .map_err(|source| MetricsError::Register {
+                            name: "process_start_time_seconds".into(),
+                            source,
+                        })?;
                 reg(&r, "process_start_time_seconds", m)?
             },
             open_fds: int_gauge(&r, "process_open_fds", "Number of open file descriptors.".into())?,
@@ -829,13 +855,7 @@ mod tests {
             },
             error: error.map(String::from),
         };
-        SyncReport {
-            full,
-            build: fr.build,
-            diff: fr.diff,
-            apply: fr.apply,
-            families: vec![fr],
-        }
+        SyncReport { full, build: fr.build, diff: fr.diff, apply: fr.apply, families: vec![fr] }
     }
 
     /// `name{labels} value` lines of one metric in the exposition text.
@@ -883,9 +903,15 @@ mod tests {
         ] {
             assert!(text.contains(&format!("# TYPE {name} {ty}\n")), "{name} {ty} missing:\n{text}");
         }
-        assert!(text.contains("# HELP kubeproxy_sync_proxy_rules_duration_seconds [ALPHA] SyncProxyRules latency in seconds\n"));
-        assert!(text.contains("kubeproxy_network_programming_duration_seconds_bucket{ip_family=\"IPv4\",le=\"0.25\"} 0\n"));
-        assert!(text.contains("kubeproxy_sync_proxy_rules_no_local_endpoints_total{ip_family=\"IPv4\",traffic_policy=\"internal\"} 0\n"));
+        assert!(text.contains(
+            "# HELP kubeproxy_sync_proxy_rules_duration_seconds [ALPHA] SyncProxyRules latency in seconds\n"
+        ));
+        assert!(
+            text.contains("kubeproxy_network_programming_duration_seconds_bucket{ip_family=\"IPv4\",le=\"0.25\"} 0\n")
+        );
+        assert!(text.contains(
+            "kubeproxy_sync_proxy_rules_no_local_endpoints_total{ip_family=\"IPv4\",traffic_policy=\"internal\"} 0\n"
+        ));
     }
 
     #[test]
@@ -898,21 +924,26 @@ mod tests {
         m.observe_sync(&report(true, None), Duration::from_millis(8), &trig, now);
         m.observe_sync(&report(false, Some("boom")), Duration::from_millis(8), &[], now);
         let t = m.encode().unwrap();
-        assert_eq!(samples(&t, "kubeproxy_sync_proxy_rules_duration_seconds_count"), [
-            "kubeproxy_sync_proxy_rules_duration_seconds_count{ip_family=\"IPv4\"} 2"
-        ]);
-        assert_eq!(samples(&t, "kubeproxy_sync_full_proxy_rules_duration_seconds_count"), [
-            "kubeproxy_sync_full_proxy_rules_duration_seconds_count{ip_family=\"IPv4\"} 1"
-        ]);
-        assert_eq!(samples(&t, "kubeproxy_sync_proxy_rules_nftables_sync_failures_total"), [
-            "kubeproxy_sync_proxy_rules_nftables_sync_failures_total 1"
-        ]);
-        assert_eq!(samples(&t, "kubeproxy_sync_proxy_rules_service_changes_total"), [
-            "kubeproxy_sync_proxy_rules_service_changes_total 2"
-        ]);
-        assert_eq!(samples(&t, "kubeproxy_sync_proxy_rules_endpoint_changes_pending"), [
-            "kubeproxy_sync_proxy_rules_endpoint_changes_pending 0"
-        ]);
+        assert_eq!(
+            samples(&t, "kubeproxy_sync_proxy_rules_duration_seconds_count"),
+            ["kubeproxy_sync_proxy_rules_duration_seconds_count{ip_family=\"IPv4\"} 2"]
+        );
+        assert_eq!(
+            samples(&t, "kubeproxy_sync_full_proxy_rules_duration_seconds_count"),
+            ["kubeproxy_sync_full_proxy_rules_duration_seconds_count{ip_family=\"IPv4\"} 1"]
+        );
+        assert_eq!(
+            samples(&t, "kubeproxy_sync_proxy_rules_nftables_sync_failures_total"),
+            ["kubeproxy_sync_proxy_rules_nftables_sync_failures_total 1"]
+        );
+        assert_eq!(
+            samples(&t, "kubeproxy_sync_proxy_rules_service_changes_total"),
+            ["kubeproxy_sync_proxy_rules_service_changes_total 2"]
+        );
+        assert_eq!(
+            samples(&t, "kubeproxy_sync_proxy_rules_endpoint_changes_pending"),
+            ["kubeproxy_sync_proxy_rules_endpoint_changes_pending 0"]
+        );
         // 1.5 s lands in the le="2" bucket, not in le="1".
         assert!(t.contains("kubeproxy_network_programming_duration_seconds_bucket{ip_family=\"IPv4\",le=\"1\"} 0\n"));
         assert!(t.contains("kubeproxy_network_programming_duration_seconds_bucket{ip_family=\"IPv4\",le=\"2\"} 1\n"));

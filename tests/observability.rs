@@ -40,7 +40,8 @@ impl Netns {
             String::from_utf8_lossy(&out.stderr)
         );
         let ns = Netns { name };
-        let out = Command::new("ip").args(["netns", "exec", &ns.name, "ip", "link", "set", "lo", "up"]).output().unwrap();
+        let out =
+            Command::new("ip").args(["netns", "exec", &ns.name, "ip", "link", "set", "lo", "up"]).output().unwrap();
         assert!(out.status.success(), "lo up: {}", String::from_utf8_lossy(&out.stderr));
         ns
     }
@@ -212,6 +213,11 @@ struct Daemon {
 impl Daemon {
     /// Starts kproxy; `fail_from_start` creates the fail flag first, so no apply succeeds.
     fn start(sync_period: &str, fail_from_start: bool) -> Daemon {
+        Daemon::start_with(sync_period, fail_from_start, &[])
+    }
+
+    /// [`Daemon::start`] with more flags.
+    fn start_with(sync_period: &str, fail_from_start: bool, extra: &[&str]) -> Daemon {
         let ns = Netns::new();
         let manifests = TempDir::new("manifests");
         let work = TempDir::new("work");
@@ -231,6 +237,7 @@ impl Daemon {
             .args(["--healthz-bind-address", &format!("127.0.0.1:{HEALTH_PORT}")])
             .args(["--metrics-bind-address", &format!("127.0.0.1:{METRICS_PORT}")])
             .args(["--iptables-sync-period", sync_period, "--iptables-min-sync-period", "0s"])
+            .args(extra)
             .env("KPROXY_TEST_FAIL_APPLY", &flag)
             .env_remove("RUST_LOG")
             .stdout(Stdio::null())
@@ -294,13 +301,16 @@ impl Drop for Daemon {
     }
 }
 
+/// One sample: its labels (sorted) and value.
+type Sample = (BTreeMap<String, String>, f64);
+
 /// A parsed text exposition: metric families by name.
 #[derive(Debug, Default)]
 struct Exposition {
     types: BTreeMap<String, String>,
     help: BTreeMap<String, String>,
-    /// Sample name → label sets (as sorted `k=v` maps) and values.
-    samples: BTreeMap<String, Vec<(BTreeMap<String, String>, f64)>>,
+    /// Sample name → label sets and values.
+    samples: BTreeMap<String, Vec<Sample>>,
 }
 
 impl Exposition {
@@ -535,7 +545,10 @@ fn health_through_the_life_cycle() {
     let v = d.wait_health("/healthz", 503, "stuck");
     assert_eq!(v["nodeEligible"], true);
     assert_eq!(v["healthy"], false);
-    assert!(d.log().contains("sync failed"), "{}", d.log());
+    // The error names the family and the reason.
+    let log = d.log();
+    let line = log.lines().find(|l| l.contains("sync failed")).unwrap_or_else(|| panic!("{log}"));
+    assert!(line.contains("applying the IPv4 ruleset: injected failure"), "{line}");
 
     // Recovered: the retry after syncPeriod succeeds.
     std::fs::remove_file(&d.flag).unwrap();
@@ -576,6 +589,31 @@ fn health_through_the_life_cycle() {
     let v: serde_json::Value = serde_json::from_str(&d.metrics_port("/debug/syncs").unwrap().body).unwrap();
     let failed = v["syncs"].as_array().unwrap().iter().find(|s| s["ok"] == false).expect("a failed sync");
     assert!(failed["error"].as_str().unwrap().contains("injected failure"), "{failed}");
+}
+
+#[test]
+fn json_logs_name_the_object_and_the_reason() {
+    let d = Daemon::start_with("30s", false, &["--logging-format", "json"]);
+    d.wait_syncs(1, 1);
+    let log = d.log();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not one JSON object per line ({e}): {l}")))
+        .collect();
+    let skip = lines
+        .iter()
+        .find(|v| v["fields"]["object"] == "ns1/broken")
+        .unwrap_or_else(|| panic!("no log line for the invalid Service:\n{log}"));
+    assert_eq!(skip["level"], "WARN");
+    assert_eq!(skip["fields"]["kind"], "Service");
+    let msg = skip["fields"]["message"].as_str().unwrap();
+    assert!(msg.contains("spec.ports[0].port 0 is out of range 1-65535"), "{msg}");
+    let sync = lines.iter().find(|v| v["fields"]["message"] == "sync done").expect("a sync line");
+    assert_eq!(sync["level"], "INFO");
+    assert_eq!(sync["fields"]["full"], true);
+    assert!(sync["fields"]["ops"].as_u64().unwrap() > 0);
+    assert!(sync["fields"]["bytes"].as_u64().unwrap() > 0);
+    assert!(sync["fields"]["elapsed_ms"].as_f64().is_some());
 }
 
 /// Metric names a PromQL expression selects (identifiers followed by a `{` selector), with quoted
@@ -666,7 +704,11 @@ fn dashboard_and_alerts_use_only_exported_metrics_and_promtool_accepts_the_rules
     dashboard_exprs(&dash, &mut exprs);
     let n_dash = exprs.len();
     exprs.extend(alert_exprs(&alerts_text));
-    assert!(n_dash > 30 && exprs.len() > n_dash + 5, "{n_dash} dashboard and {} alert expressions", exprs.len() - n_dash);
+    assert!(
+        n_dash > 30 && exprs.len() > n_dash + 5,
+        "{n_dash} dashboard and {} alert expressions",
+        exprs.len() - n_dash
+    );
 
     // The generator and the JSON agree.
     if let Ok(out) = Command::new("python3").arg(repo().join("deploy/dashboards/generate.py")).output() {
@@ -737,7 +779,8 @@ fn the_built_in_page_charts_syncs_in_headless_chromium() {
     std::fs::write(&d.flag, "fail").unwrap();
     write(&d.manifests.0.join("slices.yaml"), &slices(5));
     wait_for("a failed sync", Duration::from_secs(30), &d, || {
-        let v: serde_json::Value = serde_json::from_str(&d.metrics_port("/debug/syncs")?.body).map_err(|e| e.to_string())?;
+        let v: serde_json::Value =
+            serde_json::from_str(&d.metrics_port("/debug/syncs")?.body).map_err(|e| e.to_string())?;
         v["syncs"].as_array().unwrap().iter().any(|s| s["ok"] == false).then_some(()).ok_or_else(|| v.to_string())
     });
     std::fs::remove_file(&d.flag).unwrap();

@@ -246,7 +246,10 @@ mod tests {
         let a = h.livez_at(at(0));
         assert_eq!(a.code, 200);
         // Healthy: lastUpdated is overwritten with now; no status when no family updated.
-        assert_eq!(a.body, r#"{"lastUpdated":"2023-11-14T22:13:20Z","currentTime":"2023-11-14T22:13:20Z","healthy":true}"#);
+        assert_eq!(
+            a.body,
+            r#"{"lastUpdated":"2023-11-14T22:13:20Z","currentTime":"2023-11-14T22:13:20Z","healthy":true}"#
+        );
         // No Node yet: /healthz fails, with the same shape plus nodeEligible.
         let a = h.healthz_at(at(0));
         assert_eq!(a.code, 503);
