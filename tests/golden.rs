@@ -341,6 +341,7 @@ scenarios! {
     etp_local_no_detector_68 => "etp-local-no-detector-68",
     terminating_local_72_75 => "terminating-local-72-75",
     itp_local_82_87 => "itp-local-82-87",
+    source_ranges_52_57_62 => "source-ranges-52-57-62",
 }
 
 #[test]

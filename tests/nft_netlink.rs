@@ -49,6 +49,41 @@ fn assert_same_listing(netlink: &str, nft: &str, what: &str) {
     );
 }
 
+/// A listing with the elements of every set in sorted order. Concatenated interval (pipapo) sets
+/// list elements in insertion order, and nft 1.0.6 reorders consecutive `add element` commands of
+/// one set when it collapses them into one message (the first, then the rest last to first), so
+/// the same elements list in another order than netlink's one message sends them.
+fn sorted_elements(listing: &str) -> String {
+    let mut out: Vec<String> = Vec::new();
+    let mut elems: Option<(String, Vec<String>)> = None;
+    for line in listing.lines() {
+        let t = line.trim();
+        if let Some((indent, v)) = elems.as_mut() {
+            let last = t.ends_with('}');
+            v.push(t.trim_end_matches([',', '}']).trim().to_string());
+            if last {
+                v.sort();
+                out.push(format!("{indent}elements = {{ {} }}", v.join(", ")));
+                elems = None;
+            }
+            continue;
+        }
+        if let Some(rest) = t.strip_prefix("elements = { ") {
+            let indent = line[..line.len() - line.trim_start().len()].to_string();
+            let mut v = vec![rest.trim_end_matches([',', '}']).trim().to_string()];
+            if rest.ends_with('}') {
+                v.sort();
+                out.push(format!("{indent}elements = {{ {} }}", v.join(", ")));
+            } else {
+                elems = Some((indent, v));
+            }
+            continue;
+        }
+        out.push(line.to_string());
+    }
+    out.join("\n")
+}
+
 /// Applies `tx` via netlink in one fresh namespace and via `nft -f` in another, and compares
 /// `nft list table`. Returns the namespaces for further steps.
 fn apply_both(name: &str, tx: &Transaction) -> (Netns, NftablesBackend, Netns) {
@@ -209,6 +244,7 @@ fn fixtures() -> Vec<Fixture> {
             cfg: {
                 let mut c = cidr8_node(Family::V4, "10.0.0.0/8");
                 c.node_name = "node-a".into();
+                c.node_ip = Some(ip("192.168.0.2"));
                 c
             },
         },
@@ -219,6 +255,7 @@ fn fixtures() -> Vec<Fixture> {
             cfg: {
                 let mut c = cidr8_node(Family::V6, "fd00:180::/64");
                 c.node_name = "node-a".into();
+                c.node_ip = Some(ip("fd00::2"));
                 c
             },
         },
@@ -397,6 +434,55 @@ fn kitchen_sink(fam: Family) -> Transaction {
 
 // ---------------------------------------------------------------------------------------------
 // 1. full rulesets: netlink == nft -f
+
+/// loadBalancerSourceRanges (issue 4): the firewall sets, a four-field concatenated interval set
+/// (`LB IP . proto . port . source range`) looked up with `!=`, holding prefixes and single
+/// addresses (the LB IPs, allowed since the node's IP is in a range). Element order aside (see
+/// `sorted_elements`), netlink and `nft -f` must list the same table, then the same after the
+/// ranges change.
+#[test]
+fn firewall_sets_list_like_nft() {
+    for fam in [Family::V4, Family::V6] {
+        let a = |v4: &str, v6: &str| if fam == Family::V4 { v4.to_string() } else { v6.to_string() };
+        let lb = |ranges: &[&str]| {
+            let mut sp = svc("ns8", "fw", "http", Protocol::Tcp, &a("172.30.8.1", "fd00:30::81"), 80)
+                .with_node_port(30880)
+                .with_load_balancer_ip(&a("1.2.3.7", "2001:db8::7"))
+                .with_load_balancer_ip(&a("1.2.3.8", "2001:db8::8"));
+            for r in ranges {
+                sp = sp.with_source_range(r);
+            }
+            let mut st = ClusterState::default();
+            st.add_service(sp.clone());
+            st.add_endpoint(&sp.name, Endpoint::ready(&a("10.180.8.1", "fd00:180::81"), 8080));
+            st
+        };
+        let mut cfg = BuildConfig::new(fam);
+        cfg.node_ip = Some(ip(&a("192.168.0.2", "fd00::2")));
+        let v4 = fam == Family::V4;
+        let first = lb(if v4 { &["203.0.113.0/25", "192.168.0.0/24"] } else { &["2001:db8:1::/48", "fd00::/64"] });
+        let second = lb(if v4 { &["203.0.113.0/24"] } else { &["2001:db8:1::/48"] });
+        let node_ips = vec![ip(&a("192.168.0.2", "fd00::2"))];
+        let rs1 = build(&first, &node_ips, &cfg, None).ruleset;
+        let rs2 = build(&second, &node_ips, &cfg, Some(&rs1)).ruleset;
+        assert_eq!(rs1.elements["firewall-allow"].len(), 8);
+        assert_eq!(rs2.elements["firewall-allow"].len(), 2, "node outside: no LB IP sources");
+        let name = format!("firewall-{}", fam.nft());
+        let full = diff(None, &rs1);
+        dump(&name, &full);
+        let (x, y) = (Netns::new(), Netns::new());
+        let mut be = x.backend().expect("open backend");
+        be.apply(&full).unwrap_or_else(|e| panic!("{name}: netlink: {e}"));
+        y.nft_script(&full.to_string()).unwrap_or_else(|e| panic!("{name}: nft -f: {e}\n{full}"));
+        let f = fam.nft();
+        assert_same_listing(&sorted_elements(&x.list_table(f)), &sorted_elements(&y.list_table(f)), &name);
+        assert!(x.list_table(f).contains("192.168.0.0/24") || !v4);
+        let delta = diff(Some(&rs1), &rs2);
+        be.apply(&delta).unwrap_or_else(|e| panic!("{name}: netlink delta: {e}"));
+        y.nft_script(&delta.to_string()).unwrap_or_else(|e| panic!("{name}: nft -f delta: {e}\n{delta}"));
+        assert_same_listing(&sorted_elements(&x.list_table(f)), &sorted_elements(&y.list_table(f)), &name);
+    }
+}
 
 #[test]
 fn full_rulesets_list_like_nft() {

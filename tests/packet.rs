@@ -506,7 +506,14 @@ fn internal_traffic_policy_local_uses_only_local_endpoints() {
     let a = t.prober(Host::Node).probe(Tcp, cip, 80, 20, T1);
     assert_spread("node -> ClusterIP, iTP Local", &a, &[Pod::B1, Pod::B2], |_| NODE_BRIDGE_IP, 0.05, 0.95);
     let a = t.prober(Host::Ext).probe(Tcp, NODE_IP, 30090, 40, T1);
-    assert_spread("ext -> node port (cluster policy)", &a, &[Pod::B1, Pod::B2, Pod::R1], |p| p.masqueraded_src(), 0.05, 0.9);
+    assert_spread(
+        "ext -> node port (cluster policy)",
+        &a,
+        &[Pod::B1, Pod::B2, Pod::R1],
+        |p| p.masqueraded_src(),
+        0.05,
+        0.9,
+    );
 
     t.apply(&svc, &slice().endpoint(Pod::R1));
     let (_, took) = poll("ClusterIP dropped once the local endpoints are gone", Duration::from_secs(4), || {
@@ -516,4 +523,46 @@ fn internal_traffic_policy_local_uses_only_local_endpoints() {
     eprintln!("drop in effect after {took:?}");
     let a = t.prober(Host::Ext).probe(Tcp, NODE_IP, 30090, 5, T1);
     expect_answer(&a, Pod::R1, Pod::R1.masqueraded_src()).unwrap_or_else(|e| panic!("node port, remote only: {e}"));
+}
+
+/// Cases 52-57: loadBalancerSourceRanges. ext (203.0.113.2) is inside the first Service's range
+/// and reaches its LB IP; a pod is not (dropped before DNAT, case 55) but reaches the node port,
+/// which is never filtered (case 52); the node's own address is inside a range, so the node gets
+/// through too (case 56). The second Service's range leaves ext and the node out: dropped (54,
+/// 57), while its node port still answers.
+#[test]
+fn load_balancer_source_ranges_allow_and_deny() {
+    let t = Topo::new();
+    let lb2 = Ipv4Addr::new(198, 51, 100, 12);
+    t.apply(
+        &Service::cluster_ip("fw-allow", ip(172, 30, 0, 100))
+            .port("http", Tcp, 80, ECHO_TCP)
+            .node_port(30100)
+            .load_balancer_ip(LB_IP)
+            .spec("loadBalancerSourceRanges: [' 203.0.113.0/25', 192.168.0.0/24]"),
+        &Slice::of("fw-allow").port("http", Tcp, ECHO_TCP).endpoint(Pod::B1),
+    );
+    t.apply(
+        &Service::cluster_ip("fw-deny", ip(172, 30, 0, 101))
+            .port("http", Tcp, 80, ECHO_TCP)
+            .node_port(30101)
+            .load_balancer_ip(lb2)
+            .spec("loadBalancerSourceRanges: [203.0.113.128/25]"),
+        &Slice::of("fw-deny").port("http", Tcp, ECHO_TCP).endpoint(Pod::B1),
+    );
+    let mut k = t.kproxy(&[]);
+    let mut ext = t.prober(Host::Ext);
+    await_answer(&mut k, &mut ext, Tcp, LB_IP, 80);
+    let quick = Duration::from_millis(400);
+    expect_answer(&ext.probe(Tcp, LB_IP, 80, 10, T1), Pod::B1, NODE_BRIDGE_IP).expect("ext inside the range");
+    assert_dropped("ext outside the range -> LB IP", &ext.probe(Tcp, lb2, 80, 3, quick));
+    expect_answer(&ext.probe(Tcp, NODE_IP, 30101, 5, T1), Pod::B1, NODE_BRIDGE_IP).expect("node port unfiltered");
+
+    let mut client = t.prober(Host::Pod(Pod::Client));
+    assert_dropped("pod outside the range -> LB IP", &client.probe(Tcp, LB_IP, 80, 3, quick));
+    expect_answer(&client.probe(Tcp, NODE_IP, 30100, 5, T1), Pod::B1, NODE_BRIDGE_IP).expect("pod -> node port");
+
+    let mut node = t.prober(Host::Node);
+    expect_answer(&node.probe(Tcp, LB_IP, 80, 5, T1), Pod::B1, NODE_BRIDGE_IP).expect("node inside a range");
+    assert_dropped("node outside the range -> LB IP", &node.probe(Tcp, lb2, 80, 3, quick));
 }

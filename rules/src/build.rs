@@ -40,6 +40,25 @@
 //! CIDR>`, with a local traffic detector only) and the node itself (`fib saddr type local`,
 //! masqueraded) to `service-…`, and sends the rest to `local-…`, keeping the client's address.
 //!
+//! # Source ranges
+//!
+//! `loadBalancerSourceRanges` are checked before DNAT (base chains `filter-prerouting-pre-dnat`
+//! and `filter-output-pre-dnat` at priority -110, as upstream) by one fixed rule in
+//! `firewall-check`:
+//!
+//! ```text
+//! ip daddr . meta l4proto . th dport @firewall-ips ip daddr . meta l4proto . th dport . ip saddr != @firewall-allow drop
+//! ```
+//!
+//! Upstream jumps through a `firewall-ips` verdict map to a per-service `firewall-HASH-…` chain
+//! holding `ip saddr != { ranges } drop` (an anonymous set per service). Here the ranges are
+//! elements of one concatenated interval set (`LB IP . proto . port . range`, a pipapo set,
+//! kernel 5.6+), so the firewall stays constant rules plus data: a range change is an element
+//! change, cold start stays linear (no per-service set or chain), and no anonymous-set lowering is
+//! needed. Nested ranges are merged first (interval sets refuse overlaps). When the node's primary
+//! IP of the family is inside a range, the LB IPs are allowed sources too (upstream's rule for a
+//! VIP held locally, whose traffic is sourced from the VIP).
+//!
 //! Hairpin masquerade (a pod reaching itself through its service) is decided in postrouting from
 //! the `hairpin-endpoints` set of `addr . addr` pairs (`ct status dnat` and source == destination),
 //! which replaces upstream's per-endpoint chains.
@@ -94,7 +113,10 @@ pub struct Built {
 }
 
 /// Base chains: (name, type, hook, priority).
-const BASE_CHAINS: [(&str, ChainType, Hook, i32); 6] = [
+const BASE_CHAINS: [(&str, ChainType, Hook, i32); 8] = [
+    // Before DNAT (dstnat - 10), so source ranges are checked against the LB IP itself.
+    ("filter-prerouting-pre-dnat", ChainType::Filter, Hook::Prerouting, -110),
+    ("filter-output-pre-dnat", ChainType::Filter, Hook::Output, -110),
     ("filter-input", ChainType::Filter, Hook::Input, 0),
     ("filter-forward", ChainType::Filter, Hook::Forward, 0),
     ("filter-output", ChainType::Filter, Hook::Output, 0),
@@ -165,6 +187,17 @@ pub fn categorize_endpoints(eps: &[Endpoint], sp: &ServicePort, node_name: &str)
         }
     }
     out
+}
+
+/// The prefixes not contained in another one of the list, sorted: interval sets refuse
+/// overlapping elements, and two prefixes either nest or are disjoint.
+fn minimal_cover(cidrs: &[Cidr]) -> Vec<Cidr> {
+    let mut v: Vec<Cidr> = cidrs.to_vec();
+    v.sort();
+    v.dedup();
+    let keep: Vec<Cidr> =
+        v.iter().filter(|c| !v.iter().any(|o| o != *c && o.len < c.len && o.contains(&c.addr))).copied().collect();
+    keep
 }
 
 /// Splits a service's slot block among `n` endpoints: inclusive ranges, in endpoint order.
@@ -334,8 +367,18 @@ pub fn build(state: &ClusterState, node_ips: &[IpAddr], cfg: &BuildConfig, previ
         set_type: typed(np_key.clone(), None),
         interval: false,
     });
-    rs.add_set(SetDef { name: NO_LOCAL_ENDPOINT_SERVICES_SET.into(), set_type: typed(svc_key, None), interval: false });
+    rs.add_set(SetDef {
+        name: NO_LOCAL_ENDPOINT_SERVICES_SET.into(),
+        set_type: typed(svc_key.clone(), None),
+        interval: false,
+    });
     rs.add_set(SetDef { name: NO_LOCAL_ENDPOINT_NODEPORTS_SET.into(), set_type: typed(np_key, None), interval: false });
+    rs.add_set(SetDef { name: FIREWALL_IPS_SET.into(), set_type: typed(svc_key.clone(), None), interval: false });
+    rs.add_set(SetDef {
+        name: FIREWALL_ALLOW_SET.into(),
+        set_type: typed(vec![addr_t, DataType::InetProto, DataType::InetService, addr_t], None),
+        interval: true,
+    });
     rs.add_set(SetDef { name: HAIRPIN_SET.into(), set_type: typed(vec![addr_t, addr_t], None), interval: false });
 
     // Base chains and their fixed rules.
@@ -350,9 +393,12 @@ pub fn build(state: &ClusterState, node_ips: &[IpAddr], cfg: &BuildConfig, previ
         NODEPORT_ENDPOINTS_CHECK,
         REJECT_CHAIN,
         CLUSTER_IPS_CHECK,
+        FIREWALL_CHECK,
     ] {
         rs.add_chain(name, None);
     }
+    rs.add_rule("filter-prerouting-pre-dnat", vec![Expr::CtStateNew, jump(FIREWALL_CHECK)]);
+    rs.add_rule("filter-output-pre-dnat", vec![Expr::CtStateNew, jump(FIREWALL_CHECK)]);
     rs.add_rule("filter-input", vec![Expr::CtStateNew, jump(NODEPORT_ENDPOINTS_CHECK)]);
     rs.add_rule("filter-input", vec![Expr::CtStateNew, jump(SERVICE_ENDPOINTS_CHECK)]);
     for c in ["filter-forward", "filter-output"] {
@@ -370,6 +416,17 @@ pub fn build(state: &ClusterState, node_ips: &[IpAddr], cfg: &BuildConfig, previ
         Family::V6 => Cidr::parse("::1/128").expect("constant"),
     };
     rs.add_rule(SERVICES, vec![Expr::Vmap { key: tuple.clone(), map: SERVICE_IPS_MAP.into() }]);
+    // loadBalancerSourceRanges: a firewalled LB IP and port drops every source not allowed for it.
+    let mut with_source = tuple.clone();
+    with_source.push(Selector::Saddr);
+    rs.add_rule(
+        FIREWALL_CHECK,
+        vec![
+            Expr::InSet { key: tuple.clone(), set: FIREWALL_IPS_SET.into(), neq: false },
+            Expr::InSet { key: with_source, set: FIREWALL_ALLOW_SET.into(), neq: true },
+            Expr::Verdict(Verdict::Drop),
+        ],
+    );
     let nodeport_dst = if match_all_nodeports {
         vec![Expr::FibDaddrLocal, Expr::Cmp { sel: Selector::Daddr, neq: true, right: Operand::Prefix(loopback) }]
     } else {
@@ -555,6 +612,32 @@ pub fn build(state: &ClusterState, node_ips: &[IpAddr], cfg: &BuildConfig, previ
                     .with_comment(&comment)
                     .with_data(to_ext.clone()),
             );
+        }
+
+        // loadBalancerSourceRanges guard the LB IPs (never the node port, case 52). When the node's
+        // own IP is in a range, the LB IPs are allowed sources too: a node reaching a VIP it holds
+        // locally comes from that VIP (case 56).
+        let lb_ips: BTreeSet<IpAddr> =
+            sp.load_balancer_ips.iter().filter(|ip| Family::of(ip) == fam).copied().collect();
+        let ranges: Vec<Cidr> = sp.load_balancer_source_ranges.iter().filter(|c| c.family() == fam).copied().collect();
+        if !lb_ips.is_empty() && !ranges.is_empty() {
+            let node_allowed = cfg.node_ip.is_some_and(|ip| ranges.iter().any(|c| c.contains(&ip)));
+            let mut allowed = ranges.clone();
+            if node_allowed {
+                allowed.extend(lb_ips.iter().map(|ip| Cidr { addr: *ip, len: if ip.is_ipv4() { 32 } else { 128 } }));
+            }
+            for lb in &lb_ips {
+                rs.add_element(FIREWALL_IPS_SET, Element::key(key3(*lb, proto, sp.port)).with_comment(&comment));
+                for c in minimal_cover(&allowed) {
+                    let (lo, hi) = prefix_range(&c);
+                    let mut key = key3(*lb, proto, sp.port);
+                    let mut end = key.clone();
+                    key.push(Value::Addr(lo));
+                    end.push(Value::Addr(hi));
+                    let key_end = (lo != hi).then_some(end);
+                    rs.add_element(FIREWALL_ALLOW_SET, Element { key, key_end, data: None, comment: None });
+                }
+            }
         }
 
         // Where the no-endpoint verdicts apply: the ClusterIP is internal traffic; external and
@@ -855,6 +938,75 @@ mod tests {
         // Case 12: --masquerade-all does not change the external chain (only the ClusterIP rule).
         cfg.masquerade_all = true;
         assert_eq!(text(&cfg)[0], "fib saddr type local jump mark-for-masquerade");
+    }
+
+    #[test]
+    fn source_ranges_fill_the_firewall_sets_and_allow_lb_ips_when_the_node_is_inside() {
+        let sp = ServicePort::cluster_ip("ns", "lb", "p", Protocol::Tcp, "172.30.0.1", 80)
+            .with_node_port(30001)
+            .with_load_balancer_ip("1.2.3.4")
+            .with_load_balancer_ip("5.6.7.8")
+            .with_source_range("192.168.0.0/24")
+            .with_source_range("203.0.113.0/25")
+            .with_source_range("192.168.0.128/25")
+            .with_source_range("2001:db8::/32");
+        let no_lb = ServicePort::cluster_ip("ns", "np", "", Protocol::Tcp, "172.30.0.2", 80)
+            .with_node_port(30002)
+            .with_source_range("10.0.0.0/8");
+        let mut st = ClusterState::default();
+        st.add_service(sp).add_service(no_lb);
+        let mut cfg = node_cfg();
+        cfg.node_ip = Some("192.168.0.2".parse().unwrap());
+        let rs = build(&st, &[], &cfg, None).ruleset;
+        assert_eq!(
+            elements(&rs, FIREWALL_IPS_SET),
+            vec!["1.2.3.4 . tcp . 80 comment \"ns/lb:p\"", "5.6.7.8 . tcp . 80 comment \"ns/lb:p\""],
+            "LB IPs only: node ports are never filtered (case 52), a port without LB IPs has nothing"
+        );
+        // Case 56: the node (192.168.0.2) is inside a range, so both LB IPs are allowed sources; the
+        // nested 192.168.0.128/25 and the IPv6 range are left out.
+        assert_eq!(
+            elements(&rs, FIREWALL_ALLOW_SET),
+            vec![
+                "1.2.3.4 . tcp . 80 . 1.2.3.4",
+                "1.2.3.4 . tcp . 80 . 5.6.7.8",
+                "1.2.3.4 . tcp . 80 . 192.168.0.0/24",
+                "1.2.3.4 . tcp . 80 . 203.0.113.0/25",
+                "5.6.7.8 . tcp . 80 . 1.2.3.4",
+                "5.6.7.8 . tcp . 80 . 5.6.7.8",
+                "5.6.7.8 . tcp . 80 . 192.168.0.0/24",
+                "5.6.7.8 . tcp . 80 . 203.0.113.0/25",
+            ]
+        );
+        // Case 57: the node outside every range: only the ranges.
+        cfg.node_ip = Some("192.168.1.2".parse().unwrap());
+        let rs = build(&st, &[], &cfg, None).ruleset;
+        assert_eq!(rs.elements[FIREWALL_ALLOW_SET].len(), 4);
+        let mut k = crate::fake::FakeKernel::new();
+        k.apply(&crate::diff(None, &rs)).unwrap();
+    }
+
+    #[test]
+    fn interval_elements_print_as_nft_reads_them() {
+        let a = |s: &str| Value::Addr(s.parse().unwrap());
+        let e = Element {
+            key: vec![a("1.2.3.4"), Value::Proto(Protocol::Tcp), Value::Port(80), a("10.0.0.0")],
+            key_end: Some(vec![a("1.2.3.4"), Value::Proto(Protocol::Tcp), Value::Port(80), a("10.255.255.255")]),
+            data: None,
+            comment: None,
+        };
+        assert_eq!(e.to_string(), "1.2.3.4 . tcp . 80 . 10.0.0.0/8");
+        let e = Element { key: vec![a("10.0.0.1")], key_end: Some(vec![a("10.0.0.9")]), data: None, comment: None };
+        assert_eq!(e.to_string(), "10.0.0.1-10.0.0.9");
+        let e = Element { key: vec![Value::Int(0)], key_end: Some(vec![Value::Int(9)]), data: None, comment: None };
+        assert_eq!(e.to_string(), "0-9");
+        for c in ["0.0.0.0/0", "10.0.0.0/8", "192.168.0.128/25", "10.1.2.3/32", "::/0", "fd00::/64", "fd00::1/128"] {
+            let c = Cidr::parse(c).unwrap();
+            let (lo, hi) = prefix_range(&c);
+            assert_eq!(prefix_of(lo, hi), Some(c), "{c}");
+        }
+        assert_eq!(prefix_of("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap()), None);
+        assert_eq!(prefix_of("10.0.0.0".parse().unwrap(), "10.0.0.2".parse().unwrap()), None);
     }
 
     #[test]

@@ -99,12 +99,68 @@ fn join_values(f: &mut fmt::Formatter<'_>, vs: &[Value]) -> fmt::Result {
     Ok(())
 }
 
+/// One field of an interval element: `lo` when the range is one value, `addr/len` when it is
+/// exactly a prefix (as nft lists it), `lo-hi` otherwise.
+fn fmt_range(f: &mut fmt::Formatter<'_>, lo: &Value, hi: &Value) -> fmt::Result {
+    if lo == hi {
+        return write!(f, "{lo}");
+    }
+    if let (Value::Addr(a), Value::Addr(b)) = (lo, hi) {
+        if let Some(c) = prefix_of(*a, *b) {
+            return write!(f, "{c}");
+        }
+    }
+    write!(f, "{lo}-{hi}")
+}
+
+/// The prefix whose first and last addresses are `lo` and `hi`, if there is one.
+pub fn prefix_of(lo: IpAddr, hi: IpAddr) -> Option<Cidr> {
+    let (a, b, bits) = match (lo, hi) {
+        (IpAddr::V4(a), IpAddr::V4(b)) => (u32::from(a) as u128, u32::from(b) as u128, 32u32),
+        (IpAddr::V6(a), IpAddr::V6(b)) => (u128::from(a), u128::from(b), 128u32),
+        _ => return None,
+    };
+    let host = a ^ b;
+    // hi - lo must be all ones in the low bits, lo all zeros there, hi all ones.
+    if host.checked_add(1).is_some_and(|n| !n.is_power_of_two()) || a & host != 0 || b & host != host {
+        return None;
+    }
+    let len = bits - (128 - host.leading_zeros());
+    Some(Cidr { addr: lo, len: len as u8 })
+}
+
+/// The first and last address of a prefix: the key and key end of its interval element.
+pub fn prefix_range(c: &Cidr) -> (IpAddr, IpAddr) {
+    match c.addr {
+        IpAddr::V4(a) => {
+            let host = if c.len == 0 { u32::MAX } else { (1u32 << (32 - c.len as u32)).wrapping_sub(1) };
+            (c.addr, IpAddr::V4((u32::from(a) | host).into()))
+        }
+        IpAddr::V6(a) => {
+            let host = if c.len == 0 { u128::MAX } else { (1u128 << (128 - c.len as u32)).wrapping_sub(1) };
+            (c.addr, IpAddr::V6((u128::from(a) | host).into()))
+        }
+    }
+}
+
 impl fmt::Display for Element {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        join_values(f, &self.key)?;
-        if let Some(end) = &self.key_end {
-            f.write_str("-")?;
-            join_values(f, end)?;
+        match &self.key_end {
+            None => join_values(f, &self.key)?,
+            // A concatenated range is a range per field (`a . b-c . d/8`), never `a . b-c . d`.
+            Some(end) if end.len() == self.key.len() => {
+                for (i, (lo, hi)) in self.key.iter().zip(end).enumerate() {
+                    if i > 0 {
+                        f.write_str(" . ")?;
+                    }
+                    fmt_range(f, lo, hi)?;
+                }
+            }
+            Some(end) => {
+                join_values(f, &self.key)?;
+                f.write_str("-")?;
+                join_values(f, end)?;
+            }
         }
         if let Some(c) = &self.comment {
             write!(f, " comment {}", quote(c))?;

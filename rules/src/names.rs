@@ -14,6 +14,7 @@ pub const SERVICE_ENDPOINTS_CHECK: &str = "service-endpoints-check";
 pub const NODEPORT_ENDPOINTS_CHECK: &str = "nodeport-endpoints-check";
 pub const REJECT_CHAIN: &str = "reject-chain";
 pub const CLUSTER_IPS_CHECK: &str = "cluster-ips-check";
+pub const FIREWALL_CHECK: &str = "firewall-check";
 
 pub const CLUSTER_IPS_SET: &str = "cluster-ips";
 pub const NODEPORT_IPS_SET: &str = "nodeport-ips";
@@ -26,6 +27,11 @@ pub const NO_ENDPOINT_NODEPORTS_SET: &str = "no-endpoint-nodeports";
 pub const NO_LOCAL_ENDPOINT_SERVICES_SET: &str = "no-local-endpoint-services";
 /// kproxy's own: the same for node ports (externalTrafficPolicy: Local).
 pub const NO_LOCAL_ENDPOINT_NODEPORTS_SET: &str = "no-local-endpoint-nodeports";
+/// `LB IP . proto . port` of every service port with loadBalancerSourceRanges (upstream's name; a
+/// plain set here, since the allowed sources are data too).
+pub const FIREWALL_IPS_SET: &str = "firewall-ips";
+/// kproxy's own: `LB IP . proto . port . source range` that may reach a firewalled LB IP.
+pub const FIREWALL_ALLOW_SET: &str = "firewall-allow";
 /// kproxy's own: endpoint slots, `slot : addr . port`, looked up by the DNAT rules (name prefix of
 /// the per-shard maps).
 pub const SERVICE_ENDPOINTS_MAP: &str = "service-endpoints";
