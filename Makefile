@@ -4,7 +4,7 @@
 # Each first installs the Debian packages it needs.
 
 SHELL := /bin/bash
-APT_PACKAGES := libnftnl-dev libmnl-dev pkg-config nftables iptables iproute2 python3 curl socat conntrack build-essential
+APT_PACKAGES := libnftnl-dev libmnl-dev pkg-config nftables iptables iproute2 python3 python3-pip shellcheck curl socat conntrack build-essential
 CARGO ?= cargo
 
 .PHONY: all deps build demo test bench clean-netns
@@ -20,6 +20,10 @@ deps:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	  else echo "missing Debian packages (run as root to install):$$missing"; fi; \
 	fi
+	@python3 -c 'import kubernetes_validate' 2>/dev/null || { \
+	  echo "installing kubernetes-validate (PyPI): tests/deploy.rs validates deploy/ against the Kubernetes schemas"; \
+	  python3 -m pip install --quiet kubernetes-validate 2>/dev/null || \
+	  python3 -m pip install --quiet --break-system-packages kubernetes-validate; }
 	@command -v $(CARGO) >/dev/null 2>&1 || { \
 	  echo "cargo not found: installing the Rust toolchain with rustup"; \
 	  curl -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal && . "$$HOME/.cargo/env"; }
