@@ -212,9 +212,6 @@ impl KubeProxyConfiguration {
             note(i.localhost_node_ports == Some(false), "iptables.localhostNodePorts");
             note(i.snat_node_internal_ip == Some(true), "iptables.snatNodeInternalIP");
         }
-        if let Some(cc) = &self.client_connection {
-            note(set(&cc.kubeconfig).is_some(), "clientConnection.kubeconfig");
-        }
         out
     }
 }
