@@ -177,7 +177,7 @@ fn ipv6_state() -> ClusterState {
 
 /// Traffic policies (issue 4): eTP Local with local and remote endpoints (a local chain, the
 /// external chain's `fib saddr type local` short-circuit), eTP Local with remote endpoints only
-/// and iTP Local (the no-local-endpoint sets).
+/// and iTP Local (the no-local-endpoint sets); known ServiceCIDRs (the service-cidrs set).
 fn policies(fam: Family) -> ClusterState {
     let a = |v4: &str, v6: &str| if fam == Family::V4 { v4.to_string() } else { v6.to_string() };
     let mut st = ClusterState::default();
@@ -197,6 +197,9 @@ fn policies(fam: Family) -> ClusterState {
         .with_internal_traffic_policy_local();
     st.add_service(i.clone());
     st.add_endpoint(&i.name, Endpoint::ready(&a("10.180.7.4", "fd00:180::74"), 8443).on_node("node-b"));
+    // ServiceCIDRs: the service-cidrs interval set, a prefix and a single address.
+    st.service_cidrs = vec![Cidr::parse(&a("172.30.0.0/16", "fd00:30::/108")).unwrap()];
+    st.service_cidrs.push(Cidr::parse(&a("10.96.0.10/32", "fd00:96::a/128")).unwrap());
     st
 }
 
@@ -875,9 +878,12 @@ fn ten_thousand_services_in_one_batch() {
         be.apply(&delta).unwrap_or_else(|e| panic!("{what}: {e}"));
         println!("scale: {what}: {:?} ({} ops)", t.elapsed(), delta.ops.len());
     }
-    let listing = ns.nft(&["list", "map", "ip", "kube-proxy", "service-endpoints"]).expect("list map");
+    // The endpoint map is sharded (service-endpoints-<n>, 64 service ports each): count over all.
+    let listing = ns.nft(&["list", "table", "ip", "kube-proxy"]).expect("list table");
+    let shards = listing.lines().filter(|l| l.trim_start().starts_with("map service-endpoints-")).count();
+    assert_eq!(shards as u32, SERVICES.div_ceil(64), "one endpoint map per 64 service ports");
     let ranges = listing.matches(" : 10.").count();
-    assert_eq!(ranges as u32, SERVICES * ENDPOINTS, "endpoint ranges in service-endpoints");
+    assert_eq!(ranges as u32, SERVICES * ENDPOINTS, "endpoint ranges in the service-endpoints-* maps");
     let chains = ns.nft(&["list", "chains", "ip"]).expect("list chains");
     let service_chains = chains.lines().filter(|l| l.contains("chain service-") && l.contains("/tcp/")).count();
     assert_eq!(service_chains as u32, SERVICES);

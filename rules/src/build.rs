@@ -59,6 +59,13 @@
 //! IP of the family is inside a range, the LB IPs are allowed sources too (upstream's rule for a
 //! VIP held locally, whose traffic is sourced from the VIP).
 //!
+//! # Service CIDRs
+//!
+//! `cluster-ips-check` ends with `ip daddr @service-cidrs drop`: addresses of the ServiceCIDRs
+//! (`ClusterState::service_cidrs`) that no Service holds are dropped (cases 8, 32). Upstream writes
+//! the CIDRs into that rule and leaves the rule out while none are known; an always-present rule
+//! over a set keeps the layout fixed and a ServiceCIDR change an element change.
+//!
 //! Hairpin masquerade (a pod reaching itself through its service) is decided in postrouting from
 //! the `hairpin-endpoints` set of `addr . addr` pairs (`ct status dnat` and source == destination),
 //! which replaces upstream's per-endpoint chains.
@@ -373,6 +380,7 @@ pub fn build(state: &ClusterState, node_ips: &[IpAddr], cfg: &BuildConfig, previ
         interval: false,
     });
     rs.add_set(SetDef { name: NO_LOCAL_ENDPOINT_NODEPORTS_SET.into(), set_type: typed(np_key, None), interval: false });
+    rs.add_set(SetDef { name: SERVICE_CIDRS_SET.into(), set_type: typed(vec![addr_t], None), interval: true });
     rs.add_set(SetDef { name: FIREWALL_IPS_SET.into(), set_type: typed(svc_key.clone(), None), interval: false });
     rs.add_set(SetDef {
         name: FIREWALL_ALLOW_SET.into(),
@@ -477,6 +485,20 @@ pub fn build(state: &ClusterState, node_ips: &[IpAddr], cfg: &BuildConfig, previ
         CLUSTER_IPS_CHECK,
         vec![Expr::InSet { key: vec![Selector::Daddr], set: CLUSTER_IPS_SET.into(), neq: false }, Expr::Reject],
     );
+    // Cases 8, 32: an address of the service CIDRs that no Service holds (yet, or any more) is
+    // dropped rather than routed out of the node. The set is empty while no ServiceCIDR is known.
+    rs.add_rule(
+        CLUSTER_IPS_CHECK,
+        vec![
+            Expr::InSet { key: vec![Selector::Daddr], set: SERVICE_CIDRS_SET.into(), neq: false },
+            Expr::Verdict(Verdict::Drop),
+        ],
+    );
+    for c in minimal_cover(&state.service_cidrs.iter().filter(|c| c.family() == fam).copied().collect::<Vec<_>>()) {
+        let (lo, hi) = prefix_range(&c);
+        let key_end = (lo != hi).then(|| vec![Value::Addr(hi)]);
+        rs.add_element(SERVICE_CIDRS_SET, Element { key: vec![Value::Addr(lo)], key_end, data: None, comment: None });
+    }
 
     if !match_all_nodeports {
         for ip in node_ips.iter().filter(|ip| Family::of(ip) == fam && !ip.is_loopback()) {
@@ -984,6 +1006,26 @@ mod tests {
         assert_eq!(rs.elements[FIREWALL_ALLOW_SET].len(), 4);
         let mut k = crate::fake::FakeKernel::new();
         k.apply(&crate::diff(None, &rs)).unwrap();
+    }
+
+    #[test]
+    fn service_cidrs_drop_unallocated_cluster_ips() {
+        let mut st = ClusterState::default();
+        st.add_service(ServicePort::cluster_ip("ns", "a", "", Protocol::Tcp, "172.30.0.41", 80));
+        let rs = build(&st, &[], &node_cfg(), None).ruleset;
+        let rules: Vec<String> =
+            rs.chains[CLUSTER_IPS_CHECK].rules.iter().map(|r| r.display(Family::V4).to_string()).collect();
+        assert_eq!(rules, vec!["ip daddr @cluster-ips reject", "ip daddr @service-cidrs drop"]);
+        assert!(rs.elements[SERVICE_CIDRS_SET].is_empty(), "no ServiceCIDR known: nothing dropped");
+        let c = |s: &str| Cidr::parse(s).unwrap();
+        st.service_cidrs = vec![c("172.30.0.0/16"), c("172.30.5.0/24"), c("10.96.0.1/32"), c("fd00:10:96::/112")];
+        let rs2 = build(&st, &[], &node_cfg(), Some(&rs)).ruleset;
+        assert_eq!(elements(&rs2, SERVICE_CIDRS_SET), vec!["10.96.0.1", "172.30.0.0/16"]);
+        let tx = crate::diff(Some(&rs), &rs2);
+        assert!(tx.ops.iter().all(|o| matches!(o, crate::Op::AddElements { .. })), "data only:\n{tx}");
+        let mut k = crate::fake::FakeKernel::new();
+        k.apply(&crate::diff(None, &rs)).unwrap();
+        k.apply(&tx).unwrap();
     }
 
     #[test]

@@ -314,6 +314,9 @@ pub struct NodeInfo {
 pub struct ClusterState {
     pub services: BTreeMap<ServicePortName, ServicePort>,
     pub endpoints: BTreeMap<ServicePortName, Vec<Endpoint>>,
+    /// The service CIDRs of this family from ServiceCIDR objects (networking.k8s.io/v1); empty
+    /// when none are known. Traffic to an unallocated address inside them is dropped.
+    pub service_cidrs: Vec<Cidr>,
 }
 
 impl ClusterState {

@@ -27,6 +27,9 @@ pub const NO_ENDPOINT_NODEPORTS_SET: &str = "no-endpoint-nodeports";
 pub const NO_LOCAL_ENDPOINT_SERVICES_SET: &str = "no-local-endpoint-services";
 /// kproxy's own: the same for node ports (externalTrafficPolicy: Local).
 pub const NO_LOCAL_ENDPOINT_NODEPORTS_SET: &str = "no-local-endpoint-nodeports";
+/// kproxy's own: the service CIDRs from ServiceCIDR objects; `cluster-ips-check` drops traffic to
+/// addresses inside them that no Service holds (upstream writes them into that rule inline).
+pub const SERVICE_CIDRS_SET: &str = "service-cidrs";
 /// `LB IP . proto . port` of every service port with loadBalancerSourceRanges (upstream's name; a
 /// plain set here, since the allowed sources are data too).
 pub const FIREWALL_IPS_SET: &str = "firewall-ips";

@@ -219,6 +219,7 @@ impl ChangeTracker {
                 state.services.insert(sp.name.clone(), sp.clone());
             }
         }
+        state.service_cidrs = self.service_cidrs.iter().filter(|c| c.family() == family).copied().collect();
         state
     }
 
@@ -608,6 +609,8 @@ spec: {clusterIPs: [172.30.0.41, 'fd00::41'], ports: [{name: http, port: 80}]}")
         assert!(t.set_service_cidrs([c("fd00:10:96::/112"), c("172.30.0.0/16"), c("172.30.0.0/16")]));
         assert_eq!(t.service_cidrs(), &[c("172.30.0.0/16"), c("fd00:10:96::/112")]);
         assert!(!t.set_service_cidrs([c("fd00:10:96::/112"), c("172.30.0.0/16")]), "same set, other order");
+        assert_eq!(t.cluster_state(Family::V4).service_cidrs, vec![c("172.30.0.0/16")], "each family its own");
+        assert_eq!(t.cluster_state(Family::V6).service_cidrs, vec![c("fd00:10:96::/112")]);
         assert!(t.set_service_cidrs([]));
         assert!(t.service_cidrs().is_empty());
         assert_eq!(t.take_pending(), Pending::default(), "not a Service or endpoints change");
