@@ -4,14 +4,21 @@
 # Each first installs the Debian packages it needs.
 
 SHELL := /bin/bash
-APT_PACKAGES := libnftnl-dev libmnl-dev pkg-config nftables iptables iproute2 python3 python3-pip shellcheck curl socat conntrack build-essential
+# What building and the demo need; the test suite adds promtool (prometheus), headless chromium
+# for the status-page test, pip for kubernetes-validate and shellcheck for the scripts.
+BUILD_PACKAGES := libnftnl-dev libmnl-dev pkg-config nftables iptables iproute2 python3 curl build-essential
+TEST_PACKAGES := $(BUILD_PACKAGES) python3-pip shellcheck socat conntrack prometheus chromium
+APT_PACKAGES ?= $(TEST_PACKAGES)
 CARGO ?= cargo
 
-.PHONY: all deps build demo test bench clean-netns
+.PHONY: all deps deps-build build demo test bench
 
 all: build
 
 # Install what is missing (only as root; otherwise just say what is missing).
+deps-build:
+	@$(MAKE) --no-print-directory deps APT_PACKAGES="$(BUILD_PACKAGES)" SKIP_PIP=1
+
 deps:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
@@ -20,7 +27,7 @@ deps:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	  else echo "missing Debian packages (run as root to install):$$missing"; fi; \
 	fi
-	@python3 -c 'import kubernetes_validate' 2>/dev/null || { \
+	@[ -n "$(SKIP_PIP)" ] || python3 -c 'import kubernetes_validate' 2>/dev/null || { \
 	  echo "installing kubernetes-validate (PyPI): tests/deploy.rs validates deploy/ against the Kubernetes schemas"; \
 	  python3 -m pip install --quiet kubernetes-validate 2>/dev/null || \
 	  python3 -m pip install --quiet --break-system-packages kubernetes-validate; }
@@ -28,7 +35,7 @@ deps:
 	  echo "cargo not found: installing the Rust toolchain with rustup"; \
 	  curl -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal && . "$$HOME/.cargo/env"; }
 
-build: deps
+build: deps-build
 	$(CARGO) build --release --bin kproxy
 
 demo: build
