@@ -342,6 +342,7 @@ scenarios! {
     terminating_local_72_75 => "terminating-local-72-75",
     itp_local_82_87 => "itp-local-82-87",
     source_ranges_52_57_62 => "source-ranges-52-57-62",
+    affinity_88_90 => "affinity-88-90",
 }
 
 #[test]

@@ -177,7 +177,8 @@ fn ipv6_state() -> ClusterState {
 
 /// Traffic policies (issue 4): eTP Local with local and remote endpoints (a local chain, the
 /// external chain's `fib saddr type local` short-circuit), eTP Local with remote endpoints only
-/// and iTP Local (the no-local-endpoint sets); known ServiceCIDRs (the service-cidrs set).
+/// and iTP Local (the no-local-endpoint sets); known ServiceCIDRs (the service-cidrs set); ClientIP
+/// affinity (endpoint chains with a fixed DNAT and a set update, dynamic timeout sets).
 fn policies(fam: Family) -> ClusterState {
     let a = |v4: &str, v6: &str| if fam == Family::V4 { v4.to_string() } else { v6.to_string() };
     let mut st = ClusterState::default();
@@ -197,6 +198,19 @@ fn policies(fam: Family) -> ClusterState {
         .with_internal_traffic_policy_local();
     st.add_service(i.clone());
     st.add_endpoint(&i.name, Endpoint::ready(&a("10.180.7.4", "fd00:180::74"), 8443).on_node("node-b"));
+    // ClientIP affinity: endpoint chains (numgen == 0 choice, fixed DNAT, set update) and their
+    // dynamic timeout sets, in the cluster and the local chain.
+    let s = svc("ns7", "sticky", "http", Protocol::Tcp, &a("172.30.7.4", "fd00:30::74"), 80)
+        .with_node_port(30781)
+        .with_external_traffic_policy_local()
+        .with_session_affinity(10800);
+    st.add_service(s.clone());
+    for (i, node) in [(5, "node-a"), (6, "node-b"), (7, "node-a")] {
+        st.add_endpoint(
+            &s.name,
+            Endpoint::ready(&a(&format!("10.180.7.{i}"), &format!("fd00:180::7{i}")), 8080).on_node(node),
+        );
+    }
     // ServiceCIDRs: the service-cidrs interval set, a prefix and a single address.
     st.service_cidrs = vec![Cidr::parse(&a("172.30.0.0/16", "fd00:30::/108")).unwrap()];
     st.service_cidrs.push(Cidr::parse(&a("10.96.0.10/32", "fd00:96::a/128")).unwrap());

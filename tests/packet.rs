@@ -566,3 +566,43 @@ fn load_balancer_source_ranges_allow_and_deny() {
     expect_answer(&node.probe(Tcp, LB_IP, 80, 5, T1), Pod::B1, NODE_BRIDGE_IP).expect("node inside a range");
     assert_dropped("node outside the range -> LB IP", &node.probe(Tcp, lb2, 80, 3, quick));
 }
+
+/// Cases 88-90: sessionAffinity ClientIP. 50 new connections from one pod to the ClusterIP all
+/// land on one backend of three; the same client through the node port lands there too (the
+/// affinity is per service port, across its IPs); once the timeout passed without a new
+/// connection, the kernel has dropped the client's entry (case 89).
+#[test]
+fn client_ip_affinity_sticks_across_connections_and_service_ips() {
+    let t = Topo::new();
+    let cip = ip(172, 30, 0, 110);
+    t.apply(
+        &Service::cluster_ip("sticky", cip)
+            .port("http", Tcp, 80, ECHO_TCP)
+            .node_port(30110)
+            .spec("sessionAffinity: ClientIP")
+            .spec("sessionAffinityConfig: {clientIP: {timeoutSeconds: 3}}"),
+        &Slice::of("sticky").port("http", Tcp, ECHO_TCP).endpoints(&[Pod::B1, Pod::B2, Pod::R1]),
+    );
+    let mut k = t.kproxy(&[]);
+    let mut client = t.prober(Host::Pod(Pod::Client));
+    await_answer(&mut k, &mut client, Tcp, cip, 80);
+    let a = client.probe(Tcp, cip, 80, 50, T1);
+    let counts = tally(&a);
+    assert_eq!(counts.len(), 1, "50 connections from one client must reach one backend: {counts:?}");
+    let backend = Pod::by_name(a[0].backend().expect("answered")).unwrap();
+    expect_answer(&a, backend, Pod::Client.ip()).unwrap();
+    let a = client.probe(Tcp, NODE_IP, 30110, 10, T1);
+    expect_answer(&a, backend, backend.masqueraded_src())
+        .unwrap_or_else(|e| panic!("same client via the node port: {e}"));
+
+    // The kernel holds exactly one entry for the client, in the chosen endpoint's set.
+    let sets = || String::from_utf8_lossy(&t.nft(&["list", "sets", "ip"]).stdout).into_owned();
+    let listing = sets();
+    assert_eq!(listing.matches(&Pod::Client.ip().to_string()).count(), 1, "{listing}");
+    let (_, took) = poll("the client's affinity entry expires", Duration::from_secs(6), || {
+        let l = sets();
+        (!l.contains(&Pod::Client.ip().to_string())).then_some(()).ok_or(l)
+    });
+    eprintln!("affinity entry gone {took:?} after the last connection (timeout 3 s)");
+    assert!(took >= Duration::from_secs(1), "the entry went away too early: {took:?}");
+}

@@ -59,6 +59,20 @@
 //! IP of the family is inside a range, the LB IPs are allowed sources too (upstream's rule for a
 //! VIP held locally, whose traffic is sourced from the VIP).
 //!
+//! # Session affinity
+//!
+//! A `sessionAffinity: ClientIP` port needs its choice remembered before the DNAT, which the slot
+//! map cannot do (a DNAT statement ends the chain). Such a port uses upstream's layout instead of
+//! a slot block: per endpoint, an `affinity-HASH-…__IP/port` set (`flags dynamic,timeout`,
+//! `timeout Ns`) and an `endpoint-HASH-…` chain that runs `update @affinity-… { ip saddr }` (adding
+//! the client, or restarting its timeout) and DNATs to the endpoint. The service (and local) chain
+//! first sends a known client back (`ip saddr @affinity-… goto endpoint-…`), then picks endpoint i
+//! of n with `numgen random mod n-i == 0` (1/n each; upstream's anonymous vmap would need
+//! anonymous-set lowering). The sets are per endpoint and shared by every chain and IP of the
+//! port, so a client keeps its endpoint across ClusterIP, node port and LB IPs; a removed endpoint
+//! takes its set along, so no stale entry can point at it. Only these ports give up the
+//! data-only property: their endpoint changes rewrite their own chains.
+//!
 //! # Service CIDRs
 //!
 //! `cluster-ips-check` ends with `ip daddr @service-cidrs drop`: addresses of the ServiceCIDRs
@@ -509,7 +523,8 @@ pub fn build(state: &ClusterState, node_ips: &[IpAddr], cfg: &BuildConfig, previ
     // Per service port.
     let (services, mut conflicts) = resolve_conflicts(state, fam);
     let mut wants: Vec<(&ServicePortName, Pool)> = Vec::new();
-    for (spn, sp) in &services {
+    // ClientIP affinity ports pick endpoints with rules (see the module doc): no slot blocks.
+    for (spn, sp) in services.iter().filter(|(_, sp)| sp.session_affinity_timeout.is_none()) {
         if sp.uses_cluster_endpoints() {
             wants.push((spn, Pool::Cluster));
         }
@@ -518,6 +533,7 @@ pub fn build(state: &ClusterState, node_ips: &[IpAddr], cfg: &BuildConfig, previ
         }
     }
     let (blocks, mut skipped) = assign_slots(&wants, previous);
+    let no_block: BTreeSet<ServicePortName> = skipped.iter().map(|s| s.service.clone()).collect();
     skipped.append(&mut conflicts);
     // One endpoint map per shard of ENDPOINT_MAP_SHARD slot blocks (see the module doc).
     let shards: BTreeSet<u32> =
@@ -534,11 +550,11 @@ pub fn build(state: &ClusterState, node_ips: &[IpAddr], cfg: &BuildConfig, previ
     let mut hairpin = BTreeSet::new();
     let mut no_local = NoLocalEndpoints::default();
     for (spn, sp) in &services {
+        if no_block.contains(spn) {
+            continue;
+        }
         let cluster_block = blocks.cluster.get(spn).copied();
         let local_block = blocks.local.get(spn).copied();
-        if cluster_block.is_none() && local_block.is_none() {
-            continue; // skipped: no slot block
-        }
         let comment = spn.to_string();
         let proto = spn.protocol;
         let cat = categorize_endpoints(state.endpoints.get(spn).map(|v| v.as_slice()).unwrap_or(&[]), sp, node_name);
@@ -571,15 +587,69 @@ pub fn build(state: &ClusterState, node_ips: &[IpAddr], cfg: &BuildConfig, previ
             offset: block * SLOTS_PER_SERVICE,
             map: service_endpoints_map(block / ENDPOINT_MAP_SHARD),
         };
-        for (chain, block) in [(&svc_chain, cluster_block), (&loc_chain, local_block)] {
-            let Some(block) = block else { continue };
+        let chains = [
+            (&svc_chain, sp.uses_cluster_endpoints(), cluster_block, &cat.cluster),
+            (&loc_chain, sp.uses_local_endpoints(), local_block, &cat.local),
+        ];
+        for (chain, used, block, eps) in chains {
+            if !used {
+                continue;
+            }
             rs.add_chain(chain, None);
             if chain == internal_chain {
                 if let Some(r) = masq_rule() {
                     rs.add_rule(chain, r);
                 }
             }
-            rs.add_rule(chain, vec![dnat(block)]);
+            match (sp.session_affinity_timeout, block) {
+                (None, Some(block)) => rs.add_rule(chain, vec![dnat(block)]),
+                (None, None) => unreachable!("a port without affinity has its blocks or was skipped"),
+                (Some(_), _) => {
+                    // A client with an affinity entry goes back to its endpoint; anyone else picks
+                    // endpoint i of n with probability 1/(n-i) once the ones before were passed,
+                    // which is 1/n each, and the endpoint chain records the client.
+                    for ep in eps.iter() {
+                        rs.add_rule(
+                            chain,
+                            vec![
+                                Expr::InSet {
+                                    key: vec![Selector::Saddr],
+                                    set: affinity_set(spn, &ep.ip, ep.port),
+                                    neq: false,
+                                },
+                                goto(&endpoint_chain(spn, &ep.ip, ep.port)),
+                            ],
+                        );
+                    }
+                    for (i, ep) in eps.iter().enumerate() {
+                        let to = goto(&endpoint_chain(spn, &ep.ip, ep.port));
+                        let left = (eps.len() - i) as u32;
+                        if left > 1 {
+                            rs.add_rule(chain, vec![Expr::NumgenEq { modulus: left, value: 0 }, to]);
+                        } else {
+                            rs.add_rule(chain, vec![to]);
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(timeout) = sp.session_affinity_timeout {
+            // One chain and one dynamic set per endpoint, shared by the cluster and local chains
+            // and so by every IP of the port (case 90). A removed endpoint takes its set along,
+            // so a stale entry can never send a client to it.
+            let union: BTreeSet<(IpAddr, u16)> = cat.cluster.iter().chain(&cat.local).map(|e| (e.ip, e.port)).collect();
+            for (ip, port) in union {
+                let set = affinity_set(spn, &ip, port);
+                let chain = endpoint_chain(spn, &ip, port);
+                rs.add_set(SetDef {
+                    name: set.clone(),
+                    set_type: SetType::Affinity { family: fam, timeout },
+                    interval: false,
+                });
+                rs.add_chain(&chain, None);
+                rs.add_rule(&chain, vec![Expr::SetUpdate { key: vec![Selector::Saddr], set }]);
+                rs.add_rule(&chain, vec![Expr::Dnat { proto, addr: ip, port }]);
+            }
         }
 
         if sp.externally_accessible() {
@@ -1026,6 +1096,69 @@ mod tests {
         let mut k = crate::fake::FakeKernel::new();
         k.apply(&crate::diff(None, &rs)).unwrap();
         k.apply(&tx).unwrap();
+    }
+
+    #[test]
+    fn client_ip_affinity_uses_endpoint_chains_and_per_endpoint_sets() {
+        let sp = ServicePort::cluster_ip("ns1", "svc1", "p80", Protocol::Tcp, "172.30.0.41", 80)
+            .with_node_port(30001)
+            .with_session_affinity(10800);
+        let mut st = ClusterState::default();
+        st.add_service(sp.clone());
+        for ip in ["10.180.0.1", "10.180.0.2", "10.180.0.3"] {
+            st.add_endpoint(&sp.name, Endpoint::ready(ip, 80));
+        }
+        let rs = build(&st, &[], &node_cfg(), None).ruleset;
+        assert!(rs.slots.is_empty(), "affinity ports use no slot block");
+        let rules = |rs: &Ruleset, c: &str| -> Vec<String> {
+            rs.chains[c].rules.iter().map(|r| r.display(Family::V4).to_string()).collect()
+        };
+        let ep = |i: u8| format!("ULMVA6XW-ns1/svc1/tcp/p80__10.180.0.{i}/80");
+        let e1 = endpoint_chain(&sp.name, &"10.180.0.1".parse().unwrap(), 80);
+        assert!(e1.starts_with("endpoint-5OJB2KTY-"), "{e1}");
+        let svc = rules(&rs, &service_chain(&sp.name));
+        assert_eq!(svc.len(), 7, "{svc:#?}");
+        assert_eq!(svc[0], "ip daddr 172.30.0.41 tcp dport 80 ip saddr != 10.0.0.0/8 jump mark-for-masquerade");
+        assert!(svc[1].starts_with("ip saddr @affinity-") && svc[1].contains("goto endpoint-"), "{}", svc[1]);
+        assert_eq!(svc[4], format!("numgen random mod 3 == 0 goto {e1}"));
+        assert!(svc[5].starts_with("numgen random mod 2 == 0 goto endpoint-"));
+        assert!(svc[6].starts_with("goto endpoint-") && svc[6].ends_with("10.180.0.3/80"));
+        assert_eq!(
+            rules(&rs, &e1),
+            vec![
+                format!("update @{} {{ ip saddr }}", affinity_set(&sp.name, &"10.180.0.1".parse().unwrap(), 80)),
+                "meta l4proto tcp dnat ip to 10.180.0.1:80".to_string()
+            ]
+        );
+        let set = &rs.sets[&affinity_set(&sp.name, &"10.180.0.2".parse().unwrap(), 80)];
+        assert_eq!(set.to_string(), "type ipv4_addr ; flags dynamic,timeout ; timeout 10800s ;");
+        assert!(ep(1).len() > 10);
+
+        // An endpoint goes away: its chain and set go with it (never a stale entry to it); a
+        // timeout change re-creates the sets, refilling the chains that use them.
+        let mut k = crate::fake::FakeKernel::new();
+        k.apply(&crate::diff(None, &rs)).unwrap();
+        let mut st2 = st.clone();
+        st2.endpoints.get_mut(&sp.name).unwrap().remove(1);
+        let rs2 = build(&st2, &[], &node_cfg(), Some(&rs)).ruleset;
+        let gone = affinity_set(&sp.name, &"10.180.0.2".parse().unwrap(), 80);
+        assert!(!rs2.sets.contains_key(&gone));
+        let tx = crate::diff(Some(&rs), &rs2);
+        assert!(tx.ops.contains(&crate::Op::DeleteSet(gone)), "{tx}");
+        k.apply(&tx).unwrap();
+        let mut st3 = st2.clone();
+        st3.services.get_mut(&sp.name).unwrap().session_affinity_timeout = Some(60);
+        let rs3 = build(&st3, &[], &node_cfg(), Some(&rs2)).ruleset;
+        k.apply(&crate::diff(Some(&rs2), &rs3)).unwrap();
+        // Back to no affinity: the port takes a slot block again.
+        let rs4 = build(&st, &[], &node_cfg(), Some(&rs3)).ruleset;
+        k.apply(&crate::diff(Some(&rs3), &rs4)).unwrap();
+        let mut st5 = st.clone();
+        st5.services.get_mut(&sp.name).unwrap().session_affinity_timeout = None;
+        let rs5 = build(&st5, &[], &node_cfg(), Some(&rs4)).ruleset;
+        assert_eq!(rs5.slots.len(), 1);
+        assert!(!rs5.sets.keys().any(|s| s.starts_with("affinity-")));
+        k.apply(&crate::diff(Some(&rs4), &rs5)).unwrap();
     }
 
     #[test]

@@ -64,6 +64,12 @@ impl FakeKernel {
                     tab.sets.insert(def.name.clone(), (def.clone(), BTreeSet::new()));
                 }
                 Op::DeleteSet(n) => {
+                    // As the kernel (EBUSY): a set still used by a rule cannot go.
+                    if let Some(c) =
+                        tab.chains.iter().find(|(_, (_, rules))| rules.iter().any(|r| r.sets().any(|s| s == n)))
+                    {
+                        return Err(err(format!("set {n} is in use by chain {}", c.0)));
+                    }
                     if tab.sets.remove(n).is_none() {
                         return Err(err(format!("set {n} missing")));
                     }
@@ -76,6 +82,15 @@ impl FakeKernel {
                     tab.chains.get_mut(n).ok_or_else(|| err(format!("chain {n} missing")))?.1.clear();
                 }
                 Op::DeleteChain(n) => {
+                    // As the kernel (EBUSY): a chain still jumped to cannot go.
+                    let jumped =
+                        tab.chains.iter().any(|(_, (_, rules))| rules.iter().any(|r| r.chains().any(|c| c == n)));
+                    let mapped = tab.sets.values().flat_map(|(_, elems)| elems).any(
+                        |e| matches!(&e.data, Some(ElemData::Verdict(Verdict::Jump(c) | Verdict::Goto(c))) if c == n),
+                    );
+                    if jumped || mapped {
+                        return Err(err(format!("chain {n} is in use")));
+                    }
                     if tab.chains.remove(n).is_none() {
                         return Err(err(format!("chain {n} missing")));
                     }
@@ -158,7 +173,10 @@ fn check_references(t: &Table) -> Result<(), String> {
                     Expr::Verdict(Verdict::Jump(c) | Verdict::Goto(c)) if !chain_ok(c) => {
                         return Err(format!("chain {name} jumps to missing chain {c}"));
                     }
-                    Expr::InSet { set, .. } | Expr::Vmap { map: set, .. } | Expr::DnatSlots { map: set, .. }
+                    Expr::InSet { set, .. }
+                    | Expr::Vmap { map: set, .. }
+                    | Expr::DnatSlots { map: set, .. }
+                    | Expr::SetUpdate { set, .. }
                         if !t.sets.contains_key(set) =>
                     {
                         return Err(format!("chain {name} uses missing set {set}"));

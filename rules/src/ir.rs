@@ -212,6 +212,9 @@ pub enum SetType {
     /// The endpoint map: `typeof numgen random mod 1 : ip daddr . th dport` (ip6 for IPv6).
     /// Keys are numgen slots, data is the endpoint `addr . port` to DNAT to.
     EndpointSlots { family: Family },
+    /// A ClientIP affinity set: `type ipv4_addr ; flags dynamic,timeout ; timeout Ns ;` (ipv6_addr
+    /// for IPv6). The packet path adds client addresses to it; `timeout` is in seconds.
+    Affinity { family: Family, timeout: u32 },
 }
 
 /// A named set or map.
@@ -227,6 +230,7 @@ impl SetDef {
         match &self.set_type {
             SetType::Typed { data, .. } => data.is_some(),
             SetType::EndpointSlots { .. } => true,
+            SetType::Affinity { .. } => false,
         }
     }
 }
@@ -249,6 +253,9 @@ impl fmt::Display for SetDef {
             }
             SetType::EndpointSlots { family } => {
                 write!(f, "typeof numgen random mod 1 : {} daddr . th dport", family.nft())?;
+            }
+            SetType::Affinity { family, timeout } => {
+                write!(f, "type {} ; flags dynamic,timeout ; timeout {timeout}s", DataType::addr(*family).nft())?;
             }
         }
         f.write_str(" ;")?;
@@ -388,6 +395,22 @@ pub enum Expr {
         offset: u32,
         map: String,
     },
+    /// `meta l4proto PROTO dnat ip to ADDR:PORT` (`[ADDR]:PORT` in ip6): a fixed endpoint.
+    Dnat {
+        proto: Protocol,
+        addr: IpAddr,
+        port: u16,
+    },
+    /// `numgen random mod MODULUS == VALUE`: true with probability 1/MODULUS, drawn anew per rule.
+    NumgenEq {
+        modulus: u32,
+        value: u32,
+    },
+    /// `update @SET { SEL . SEL ... }`: adds the key to a dynamic set, or restarts its timeout.
+    SetUpdate {
+        key: Vec<Selector>,
+        set: String,
+    },
     /// `masquerade fully-random`
     Masquerade,
     /// `reject` (ICMP / ICMPv6 port unreachable)
@@ -404,6 +427,23 @@ pub struct Rule {
 impl Rule {
     pub fn new(exprs: Vec<Expr>) -> Self {
         Rule { exprs }
+    }
+    /// The named sets and maps the rule reads or writes.
+    pub fn sets(&self) -> impl Iterator<Item = &str> + '_ {
+        self.exprs.iter().filter_map(|e| match e {
+            Expr::InSet { set, .. } | Expr::Vmap { map: set, .. } | Expr::DnatSlots { map: set, .. } => {
+                Some(set.as_str())
+            }
+            Expr::SetUpdate { set, .. } => Some(set.as_str()),
+            _ => None,
+        })
+    }
+    /// The chains the rule jumps or goes to.
+    pub fn chains(&self) -> impl Iterator<Item = &str> + '_ {
+        self.exprs.iter().filter_map(|e| match e {
+            Expr::Verdict(Verdict::Jump(c) | Verdict::Goto(c)) => Some(c.as_str()),
+            _ => None,
+        })
     }
     /// The rule as nft text, in the given family.
     pub fn display(&self, family: Family) -> RuleText<'_> {
@@ -459,6 +499,16 @@ impl fmt::Display for RuleText<'_> {
                     "meta l4proto {proto} dnat {} to numgen random mod {modulus} offset {offset} map @{map}",
                     fam.nft()
                 )?,
+                Expr::Dnat { proto, addr, port } => match addr {
+                    IpAddr::V4(a) => write!(f, "meta l4proto {proto} dnat ip to {a}:{port}")?,
+                    IpAddr::V6(a) => write!(f, "meta l4proto {proto} dnat ip6 to [{a}]:{port}")?,
+                },
+                Expr::NumgenEq { modulus, value } => write!(f, "numgen random mod {modulus} == {value}")?,
+                Expr::SetUpdate { key, set } => {
+                    write!(f, "update @{set} {{ ")?;
+                    fmt_key(f, key, fam)?;
+                    f.write_str(" }")?;
+                }
                 Expr::Masquerade => f.write_str("masquerade fully-random")?,
                 Expr::Reject => f.write_str("reject")?,
                 Expr::Verdict(v) => write!(f, "{v}")?,

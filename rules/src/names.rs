@@ -4,6 +4,8 @@
 use data_encoding::BASE32;
 use sha2::{Digest, Sha256};
 
+use std::net::IpAddr;
+
 use crate::model::ServicePortName;
 
 // Fixed chain and set names of the layout, as constants (upstream vocabulary).
@@ -78,6 +80,34 @@ pub fn local_chain(spn: &ServicePortName) -> String {
     format!("local-{}", service_port_chain_base(spn))
 }
 
+/// `HASH-ns/svc/proto/portName__IP/port` (`:` in IPv6 addresses becomes `.`): the base of an
+/// endpoint's chain and affinity set names, hashed over the whole string, as upstream.
+pub fn endpoint_chain_base(spn: &ServicePortName, ip: &IpAddr, port: u16) -> String {
+    // Rust prints IPv6 as Go's net.IP.String() does (RFC 5952: no `::` for a single zero field).
+    endpoint_base_of(spn, &ip.to_string(), port)
+}
+
+fn endpoint_base_of(spn: &ServicePortName, ip: &str, port: u16) -> String {
+    let ip = ip.replace(':', ".");
+    hash_and_truncate(&format!(
+        "{}/{}/{}/{}__{ip}/{port}",
+        spn.namespace,
+        spn.name,
+        spn.protocol.lower(),
+        spn.port_name
+    ))
+}
+
+/// `endpoint-HASH-…__IP/port`: remembers the client (ClientIP affinity) and DNATs to one endpoint.
+pub fn endpoint_chain(spn: &ServicePortName, ip: &IpAddr, port: u16) -> String {
+    format!("endpoint-{}", endpoint_chain_base(spn, ip, port))
+}
+
+/// `affinity-HASH-…__IP/port`: the clients that stick to one endpoint of a ClientIP service port.
+pub fn affinity_set(spn: &ServicePortName, ip: &IpAddr, port: u16) -> String {
+    format!("affinity-{}", endpoint_chain_base(spn, ip, port))
+}
+
 /// `external-HASH-ns/svc/proto/portName`: the chain for NodePort, LB and external IP traffic.
 pub fn external_chain(spn: &ServicePortName) -> String {
     format!("external-{}", service_port_chain_base(spn))
@@ -97,6 +127,24 @@ mod tests {
         let n = ServicePortName::new("ns1", "svc1", "p80", Protocol::Tcp);
         assert_eq!(service_chain(&n), "service-ULMVA6XW-ns1/svc1/tcp/p80");
         assert_eq!(external_chain(&n), "external-ULMVA6XW-ns1/svc1/tcp/p80");
+    }
+
+    #[test]
+    fn endpoint_test_vectors() {
+        let n = ServicePortName::new("testing", "service", "http", Protocol::Tcp);
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert!(endpoint_chain_base(&n, &ip("10.180.0.1"), 80).starts_with("JO2XBXZR-"));
+        // Upstream's vector hashes the address text as written; a real address is printed first
+        // (`12:0:a1b2`, as Go prints it).
+        assert_eq!(
+            endpoint_base_of(&n, "fd80:abcd:12::a1b2:c3d4:e5f6:9999", 80),
+            "U7E2ET36-testing/service/tcp/http__fd80.abcd.12..a1b2.c3d4.e5f6.9999/80"
+        );
+        assert!(endpoint_chain_base(&n, &ip("fd80:abcd:12::a1b2:c3d4:e5f6:9999"), 80)
+            .ends_with("12.0.a1b2.c3d4.e5f6.9999/80"));
+        let n = ServicePortName::new("ns1", "svc1", "p80", Protocol::Tcp);
+        assert_eq!(endpoint_chain(&n, &ip("10.180.0.1"), 80), "endpoint-5OJB2KTY-ns1/svc1/tcp/p80__10.180.0.1/80");
+        assert_eq!(affinity_set(&n, &ip("10.180.0.1"), 80), "affinity-5OJB2KTY-ns1/svc1/tcp/p80__10.180.0.1/80");
     }
 
     #[test]

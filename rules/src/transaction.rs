@@ -132,9 +132,12 @@ pub fn diff(applied: Option<&Ruleset>, desired: &Ruleset) -> Transaction {
     assert_eq!(old.family, desired.family, "diff across families");
 
     // A set whose declaration changed is re-created: delete it (after its users are gone) and add
-    // it anew with all its elements.
+    // it anew with all its elements. The kernel refuses to delete a set a rule still uses, so a
+    // chain using it is flushed and refilled even when its rules are unchanged.
     let recreated: BTreeSet<&String> =
         desired.sets.iter().filter(|(n, d)| old.sets.get(*n).is_some_and(|o| o != *d)).map(|(n, _)| n).collect();
+    let uses_recreated =
+        |c: &crate::ir::Chain| c.rules.iter().any(|r| r.sets().any(|s| recreated.contains(&s.to_string())));
 
     // 1. New chains (declarations only, so any rule or element below may reference them).
     for name in &desired.chain_order {
@@ -168,7 +171,7 @@ pub fn diff(applied: Option<&Ruleset>, desired: &Ruleset) -> Transaction {
                 // A hook cannot be changed in place; such a change is a full resync.
                 return diff(None, desired);
             }
-            Some(d) if d.rules != o.rules => tx.ops.push(Op::FlushChain(name.clone())),
+            Some(d) if d.rules != o.rules || uses_recreated(o) => tx.ops.push(Op::FlushChain(name.clone())),
             Some(_) => {}
         }
     }
@@ -182,7 +185,7 @@ pub fn diff(applied: Option<&Ruleset>, desired: &Ruleset) -> Transaction {
         let d = &desired.chains[name];
         let changed = match old.chains.get(name) {
             None => true,
-            Some(o) => o.rules != d.rules,
+            Some(o) => o.rules != d.rules || uses_recreated(o),
         };
         if changed {
             for r in &d.rules {

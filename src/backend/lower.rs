@@ -54,7 +54,12 @@ const NFT_JUMP: i32 = -3;
 const REG_VERDICT: u32 = 0;
 const NFT_SET_INTERVAL: u32 = 0x4;
 const NFT_SET_MAP: u32 = 0x8;
+const NFT_SET_TIMEOUT: u32 = 0x10;
+/// `flags dynamic`: the packet path may update the set.
+const NFT_SET_EVAL: u32 = 0x20;
 const NFT_SET_CONCAT: u32 = 0x80;
+/// NFT_DYNSET_OP_UPDATE: add the element, or restart its timeout.
+const NFT_DYNSET_OP_UPDATE: u32 = 1;
 const NFT_SET_ELEM_INTERVAL_END: u32 = 0x1;
 /// 16 32-bit registers (NFT_REG32_00..15) hold a concatenation.
 const REG32_COUNT: u32 = 16;
@@ -277,6 +282,38 @@ impl<'a> Lowerer<'a> {
                     reg_proto_min: reg(slots(addr_len(fam))),
                 });
             }
+            IrExpr::Dnat { proto, addr, port } => {
+                if Family::of(addr) != fam {
+                    return err(format!("dnat to {addr} in family {}", fam.nft()));
+                }
+                // As nft: address in register 1, port in register 2 (128-bit registers).
+                l4proto_eq(out, *proto);
+                out.push(Expr::ImmediateData { dreg: 1, data: addr_bytes(addr) });
+                out.push(Expr::ImmediateData { dreg: 2, data: port.to_be_bytes().to_vec() });
+                out.push(Expr::Nat {
+                    nat_type: NFT_NAT_DNAT,
+                    family: nfproto(fam) as u32,
+                    reg_addr_min: 1,
+                    reg_proto_min: 2,
+                });
+            }
+            IrExpr::NumgenEq { modulus, value } => {
+                if *modulus == 0 {
+                    return err("numgen modulus 0 (the kernel refuses it with ERANGE)");
+                }
+                out.push(Expr::Numgen { dreg: 1, modulus: *modulus, ng_type: NFT_NG_RANDOM, offset: 0 });
+                out.push(Expr::Cmp { sreg: 1, op: NFT_CMP_EQ, data: value.to_ne_bytes().to_vec() });
+            }
+            IrExpr::SetUpdate { key, set } => {
+                check_name(set)?;
+                let sreg = self.load_key(key, out)?;
+                out.push(Expr::Dynset {
+                    sreg_key: sreg,
+                    op: NFT_DYNSET_OP_UPDATE,
+                    set: set.clone(),
+                    set_id: self.set_id(set),
+                });
+            }
             IrExpr::Masquerade => out.push(Expr::Masq { flags: NAT_RANDOM_FULLY }),
             IrExpr::Reject => {
                 // `reject` in an ip/ip6 table is ICMP(v6) port-unreachable. nftnl's safe Reject
@@ -483,7 +520,7 @@ impl Shape {
     fn of(d: &SetDef) -> Shape {
         let concat = match &d.set_type {
             SetType::Typed { key, .. } => key.len() > 1,
-            SetType::EndpointSlots { .. } => false,
+            SetType::EndpointSlots { .. } | SetType::Affinity { .. } => false,
         };
         Shape { interval: d.interval, concat }
     }
@@ -551,6 +588,7 @@ fn check_element(d: &SetDef, e: &Element, delete: bool) -> Result<(), String> {
         SetType::Typed { key, data } => (key.iter().map(|t| Some(*t)).collect(), data.map(Some)),
         // Keys are numgen slots (integers), data is addr . port.
         SetType::EndpointSlots { .. } => (vec![None], Some(None)),
+        SetType::Affinity { family, .. } => (vec![Some(DataType::addr(*family))], None),
     };
     let check_key = |vs: &[Value]| -> Result<(), String> {
         if vs.len() != key_types.len() {
@@ -586,7 +624,9 @@ fn check_element(d: &SetDef, e: &Element, delete: bool) -> Result<(), String> {
         (Some(None), Some(ElemData::Values(vs))) => {
             let fam = match &d.set_type {
                 SetType::EndpointSlots { family } => *family,
-                SetType::Typed { .. } => unreachable!("only endpoint maps have untyped data"),
+                SetType::Typed { .. } | SetType::Affinity { .. } => {
+                    unreachable!("only endpoint maps have untyped data")
+                }
             };
             match vs.as_slice() {
                 [Value::Addr(a), Value::Port(_)] if Family::of(a) == fam => Ok(()),
@@ -813,6 +853,7 @@ fn raw_set(def: &SetDef, id: u32) -> Result<RawSet, LowerError> {
     if def.interval {
         flags |= NFT_SET_INTERVAL;
     }
+    let mut timeout_ms = None;
     let (key_type, key_len, data, desc_concat) = match &def.set_type {
         SetType::Typed { key, data } => {
             if key.is_empty() || key.contains(&DataType::Verdict) {
@@ -885,8 +926,17 @@ fn raw_set(def: &SetDef, id: u32) -> Result<RawSet, LowerError> {
             let data_len = type_len(at) + 4;
             (TYPE_INTEGER, 4, Some((data_type, data_len)), Vec::new())
         }
+        SetType::Affinity { family, timeout } => {
+            // `type ipv4_addr ; flags dynamic,timeout ; timeout Ns ;` as nft 1.0.6 sends it: the
+            // flags, the timeout in ms, the key byte order; no size (the kernel lists 65535).
+            flags |= NFT_SET_TIMEOUT | NFT_SET_EVAL;
+            timeout_ms = Some(*timeout as u64 * 1000);
+            let at = addr_type(*family);
+            u.u32(UDATA_SET_KEYBYTEORDER, type_byteorder(at));
+            (type_id(at), type_len(at), None, Vec::new())
+        }
     };
-    Ok(RawSet { name: def.name.clone(), id, flags, key_type, key_len, data, desc_concat, udata: u.0 })
+    Ok(RawSet { name: def.name.clone(), id, flags, key_type, key_len, data, desc_concat, timeout_ms, udata: u.0 })
 }
 
 /// libnftnl's udata TLV format: one byte type, one byte length, value (u32s in host order).
@@ -965,6 +1015,26 @@ mod tests {
         let iv = typed("s2", vec![Ipv4Addr, InetService], None, true);
         let s = raw_set(&iv, 2).unwrap();
         assert_eq!((s.flags, s.key_type, s.key_len, s.desc_concat.clone()), (0x84, 0x1cd, 8, vec![4, 2]));
+    }
+
+    #[test]
+    fn affinity_sets_as_nft_sends_them() {
+        // `type ipv4_addr ; flags dynamic,timeout ; timeout 10800s ;`, captured with
+        // `nft --debug=mnl` 1.0.6: flags 0x30, key ipv4_addr, NFTA_SET_TIMEOUT 10800000 ms, udata
+        // holding only the key byte order; no size.
+        for (fam, key_type, key_len) in [(Family::V4, 7, 4), (Family::V6, 8, 16)] {
+            let def = SetDef {
+                name: "affinity-x".into(),
+                set_type: SetType::Affinity { family: fam, timeout: 10800 },
+                interval: false,
+            };
+            let s = raw_set(&def, 1).unwrap();
+            assert_eq!(
+                (s.flags, s.key_type, s.key_len, s.data, s.timeout_ms),
+                (0x30, key_type, key_len, None, Some(10_800_000))
+            );
+            assert_eq!(hex(&s.udata), "000402000000");
+        }
     }
 
     #[test]

@@ -142,6 +142,18 @@ pub(crate) enum Expr {
     Immediate {
         verdict: RawVerdict,
     },
+    /// `immediate reg DREG DATA`: a constant into a data register.
+    ImmediateData {
+        dreg: u32,
+        data: Vec<u8>,
+    },
+    /// `dynset`: add or update the key in `sreg_key` in a set from the packet path.
+    Dynset {
+        sreg_key: u32,
+        op: u32,
+        set: String,
+        set_id: Option<u32>,
+    },
 }
 
 impl Expr {
@@ -152,6 +164,8 @@ impl Expr {
             Expr::Bitwise { mask, xor, .. } => mask.len() + xor.len(),
             Expr::Lookup { set, .. } => set.len(),
             Expr::Immediate { verdict } => verdict.chain.as_ref().map_or(0, |c| c.len()),
+            Expr::ImmediateData { data, .. } => data.len(),
+            Expr::Dynset { set, .. } => set.len(),
             _ => 0,
         };
         160 + 2 * var
@@ -206,6 +220,8 @@ pub(crate) struct RawSet {
     pub data: Option<(u32, u32)>,
     /// Field lengths (bytes) of a concatenated interval key (NFTA_SET_DESC_CONCAT).
     pub desc_concat: Vec<u8>,
+    /// Default element timeout (NFTA_SET_TIMEOUT, ms) of a `flags timeout` set.
+    pub timeout_ms: Option<u64>,
     pub udata: Vec<u8>,
 }
 
@@ -381,7 +397,8 @@ fn build_expr(e: &Expr) -> Result<Owned<sys::nftnl_expr>, EncodeError> {
         Expr::Nat { .. } => b"nat\0",
         Expr::Masq { .. } => b"masq\0",
         Expr::Reject { .. } => b"reject\0",
-        Expr::Immediate { .. } => b"immediate\0",
+        Expr::Immediate { .. } | Expr::ImmediateData { .. } => b"immediate\0",
+        Expr::Dynset { .. } => b"dynset\0",
     };
     // SAFETY: name is NUL-terminated; a NULL return (unknown name / OOM) is checked by Owned::new.
     let x = Owned::new(unsafe { nftnl_expr_alloc(name.as_ptr() as *const c_char) }, free_expr, "expr")?;
@@ -472,6 +489,19 @@ fn build_expr(e: &Expr) -> Result<Owned<sys::nftnl_expr>, EncodeError> {
             Expr::Reject { reject_type, code } => {
                 u32a(NFTNL_EXPR_REJECT_TYPE, *reject_type);
                 nftnl_expr_set_u8(p, u16attr(NFTNL_EXPR_REJECT_CODE), *code);
+            }
+            Expr::ImmediateData { dreg, data: d } => {
+                u32a(NFTNL_EXPR_IMM_DREG, *dreg);
+                data(NFTNL_EXPR_IMM_DATA, d)?;
+            }
+            Expr::Dynset { sreg_key, op, set, set_id } => {
+                u32a(NFTNL_EXPR_DYNSET_SREG_KEY, *sreg_key);
+                u32a(NFTNL_EXPR_DYNSET_OP, *op);
+                let name = cstr(set)?;
+                check(nftnl_expr_set_str(p, u16attr(NFTNL_EXPR_DYNSET_SET_NAME), name.as_ptr()), "dynset", 0)?;
+                if let Some(id) = set_id {
+                    u32a(NFTNL_EXPR_DYNSET_SET_ID, *id);
+                }
             }
             Expr::Immediate { verdict } => {
                 u32a(NFTNL_EXPR_IMM_DREG, 0); // NFT_REG_VERDICT
@@ -704,6 +734,9 @@ impl Batch {
                         nftnl_set_set_u32(sp, NFTNL_SET_DATA_LEN as u16, dl);
                     }
                     nftnl_set_set_u32(sp, NFTNL_SET_ID as u16, set.id);
+                    if let Some(t) = set.timeout_ms {
+                        nftnl_set_set_u64(sp, NFTNL_SET_TIMEOUT as u16, t);
+                    }
                     if !set.desc_concat.is_empty() {
                         let mut fields = [0u8; 16];
                         let n = set.desc_concat.len().min(15);
