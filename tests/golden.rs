@@ -343,6 +343,7 @@ scenarios! {
     itp_local_82_87 => "itp-local-82-87",
     source_ranges_52_57_62 => "source-ranges-52-57-62",
     affinity_88_90 => "affinity-88-90",
+    topology_91_98 => "topology-91-98",
 }
 
 #[test]

@@ -40,6 +40,12 @@
 //! CIDR>`, with a local traffic detector only) and the node itself (`fib saddr type local`,
 //! masqueraded) to `service-…`, and sends the rest to `local-…`, keeping the client's address.
 //!
+//! # Topology
+//!
+//! Topology hints (`hints.forNodes`, then `hints.forZones`, with every upstream fallback, see
+//! `topology_mode`) narrow the cluster endpoints only; the local list ignores them, as upstream.
+//! They only change which endpoints fill a block, so they are data too.
+//!
 //! # Source ranges
 //!
 //! `loadBalancerSourceRanges` are checked before DNAT (base chains `filter-prerouting-pre-dnat`
@@ -176,7 +182,12 @@ pub struct Categorized {
 /// Endpoints of another family or without a port are ignored; the same `IP:port` counts once (a
 /// non-terminating copy wins); each list is sorted by the `IP:port` string, as upstream orders
 /// endpoints, which fixes their slot ranges.
-pub fn categorize_endpoints(eps: &[Endpoint], sp: &ServicePort, node_name: &str) -> Categorized {
+pub fn categorize_endpoints(
+    eps: &[Endpoint],
+    sp: &ServicePort,
+    node_name: &str,
+    node_zone: Option<&str>,
+) -> Categorized {
     let fam = sp.family();
     let mut by_addr: BTreeMap<(IpAddr, u16), &Endpoint> = BTreeMap::new();
     for ep in eps.iter().filter(|e| Family::of(&e.ip) == fam && e.port != 0) {
@@ -196,7 +207,10 @@ pub fn categorize_endpoints(eps: &[Endpoint], sp: &ServicePort, node_name: &str)
 
     let mut out = Categorized { has_any: all.iter().any(|e| e.ready || fallback(e)), ..Default::default() };
     if sp.uses_cluster_endpoints() {
-        out.cluster = pick(&|e| e.ready);
+        // Topology applies to cluster endpoints only (case 97); when it leaves nothing ready, the
+        // topology was ignored already (topology_mode), so the fallback below is "none ready".
+        let mode = topology_mode(&all, node_name, node_zone);
+        out.cluster = pick(&|e| e.ready && mode.admits(e, node_name, node_zone));
         if out.cluster.is_empty() {
             out.cluster = pick(&fallback);
         }
@@ -219,6 +233,47 @@ fn minimal_cover(cidrs: &[Cidr]) -> Vec<Cidr> {
     let keep: Vec<Cidr> =
         v.iter().filter(|c| !v.iter().any(|o| o != *c && o.len < c.len && o.contains(&c.addr))).copied().collect();
     keep
+}
+
+/// Which endpoints topology hints keep for this node (upstream `topologyModeFromHints`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TopologyMode {
+    /// No filtering: hints missing somewhere, or none for this node or zone.
+    All,
+    /// `PreferSameNode`: endpoints whose `hints.forNodes` name this node.
+    SameNode,
+    /// `PreferSameZone`: endpoints whose `hints.forZones` name this node's zone.
+    SameZone,
+}
+
+impl TopologyMode {
+    fn admits(self, e: &Endpoint, node_name: &str, zone: Option<&str>) -> bool {
+        match self {
+            TopologyMode::All => true,
+            TopologyMode::SameNode => e.node_hints.iter().any(|n| n == node_name),
+            TopologyMode::SameZone => zone.is_some_and(|z| e.zone_hints.iter().any(|h| h == z)),
+        }
+    }
+}
+
+/// Decides the topology mode from the ready endpoints' hints, with every upstream fallback: node
+/// hints win when every ready endpoint has some and one names this node (the
+/// PreferSameTrafficDistribution gate, on by default since Kubernetes 1.34); else zone hints when
+/// every ready endpoint has some and one names this node's zone; else no filtering (a node
+/// without a zone label included, cases 91-96).
+pub fn topology_mode(eps: &[&Endpoint], node_name: &str, zone: Option<&str>) -> TopologyMode {
+    let ready: Vec<&&Endpoint> = eps.iter().filter(|e| e.ready).collect();
+    let all_node = ready.iter().all(|e| !e.node_hints.is_empty());
+    let for_node = ready.iter().any(|e| e.node_hints.iter().any(|n| n == node_name));
+    let all_zone = ready.iter().all(|e| !e.zone_hints.is_empty());
+    let for_zone = zone.is_some_and(|z| ready.iter().any(|e| e.zone_hints.iter().any(|h| h == z)));
+    if all_node && for_node {
+        TopologyMode::SameNode
+    } else if all_zone && for_zone {
+        TopologyMode::SameZone
+    } else {
+        TopologyMode::All
+    }
 }
 
 /// Splits a service's slot block among `n` endpoints: inclusive ranges, in endpoint order.
@@ -557,7 +612,12 @@ pub fn build(state: &ClusterState, node_ips: &[IpAddr], cfg: &BuildConfig, previ
         let local_block = blocks.local.get(spn).copied();
         let comment = spn.to_string();
         let proto = spn.protocol;
-        let cat = categorize_endpoints(state.endpoints.get(spn).map(|v| v.as_slice()).unwrap_or(&[]), sp, node_name);
+        let cat = categorize_endpoints(
+            state.endpoints.get(spn).map(|v| v.as_slice()).unwrap_or(&[]),
+            sp,
+            node_name,
+            cfg.node_zone.as_deref(),
+        );
         let svc_chain = service_chain(spn);
         let loc_chain = local_chain(spn);
         let ext_chain = external_chain(spn);
@@ -819,12 +879,12 @@ mod tests {
         let sp = ServicePort::cluster_ip("ns", "s", "", Protocol::Tcp, "172.30.0.1", 80);
         let term = Endpoint::ready("10.0.0.3", 80).serving_terminating();
         let eps = vec![Endpoint::ready("10.0.0.2", 80), term.clone(), Endpoint::ready("10.0.0.1", 80).not_ready()];
-        let c = categorize_endpoints(&eps, &sp, "n");
+        let c = categorize_endpoints(&eps, &sp, "n", None);
         assert_eq!(addrs(&c.cluster), vec!["10.0.0.2:80"]);
         assert!(c.has_any && c.local.is_empty(), "no Local policy, no local list");
-        let c = categorize_endpoints(&[term.clone()], &sp, "n");
+        let c = categorize_endpoints(&[term.clone()], &sp, "n", None);
         assert_eq!(c.cluster.len(), 1, "serving+terminating is the fallback");
-        let c = categorize_endpoints(&[Endpoint::ready("10.0.0.4", 80).terminating_not_serving()], &sp, "n");
+        let c = categorize_endpoints(&[Endpoint::ready("10.0.0.4", 80).terminating_not_serving()], &sp, "n", None);
         assert!(c.cluster.is_empty() && !c.has_any);
         // Another family, port 0 and duplicates are left out; order is the IP:port string's.
         let eps = vec![
@@ -834,7 +894,7 @@ mod tests {
             Endpoint::ready("10.0.0.2", 80).serving_terminating(),
             Endpoint::ready("10.0.0.2", 80),
         ];
-        assert_eq!(addrs(&categorize_endpoints(&eps, &sp, "n").cluster), vec!["10.0.0.10:80", "10.0.0.2:80"]);
+        assert_eq!(addrs(&categorize_endpoints(&eps, &sp, "n", None).cluster), vec!["10.0.0.10:80", "10.0.0.2:80"]);
     }
 
     /// Upstream's TestTerminatingEndpointsTrafficPolicyLocal / ...Cluster, cases 21-24 and 72-75:
@@ -869,17 +929,177 @@ mod tests {
             ),
         ];
         for (what, eps, cluster, local_eps) in cases {
-            let c = categorize_endpoints(&eps, &local, "n");
+            let c = categorize_endpoints(&eps, &local, "n", None);
             assert_eq!(addrs(&c.cluster), cluster, "{what}: cluster");
             assert_eq!(addrs(&c.local), local_eps, "{what}: local");
             assert_eq!(c.has_any, !cluster.is_empty(), "{what}");
-            let c = categorize_endpoints(&eps, &lb, "n");
+            let c = categorize_endpoints(&eps, &lb, "n", None);
             assert_eq!(addrs(&c.cluster), cluster, "{what}: eTP Cluster");
             assert!(c.local.is_empty(), "{what}: eTP Cluster has no local list");
         }
         // Case 22 with eTP Cluster: ready .5 is remote and wins over local serving-terminating.
-        let c = categorize_endpoints(&[ep(2).serving_terminating(), ep(5).serving_terminating()], &lb, "n");
+        let c = categorize_endpoints(&[ep(2).serving_terminating(), ep(5).serving_terminating()], &lb, "n", None);
         assert_eq!(addrs(&c.cluster), vec!["10.0.1.2:80", "10.0.1.5:80"]);
+    }
+
+    /// Upstream's TestCategorizeEndpoints topology cases (pkg/proxy/topology_test.go, without the
+    /// removed hints annotation: hints are always honoured), node `n`: cases 91-97.
+    #[test]
+    fn topology_hints_follow_upstream_categorize_endpoints() {
+        struct Ep {
+            addr: &'static str,
+            zones: &'static [&'static str],
+            nodes: &'static [&'static str],
+            ready: bool,
+            local: bool,
+        }
+        const fn ep(addr: &'static str, zones: &'static [&'static str]) -> Ep {
+            Ep { addr, zones, nodes: &[], ready: true, local: false }
+        }
+        let sp = |etp: bool, itp: bool| {
+            let mut p = ServicePort::cluster_ip("ns", "s", "", Protocol::Tcp, "172.30.0.1", 80);
+            if etp {
+                p = p.with_node_port(8080).with_external_traffic_policy_local();
+            }
+            if itp {
+                p = p.with_node_port(8080).with_internal_traffic_policy_local();
+            }
+            p
+        };
+        let a = ["zone-a"].as_slice();
+        let std4 = || {
+            vec![
+                ep("10.1.2.3", &["zone-a"]),
+                ep("10.1.2.4", &["zone-b"]),
+                ep("10.1.2.5", &["zone-c"]),
+                ep("10.1.2.6", &["zone-a"]),
+            ]
+        };
+        #[rustfmt::skip]
+        let cases: Vec<(&str, Option<&str>, ServicePort, Vec<Ep>, &[&str], &[&str])> = vec![
+            ("normal endpoint filtering (91)", Some("zone-a"), sp(false, false), std4(), &["10.1.2.3", "10.1.2.6"], &[]),
+            ("empty node labels (93)", None, sp(false, false), vec![ep("10.1.2.3", a)], &["10.1.2.3"], &[]),
+            ("empty zone label (93)", Some(""), sp(false, false), vec![ep("10.1.2.3", a)], &["10.1.2.3"], &[]),
+            ("node in different zone, no filtering (93)", Some("zone-b"), sp(false, false), vec![ep("10.1.2.3", a)], &["10.1.2.3"], &[]),
+            (
+                "unready endpoint",
+                Some("zone-a"),
+                sp(false, false),
+                vec![ep("10.1.2.3", a), ep("10.1.2.4", &["zone-b"]), ep("10.1.2.5", &["zone-c"]), Ep { ready: false, ..ep("10.1.2.6", a) }],
+                &["10.1.2.3"],
+                &[],
+            ),
+            (
+                "only unready endpoints in same zone, no filtering (94)",
+                Some("zone-a"),
+                sp(false, false),
+                vec![Ep { ready: false, ..ep("10.1.2.3", a) }, ep("10.1.2.4", &["zone-b"]), ep("10.1.2.5", &["zone-c"]), Ep { ready: false, ..ep("10.1.2.6", a) }],
+                &["10.1.2.4", "10.1.2.5"],
+                &[],
+            ),
+            (
+                "missing hints, no filtering (92)",
+                Some("zone-a"),
+                sp(false, false),
+                vec![ep("10.1.2.3", a), ep("10.1.2.4", &["zone-b"]), ep("10.1.2.5", &[]), ep("10.1.2.6", a)],
+                &["10.1.2.3", "10.1.2.4", "10.1.2.5", "10.1.2.6"],
+                &[],
+            ),
+            (
+                "multiple hints per endpoint (95)",
+                Some("zone-c"),
+                sp(false, false),
+                vec![ep("10.1.2.3", &["zone-a", "zone-b", "zone-c"]), ep("10.1.2.4", &["zone-b", "zone-c"]), ep("10.1.2.5", &["zone-b", "zone-d"]), ep("10.1.2.6", &["zone-c"])],
+                &["10.1.2.3", "10.1.2.4", "10.1.2.6"],
+                &[],
+            ),
+            (
+                "externalTrafficPolicy: Local, topology ignored for Local endpoints (97)",
+                Some("zone-a"),
+                sp(true, false),
+                vec![Ep { local: true, ..ep("10.1.2.3", a) }, Ep { local: true, ..ep("10.1.2.4", &["zone-b"]) }, ep("10.1.2.5", &["zone-c"]), ep("10.1.2.6", a)],
+                &["10.1.2.3", "10.1.2.6"],
+                &["10.1.2.3", "10.1.2.4"],
+            ),
+            (
+                "internalTrafficPolicy: Local, topology ignored for Local endpoints (97)",
+                Some("zone-a"),
+                sp(false, true),
+                vec![Ep { local: true, ..ep("10.1.2.3", a) }, Ep { local: true, ..ep("10.1.2.4", &["zone-b"]) }, ep("10.1.2.5", &["zone-c"]), ep("10.1.2.6", a)],
+                &["10.1.2.3", "10.1.2.6"],
+                &["10.1.2.3", "10.1.2.4"],
+            ),
+            (
+                "conflicting topology and localness",
+                Some("zone-a"),
+                sp(true, false),
+                vec![Ep { local: true, ..ep("10.0.0.0", a) }, Ep { local: true, ..ep("10.0.0.1", &["zone-b"]) }, ep("10.0.0.2", a), ep("10.0.0.3", &["zone-b"])],
+                &["10.0.0.0", "10.0.0.2"],
+                &["10.0.0.0", "10.0.0.1"],
+            ),
+            (
+                "node hints: every endpoint has some, one names this node (96)",
+                Some("zone-a"),
+                sp(false, false),
+                vec![Ep { nodes: &["n"], ..ep("10.1.2.3", a) }, Ep { nodes: &["m"], ..ep("10.1.2.4", a) }, Ep { nodes: &["n", "m"], ..ep("10.1.2.5", &["zone-b"]) }],
+                &["10.1.2.3", "10.1.2.5"],
+                &[],
+            ),
+            (
+                "node hints for other nodes only: zone hints instead (96)",
+                Some("zone-a"),
+                sp(false, false),
+                vec![Ep { nodes: &["m"], ..ep("10.1.2.3", a) }, Ep { nodes: &["m"], ..ep("10.1.2.4", &["zone-b"]) }],
+                &["10.1.2.3"],
+                &[],
+            ),
+            (
+                "node hints missing on one endpoint: zone hints instead (96)",
+                Some("zone-b"),
+                sp(false, false),
+                vec![Ep { nodes: &["n"], ..ep("10.1.2.3", a) }, ep("10.1.2.4", &["zone-b"])],
+                &["10.1.2.4"],
+                &[],
+            ),
+        ];
+        for (what, zone, sp, eps, cluster, local) in cases {
+            let eps: Vec<Endpoint> = eps
+                .iter()
+                .map(|e| {
+                    let mut x = Endpoint::ready(e.addr, 80).with_zone_hints(e.zones).with_node_hints(e.nodes);
+                    x.ready = e.ready;
+                    x.serving = e.ready;
+                    if e.local {
+                        x = x.on_node("n");
+                    }
+                    x
+                })
+                .collect();
+            let c = categorize_endpoints(&eps, &sp, "n", zone);
+            let want = |v: &[&str]| v.iter().map(|a| format!("{a}:80")).collect::<Vec<_>>();
+            assert_eq!(addrs(&c.cluster), want(cluster), "{what}: cluster");
+            assert_eq!(addrs(&c.local), want(local), "{what}: local");
+        }
+    }
+
+    /// Case 98: the node's zone label changes; the daemon then syncs in full, and the new ruleset
+    /// differs from the old one in endpoint elements only.
+    #[test]
+    fn a_zone_change_moves_endpoints_only() {
+        let sp = ServicePort::cluster_ip("ns", "s", "", Protocol::Tcp, "172.30.0.1", 80);
+        let mut st = ClusterState::default();
+        st.add_service(sp.clone());
+        st.add_endpoint(&sp.name, Endpoint::ready("10.0.0.1", 80).with_zone_hints(&["zone-a"]));
+        st.add_endpoint(&sp.name, Endpoint::ready("10.0.0.2", 80).with_zone_hints(&["zone-b"]));
+        let mut cfg = node_cfg();
+        cfg.node_zone = Some("zone-a".into());
+        let a = build(&st, &[], &cfg, None).ruleset;
+        cfg.node_zone = Some("zone-b".into());
+        let b = build(&st, &[], &cfg, Some(&a)).ruleset;
+        assert_eq!(elements(&a, &service_endpoints_map(0)), vec!["0-27719 : 10.0.0.1 . 80"]);
+        assert_eq!(elements(&b, &service_endpoints_map(0)), vec!["0-27719 : 10.0.0.2 . 80"]);
+        let tx = crate::diff(Some(&a), &b);
+        assert!(tx.ops.iter().all(|o| matches!(o, crate::Op::AddElements { .. } | crate::Op::DeleteElements { .. })));
     }
 
     #[test]
@@ -891,13 +1111,13 @@ mod tests {
             Endpoint::ready("10.0.0.2", 80).on_node("m"),
             Endpoint::ready("10.0.0.3", 80),
         ];
-        let c = categorize_endpoints(&eps, &sp, "n");
+        let c = categorize_endpoints(&eps, &sp, "n", None);
         assert!(c.cluster.is_empty(), "a ClusterIP-only iTP Local port uses no cluster endpoints");
         assert_eq!(addrs(&c.local), vec!["10.0.0.1:80"]);
-        let c = categorize_endpoints(&eps[1..], &sp, "n");
+        let c = categorize_endpoints(&eps[1..], &sp, "n", None);
         assert!(c.local.is_empty() && c.has_any, "case 84: endpoints elsewhere only");
         // An endpoint without nodeName is never local.
-        let c = categorize_endpoints(&eps[2..], &sp, "");
+        let c = categorize_endpoints(&eps[2..], &sp, "", None);
         assert!(c.local.is_empty());
     }
 
