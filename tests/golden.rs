@@ -344,6 +344,7 @@ scenarios! {
     source_ranges_52_57_62 => "source-ranges-52-57-62",
     affinity_88_90 => "affinity-88-90",
     topology_91_98 => "topology-91-98",
+    dual_stack_policies_99_101 => "dual-stack-policies-99-101",
 }
 
 #[test]
