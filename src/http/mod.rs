@@ -226,6 +226,9 @@ impl Observer {
     /// A sync starts from the tracker's current state: take the pending changes and trigger times.
     pub fn sync_starting(&self, tracker: &mut ChangeTracker) -> SyncStart {
         self.metrics.changes_taken(tracker.take_pending());
+        for r in tracker.take_rejected() {
+            self.metrics.object_rejected(&r);
+        }
         SyncStart { trigger_times: tracker.take_trigger_times() }
     }
 

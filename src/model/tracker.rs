@@ -45,6 +45,8 @@ pub struct ChangeTracker {
     service_cidrs: Vec<Cidr>,
     /// `endpoints.kubernetes.io/last-change-trigger-time` of slice changes not yet taken by a sync.
     trigger_times: Vec<SystemTime>,
+    /// Objects a watch source rejected since the last sync, for the invalid-objects metric.
+    rejected: Vec<Rejected>,
 }
 
 /// At most this many trigger times are kept between two syncs: they only feed a latency
@@ -297,6 +299,19 @@ impl ChangeTracker {
         if self.trigger_times.len() < MAX_TRIGGER_TIMES {
             self.trigger_times.push(t);
         }
+    }
+
+    /// Notes an object a source rejected (after logging it), so the sync loop can count it.
+    /// Beyond [`MAX_TRIGGER_TIMES`] untaken ones, new ones are dropped.
+    pub fn record_rejected(&mut self, r: Rejected) {
+        if self.rejected.len() < MAX_TRIGGER_TIMES {
+            self.rejected.push(r);
+        }
+    }
+
+    /// The rejections recorded since the last call.
+    pub fn take_rejected(&mut self) -> Vec<Rejected> {
+        std::mem::take(&mut self.rejected)
     }
 
     /// The trigger times recorded since the last call; a sync takes them when it starts and
@@ -639,6 +654,19 @@ spec: {clusterIPs: [172.30.0.41, 'fd00::41'], ports: [{name: http, port: 80}]}")
             t.record_trigger_time(t0);
         }
         assert_eq!(t.take_trigger_times().len(), MAX_TRIGGER_TIMES);
+    }
+
+    #[test]
+    fn rejections_are_kept_for_the_sync_loop_and_bounded() {
+        let mut t = ChangeTracker::new("n");
+        let r = Rejected::new("Service", "ns", "bad", "spec.ports[0].port 0 is out of range 1-65535".to_string());
+        t.record_rejected(r.clone());
+        assert_eq!(t.take_rejected(), vec![r.clone()]);
+        assert!(t.take_rejected().is_empty());
+        for _ in 0..MAX_TRIGGER_TIMES + 5 {
+            t.record_rejected(r.clone());
+        }
+        assert_eq!(t.take_rejected().len(), MAX_TRIGGER_TIMES);
     }
 
     #[test]

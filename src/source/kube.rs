@@ -472,6 +472,7 @@ fn upsert_service(t: &mut ChangeTracker, svc: &Service) -> bool {
     let had = t.has_service(&ns, &name);
     t.upsert_service(svc).unwrap_or_else(|r| {
         warn!("skipping {r}");
+        t.record_rejected(r);
         had
     })
 }
@@ -481,6 +482,7 @@ fn upsert_slice(t: &mut ChangeTracker, slice: &EndpointSlice) -> bool {
     let had = t.has_slice(&ns, &name);
     t.upsert_slice(slice).unwrap_or_else(|r| {
         warn!("skipping {r}");
+        t.record_rejected(r);
         had
     })
 }
@@ -489,6 +491,7 @@ fn set_node(t: &mut ChangeTracker, node: &Node) -> bool {
     let had = t.node_known();
     t.set_node(node).unwrap_or_else(|r| {
         warn!("skipping {r}");
+        t.record_rejected(r);
         had
     })
 }
