@@ -8,26 +8,34 @@
 //! - `undelta`: the reverse of `delta`;
 //! - `apply`:  cold start through netlink into the current netns, then repeated one-endpoint
 //!   changes; prints timings.
+//! - `kube`:   the kproxy daemon against the fake API server in the current netns: event → kernel
+//!   latency over `--changes N` endpoint changes, and RSS (`bench/run-kube.sh`; see kube.rs).
 
 use std::time::{Duration, Instant};
 
 use rules::model::*;
+
+mod kube;
 
 struct Args {
     cmd: String,
     services: usize,
     endpoints: usize,
     repeats: usize,
+    changes: usize,
+    kproxy: Option<std::path::PathBuf>,
 }
 
 fn args() -> Args {
-    let mut a = Args { cmd: String::new(), services: 1000, endpoints: 10, repeats: 20 };
+    let mut a = Args { cmd: String::new(), services: 1000, endpoints: 10, repeats: 20, changes: 100, kproxy: None };
     let mut it = std::env::args().skip(1);
     while let Some(x) = it.next() {
         match x.as_str() {
             "--services" => a.services = it.next().and_then(|v| v.parse().ok()).expect("--services N"),
             "--endpoints" => a.endpoints = it.next().and_then(|v| v.parse().ok()).expect("--endpoints M"),
             "--repeats" => a.repeats = it.next().and_then(|v| v.parse().ok()).expect("--repeats R"),
+            "--changes" => a.changes = it.next().and_then(|v| v.parse().ok()).expect("--changes N"),
+            "--kproxy" => a.kproxy = Some(it.next().expect("--kproxy PATH").into()),
             c if a.cmd.is_empty() => a.cmd = c.to_string(),
             other => panic!("unknown argument {other}"),
         }
@@ -91,6 +99,12 @@ fn pct(v: &mut [Duration], p: f64) -> f64 {
 
 fn main() {
     let a = args();
+    if a.cmd == "kube" {
+        // The daemon next to this binary unless told otherwise (both in target/release).
+        let kproxy = a.kproxy.unwrap_or_else(|| std::env::current_exe().expect("own path").with_file_name("kproxy"));
+        kube::run(&kube::Opts { services: a.services, endpoints: a.endpoints, changes: a.changes, kproxy });
+        return;
+    }
     let st = cluster(a.services, a.endpoints);
     let ips = node_ips();
     match a.cmd.as_str() {
@@ -177,7 +191,7 @@ fn main() {
             );
         }
         other => {
-            eprintln!("unknown command {other:?}: use pure | text | delta | apply");
+            eprintln!("unknown command {other:?}: use pure | text | delta | undelta | apply | kube");
             std::process::exit(2);
         }
     }

@@ -751,6 +751,12 @@ impl Topo {
             "2".into(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
+        self.kproxy_with_args(args)
+    }
+
+    /// Starts kproxy in the node namespace with exactly `args`: for tests that feed it from
+    /// somewhere other than the manifests directory (a fake API server).
+    pub fn kproxy_with_args(&self, args: Vec<String>) -> Kproxy<'_> {
         let mut k = Kproxy { topo: self, child: None, args, generation: 0 };
         k.start();
         k
