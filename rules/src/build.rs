@@ -31,7 +31,7 @@
 //! depend only on its Service: `service-…` exists when some traffic uses the Cluster policy,
 //! `local-…` when some uses a Local one, whether endpoints exist or not. An empty block makes the
 //! DNAT lookup fail, the packet leaves the nat chain untouched, and the filter chains decide:
-//! `no-endpoint-services` / `-nodeports` reject (no endpoint anywhere), `no-local-endpoint-services`
+//! `services-without-endpoints` / `nodeports-without-endpoints` reject (no endpoint anywhere), `no-local-endpoint-services`
 //! / `-nodeports` drop (endpoints elsewhere, none here). Upstream writes these as `drop` verdicts
 //! in its no-endpoint maps; two plain sets keep the state set data and the filter rules fixed. So
 //! an endpoint change stays data-only under every policy.
@@ -53,7 +53,7 @@
 //! `firewall-check`:
 //!
 //! ```text
-//! ip daddr . meta l4proto . th dport @firewall-ips ip daddr . meta l4proto . th dport . ip saddr != @firewall-allow drop
+//! ip daddr . meta l4proto . th dport @firewalled-services ip daddr . meta l4proto . th dport . ip saddr != @firewall-allow drop
 //! ```
 //!
 //! Upstream jumps through a `firewall-ips` verdict map to a per-service `firewall-HASH-…` chain

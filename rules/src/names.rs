@@ -22,19 +22,24 @@ pub const CLUSTER_IPS_SET: &str = "cluster-ips";
 pub const NODEPORT_IPS_SET: &str = "nodeport-ips";
 pub const SERVICE_IPS_MAP: &str = "service-ips";
 pub const SERVICE_NODEPORTS_MAP: &str = "service-nodeports";
-pub const NO_ENDPOINT_SERVICES_SET: &str = "no-endpoint-services";
-pub const NO_ENDPOINT_NODEPORTS_SET: &str = "no-endpoint-nodeports";
+/// kproxy's own: `IP . proto . port` of service ports without usable endpoints, rejected in the
+/// filter chains. Upstream's `no-endpoint-services` is a verdict map; a set under that name would
+/// make upstream kube-proxy's `add map` fail after a rollback, so kproxy's sets have names of
+/// their own.
+pub const NO_ENDPOINT_SERVICES_SET: &str = "services-without-endpoints";
+/// kproxy's own: `proto . port` of node ports without usable endpoints (see above).
+pub const NO_ENDPOINT_NODEPORTS_SET: &str = "nodeports-without-endpoints";
 /// kproxy's own: service IPs whose Local traffic policy finds no endpoint on this node while other
-/// nodes have some (upstream puts these in `no-endpoint-services` with a `drop` verdict).
+/// nodes have some (upstream puts these in its `no-endpoint-services` map with a `drop` verdict).
 pub const NO_LOCAL_ENDPOINT_SERVICES_SET: &str = "no-local-endpoint-services";
 /// kproxy's own: the same for node ports (externalTrafficPolicy: Local).
 pub const NO_LOCAL_ENDPOINT_NODEPORTS_SET: &str = "no-local-endpoint-nodeports";
 /// kproxy's own: the service CIDRs from ServiceCIDR objects; `cluster-ips-check` drops traffic to
 /// addresses inside them that no Service holds (upstream writes them into that rule inline).
 pub const SERVICE_CIDRS_SET: &str = "service-cidrs";
-/// `LB IP . proto . port` of every service port with loadBalancerSourceRanges (upstream's name; a
-/// plain set here, since the allowed sources are data too).
-pub const FIREWALL_IPS_SET: &str = "firewall-ips";
+/// kproxy's own: `LB IP . proto . port` of every service port with loadBalancerSourceRanges (a
+/// plain set, not upstream's `firewall-ips` verdict map, so it has a name of its own).
+pub const FIREWALL_IPS_SET: &str = "firewalled-services";
 /// kproxy's own: `LB IP . proto . port . source range` that may reach a firewalled LB IP.
 pub const FIREWALL_ALLOW_SET: &str = "firewall-allow";
 /// kproxy's own: endpoint slots, `slot : addr . port`, looked up by the DNAT rules (name prefix of
