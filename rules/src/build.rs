@@ -794,7 +794,7 @@ pub fn build(state: &ClusterState, node_ips: &[IpAddr], cfg: &BuildConfig, previ
 
         // Where the no-endpoint verdicts apply: the ClusterIP is internal traffic; external and
         // LoadBalancer IPs and the node port are external traffic (whatever the client).
-        let internal_keys = vec![key3(sp.cluster_ip, proto, sp.port)];
+        let internal_keys = [key3(sp.cluster_ip, proto, sp.port)];
         let external_keys: Vec<Vec<Value>> = ext_ips.iter().map(|ip| key3(*ip, proto, sp.port)).collect();
         let np_key = (sp.node_port != 0).then(|| vec![Value::Proto(proto), Value::Port(sp.node_port)]);
         let mut mark = |services_set: &str, nodeports_set: &str, internal: bool, external: bool| {

@@ -416,7 +416,7 @@ impl Cidr {
         let n = if self.addr.is_ipv4() { 4 } else { 16 };
         (0..n)
             .map(|i| {
-                let bits = (self.len as i32 - 8 * i as i32).clamp(0, 8);
+                let bits = (self.len as i32 - 8 * i).clamp(0, 8);
                 if bits == 0 {
                     0
                 } else {
