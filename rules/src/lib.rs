@@ -2,6 +2,7 @@
 //! `diff` (applied + desired → transaction) and the nft text form. No I/O, no clock, no async.
 
 pub mod build;
+pub mod conntrack;
 pub mod fake;
 pub mod ir;
 pub mod model;

@@ -2,6 +2,7 @@
 //! `lower` turns the rules IR into nf_tables messages, `netlink` (the only module allowed
 //! `unsafe`) serializes them with libnftnl and talks to the kernel.
 
+pub mod conntrack;
 mod lower;
 mod netlink;
 pub mod nftables;
