@@ -1,0 +1,82 @@
+//! What the per-service health check servers (`spec.healthCheckNodePort`) report: which
+//! Services need one, on which port, and how many ready endpoints they have on this node.
+//!
+//! Pure, for the HTTP side (`src/http/`), which opens and closes the listeners (cases 76-81).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use crate::model::ClusterState;
+
+/// One Service's health check: its node port and its local ready endpoint count.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub node_port: u16,
+    /// Ready endpoints on this node, counted once per IP over all ports of the Service
+    /// (upstream `LocalReadyEndpoints`, case 79). Serving-but-terminating ones do not count
+    /// (case 77), although traffic still goes to them.
+    pub local_endpoints: usize,
+}
+
+/// Every Service (namespace, name) of `states` with a health check node port; `states` are the
+/// per-family states (a dual-stack Service counts its endpoints of both families, as upstream's
+/// proxiers share one health server).
+pub fn health_checks(states: &[&ClusterState], node_name: &str) -> BTreeMap<(String, String), HealthCheck> {
+    let mut ports: BTreeMap<(String, String), u16> = BTreeMap::new();
+    let mut local: BTreeMap<(String, String), BTreeSet<IpAddr>> = BTreeMap::new();
+    for st in states {
+        for (name, sp) in &st.services {
+            if sp.health_check_node_port != 0 {
+                ports.insert((name.namespace.clone(), name.name.clone()), sp.health_check_node_port);
+            }
+        }
+        for (name, eps) in &st.endpoints {
+            let key = (name.namespace.clone(), name.name.clone());
+            for e in eps.iter().filter(|e| e.ready && e.is_local_to(node_name)) {
+                local.entry(key.clone()).or_default().insert(e.ip);
+            }
+        }
+    }
+    ports
+        .into_iter()
+        .map(|(k, node_port)| {
+            let local_endpoints = local.get(&k).map_or(0, BTreeSet::len);
+            (k, HealthCheck { node_port, local_endpoints })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Endpoint, Protocol, ServicePort};
+
+    #[test]
+    fn local_ready_endpoints_are_counted_once_per_ip() {
+        let http = ServicePort::cluster_ip("ns", "lb", "http", Protocol::Tcp, "172.30.0.1", 80)
+            .with_node_port(30080)
+            .with_external_traffic_policy_local()
+            .with_health_check_node_port(30000);
+        let https = ServicePort::cluster_ip("ns", "lb", "https", Protocol::Tcp, "172.30.0.1", 443)
+            .with_node_port(30443)
+            .with_external_traffic_policy_local()
+            .with_health_check_node_port(30000);
+        let plain = ServicePort::cluster_ip("ns", "plain", "", Protocol::Tcp, "172.30.0.2", 80);
+        let mut st = ClusterState::default();
+        st.add_service(http.clone()).add_service(https.clone()).add_service(plain.clone());
+        // Case 79: 10.0.0.5 serves both ports: one endpoint.
+        for sp in [&http, &https] {
+            st.add_endpoint(&sp.name, Endpoint::ready("10.0.0.5", 8080).on_node("n"));
+        }
+        st.add_endpoint(&http.name, Endpoint::ready("10.0.0.6", 8080).on_node("other"));
+        // Case 77: serving but terminating does not count.
+        st.add_endpoint(&http.name, Endpoint::ready("10.0.0.7", 8080).on_node("n").serving_terminating());
+        st.add_endpoint(&plain.name, Endpoint::ready("10.0.0.8", 80).on_node("n"));
+        let hc = health_checks(&[&st], "n");
+        assert_eq!(hc.len(), 1, "only Services with a health check node port");
+        assert_eq!(hc[&("ns".to_string(), "lb".to_string())], HealthCheck { node_port: 30000, local_endpoints: 1 });
+        let mut none = st.clone();
+        none.endpoints.clear();
+        assert_eq!(health_checks(&[&none], "n")[&("ns".to_string(), "lb".to_string())].local_endpoints, 0);
+    }
+}
