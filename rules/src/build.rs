@@ -882,7 +882,7 @@ mod tests {
         let c = categorize_endpoints(&eps, &sp, "n", None);
         assert_eq!(addrs(&c.cluster), vec!["10.0.0.2:80"]);
         assert!(c.has_any && c.local.is_empty(), "no Local policy, no local list");
-        let c = categorize_endpoints(&[term.clone()], &sp, "n", None);
+        let c = categorize_endpoints(std::slice::from_ref(&term), &sp, "n", None);
         assert_eq!(c.cluster.len(), 1, "serving+terminating is the fallback");
         let c = categorize_endpoints(&[Endpoint::ready("10.0.0.4", 80).terminating_not_serving()], &sp, "n", None);
         assert!(c.cluster.is_empty() && !c.has_any);
@@ -901,6 +901,7 @@ mod tests {
     /// eps .1, .2 local ready; .3 local serving-terminating; .4 local terminating not serving; .5
     /// remote, in the state each case gives it.
     #[test]
+    #[allow(clippy::type_complexity)] // a table of cases
     fn terminating_fallback_per_policy() {
         let lb = ServicePort::cluster_ip("ns", "s", "", Protocol::Tcp, "172.30.1.1", 80)
             .with_node_port(30001)
@@ -945,6 +946,7 @@ mod tests {
     /// Upstream's TestCategorizeEndpoints topology cases (pkg/proxy/topology_test.go, without the
     /// removed hints annotation: hints are always honoured), node `n`: cases 91-97.
     #[test]
+    #[allow(clippy::type_complexity)] // a table of cases
     fn topology_hints_follow_upstream_categorize_endpoints() {
         struct Ep {
             addr: &'static str,
