@@ -15,8 +15,9 @@
 //! `ENDPOINT_MAP_SHARD`) splits the block evenly among the endpoints
 //! (`slot range : addr . port`). So:
 //!
-//! - an endpoint change only replaces elements of `service-endpoints-*`, `hairpin-endpoints` and
-//!   `no-endpoint-*`: plain data, which the kernel commits without re-validating the table;
+//! - an endpoint change only replaces elements of `service-endpoints-*`, `hairpin-endpoints`,
+//!   `*-without-endpoints` and `no-local-endpoint-*`: plain data, which the kernel commits
+//!   without re-validating the table;
 //! - a service chain depends only on the Service, never on its endpoints;
 //! - cold start is linear: no per-service sets (upstream's anonymous vmaps are quadratic).
 //!
@@ -31,8 +32,8 @@
 //! depend only on its Service: `service-…` exists when some traffic uses the Cluster policy,
 //! `local-…` when some uses a Local one, whether endpoints exist or not. An empty block makes the
 //! DNAT lookup fail, the packet leaves the nat chain untouched, and the filter chains decide:
-//! `services-without-endpoints` / `nodeports-without-endpoints` reject (no endpoint anywhere), `no-local-endpoint-services`
-//! / `-nodeports` drop (endpoints elsewhere, none here). Upstream writes these as `drop` verdicts
+//! `services-without-endpoints` / `nodeports-without-endpoints` reject (no endpoint anywhere),
+//! `no-local-endpoint-services` / `-nodeports` drop (endpoints elsewhere, none here). Upstream writes these as `drop` verdicts
 //! in its no-endpoint maps; two plain sets keep the state set data and the filter rules fixed. So
 //! an endpoint change stays data-only under every policy.
 //!
@@ -527,7 +528,7 @@ pub fn build(state: &ClusterState, node_ips: &[IpAddr], cfg: &BuildConfig, previ
     rs.add_rule(MASQUERADING, vec![Expr::Masquerade]);
 
     // No endpoint anywhere: reject. Endpoints elsewhere but none here for a Local policy: drop
-    // (upstream's `drop` verdict in no-endpoint-services; two plain sets here, so that the
+    // (upstream's `drop` verdict in its no-endpoint-services map; two plain sets here, so that the
     // no-endpoint state stays set data).
     let drop = Expr::Verdict(Verdict::Drop);
     rs.add_rule(
