@@ -34,7 +34,10 @@ const MANIFEST_POLL: Duration = Duration::from_millis(250);
 fn load_into(cfg: &Config, tracker: &mut ChangeTracker, metrics: Option<&Metrics>) -> bool {
     let dir = cfg.manifests.as_ref().expect("manifests source");
     let snap = load_dir(dir);
+    // ServiceCIDR objects in the directory play the part the API's ServiceCIDRs play.
+    let cidrs_changed = tracker.set_service_cidrs(snap.service_cidrs.iter().copied());
     let (changed, rejected) = tracker.replace_all(snap.services, snap.slices, snap.nodes, &cfg.hostname);
+    let changed = changed || cidrs_changed;
     for r in snap.rejected.iter().chain(&rejected) {
         warn!(kind = r.kind, object = %r.object(), "skipping {r}");
         if let Some(m) = metrics {

@@ -345,6 +345,7 @@ scenarios! {
     affinity_88_90 => "affinity-88-90",
     topology_91_98 => "topology-91-98",
     dual_stack_policies_99_101 => "dual-stack-policies-99-101",
+    service_cidr_8_32 => "service-cidr-8-32",
 }
 
 #[test]

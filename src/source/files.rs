@@ -16,6 +16,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::ServiceCIDR;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::de::DeserializeOwned;
 
@@ -40,6 +41,8 @@ pub struct Snapshot {
     pub services: Vec<Service>,
     pub slices: Vec<EndpointSlice>,
     pub nodes: Vec<Node>,
+    /// The CIDRs of every ServiceCIDR (networking.k8s.io/v1) object.
+    pub service_cidrs: Vec<rules::model::Cidr>,
     pub rejected: Vec<Rejected>,
 }
 
@@ -197,6 +200,24 @@ impl Loader {
                     let checked = convert::node(&node).map(|_| ());
                     let id = ident(&node.metadata);
                     self.accept(path, at, "Node", id, checked, |s| s.nodes.push(node));
+                }
+            }
+            Some("ServiceCIDR") => {
+                if let Some(o) = self.typed::<ServiceCIDR>(path, at, "ServiceCIDR", "", &name, value, &src) {
+                    let mut cidrs = Vec::new();
+                    let mut bad = None;
+                    for c in o.spec.as_ref().and_then(|s| s.cidrs.as_ref()).into_iter().flatten() {
+                        match rules::model::Cidr::parse(c) {
+                            Ok(c) => cidrs.push(c),
+                            Err(e) => bad = Some(format!("spec.cidrs: {e}")),
+                        }
+                    }
+                    let checked = match bad {
+                        None => Ok(()),
+                        Some(reason) => Err(Rejected::new("ServiceCIDR", "", &name, reason)),
+                    };
+                    let id = ident(&o.metadata);
+                    self.accept(path, at, "ServiceCIDR", id, checked, |s| s.service_cidrs.extend(cidrs));
                 }
             }
             // `kind: List` (kubectl) and typed lists such as `ServiceList` (API responses).
@@ -566,6 +587,20 @@ mod tests {
     }
 
     const SVC: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: ns1}\nspec: {clusterIP: 10.0.0.1, ports: [{port: 80}]}\n";
+
+    #[test]
+    fn service_cidrs_are_read_and_bad_ones_rejected() {
+        let s = parse(
+            "m.yaml",
+            "apiVersion: networking.k8s.io/v1\nkind: ServiceCIDR\nmetadata: {name: kubernetes}\nspec: {cidrs: [172.30.0.0/16, 'fd00:10:96::/112']}\n---\n\
+             apiVersion: networking.k8s.io/v1\nkind: ServiceCIDR\nmetadata: {name: bad}\nspec: {cidrs: [172.30.0.0/99]}\n",
+        );
+        let got: Vec<String> = s.service_cidrs.iter().map(|c| c.to_string()).collect();
+        assert_eq!(got, vec!["172.30.0.0/16", "fd00:10:96::/112"]);
+        assert_eq!(s.rejected.len(), 1, "{:?}", s.rejected);
+        let line = s.rejected[0].to_string();
+        assert!(line.contains("ServiceCIDR") && line.contains("bad") && line.contains("spec.cidrs"), "{line}");
+    }
 
     #[test]
     fn multi_document_yaml_with_empty_and_other_kinds() {
