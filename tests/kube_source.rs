@@ -498,3 +498,35 @@ async fn a_label_change_moves_an_object_out_of_and_back_into_view() {
     r.fake.update(&service("a", "172.30.0.10"));
     r.until_tracker("a back", |t| t.has_service("ns", "a")).await;
 }
+
+#[tokio::test]
+async fn api_requests_are_counted_as_client_go_counts_them() {
+    // The kubernetes-mixin "Kubernetes / Proxy" API panels read rest_client_requests_total and
+    // rest_client_request_duration_seconds: every list and watch must show up there.
+    init_logging();
+    let fake = FakeApi::start().await;
+    basic_cluster(&fake);
+    let metrics = Arc::new(kproxy::metrics::Metrics::new("nftables").expect("metrics"));
+    let client = kproxy::source::kube::client_with_metrics(None, Some(&fake.url()), 0.0, 0, Some(metrics.clone()))
+        .await
+        .expect("client for the fake");
+    let tracker = Arc::new(Mutex::new(ChangeTracker::new(NODE)));
+    let (tx, mut rx) = mpsc::channel(16);
+    let task = tokio::spawn(run(client, NODE.to_string(), tracker.clone(), tx));
+    match tokio::time::timeout(DEADLINE, rx.recv()).await {
+        Ok(Some(ev)) => assert_eq!(name(&ev), "Synced"),
+        Ok(None) | Err(_) => panic!("no Synced event within {DEADLINE:?}"),
+    }
+    let text = metrics.encode().expect("encode");
+    let host = fake.url().trim_start_matches("http://").trim_end_matches('/').to_string();
+    let ok_gets: f64 = text
+        .lines()
+        .filter(|l| l.starts_with("rest_client_requests_total{"))
+        .filter(|l| l.contains("code=\"200\"") && l.contains("method=\"GET\"") && l.contains(&host))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    // Four lists (Services, EndpointSlices, ServiceCIDRs, own Node), then their watches.
+    assert!(ok_gets >= 4.0, "expected at least 4 counted GETs to {host}, got {ok_gets}:\n{text}");
+    assert!(text.contains("rest_client_request_duration_seconds_count{"), "{text}");
+    task.abort();
+}

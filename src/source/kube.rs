@@ -90,6 +90,19 @@ pub async fn client(
     qps: f32,
     burst: u32,
 ) -> Result<Client, KubeSourceError> {
+    client_with_metrics(kubeconfig, master, qps, burst, None).await
+}
+
+/// [`client`], counting every request in `rest_client_requests_total` and
+/// `rest_client_request_duration_seconds` (as client-go does, so the kubernetes-mixin "Kubernetes /
+/// Proxy" API panels work) when `metrics` is given.
+pub async fn client_with_metrics(
+    kubeconfig: Option<&Path>,
+    master: Option<&str>,
+    qps: f32,
+    burst: u32,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
+) -> Result<Client, KubeSourceError> {
     let master = master.filter(|m| !m.is_empty()).map(parse_master).transpose()?;
     let mut config = match (kubeconfig, &master) {
         (Some(path), _) => {
@@ -111,11 +124,69 @@ pub async fn client(
         config.cluster_url = m.cluster_url;
     }
     info!(server = %config.cluster_url, "using the Kubernetes API");
+    let host = config.cluster_url.authority().map(|a| a.to_string()).unwrap_or_default();
     let builder = kube::client::ClientBuilder::try_from(config).map_err(KubeSourceError::BuildClient)?;
+    // The metrics layer sits inside the limiter: like client-go, request latency excludes the
+    // time spent waiting for the rate limiter.
+    let builder = builder.with_layer(&RestMetricsLayer { metrics, host });
     Ok(match rate_window(qps, burst) {
         Some((n, per)) => builder.with_layer(&tower::limit::RateLimitLayer::new(n, per)).build(),
         None => builder.build(),
     })
+}
+
+/// Counts API requests (method, host, status code, latency to the response headers; a watch
+/// counts once, when its stream opens). Status 0 stands for a transport error.
+#[derive(Clone)]
+struct RestMetricsLayer {
+    metrics: Option<Arc<crate::metrics::Metrics>>,
+    host: String,
+}
+
+impl<S> tower::Layer<S> for RestMetricsLayer {
+    type Service = RestMetrics<S>;
+    fn layer(&self, inner: S) -> RestMetrics<S> {
+        RestMetrics { inner, metrics: self.metrics.clone(), host: self.host.clone() }
+    }
+}
+
+#[derive(Clone)]
+struct RestMetrics<S> {
+    inner: S,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
+    host: String,
+}
+
+impl<S, ReqB, ResB> tower::Service<hyper::Request<ReqB>> for RestMetrics<S>
+where
+    S: tower::Service<hyper::Request<ReqB>, Response = hyper::Response<ResB>>,
+    S::Future: Send + 'static,
+    S::Error: 'static,
+    ResB: 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = futures::future::BoxFuture<'static, Result<S::Response, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: hyper::Request<ReqB>) -> Self::Future {
+        let method = req.method().to_string();
+        let started = std::time::Instant::now();
+        let metrics = self.metrics.clone();
+        let host = self.host.clone();
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            let res = fut.await;
+            if let Some(m) = metrics {
+                let code = res.as_ref().map(|r| r.status().as_u16()).unwrap_or(0);
+                m.rest_request(&method, &host, code, started.elapsed());
+            }
+            res
+        })
+    }
 }
 
 /// A `kube::Config` for `--master` alone: the URL, no credentials. (Going through `Config::new`
