@@ -8,6 +8,7 @@ use rules::model::Family;
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
+use crate::backend::conntrack::ConntrackCleaner;
 use crate::backend::nftables::NftablesBackend;
 use crate::config::Config;
 use crate::http::Observer;
@@ -109,9 +110,55 @@ fn spawn_files_source(
     });
 }
 
+/// Deletes the stale UDP conntrack flows of the families the last sync asked for (cases
+/// 102-106). The ctnetlink socket is opened on first use and again after a failure; a failure is
+/// logged, retried after the next sync, and never fails the sync.
+fn clean_conntrack<B: crate::sync::Backend>(
+    cleaner: &mut Option<ConntrackCleaner>,
+    proxier: &mut Proxier<B>,
+    metrics: &Metrics,
+) {
+    for (family, stale) in proxier.take_udp_cleanups() {
+        if cleaner.is_none() {
+            match ConntrackCleaner::new() {
+                Ok(c) => *cleaner = Some(c),
+                Err(e) => {
+                    warn!(family = family.label(), "cannot clean stale UDP conntrack entries: {e}");
+                    proxier.udp_cleanup_failed(family);
+                    continue;
+                }
+            }
+        }
+        let c = cleaner.as_mut().expect("opened above");
+        let started = Instant::now();
+        match c.clean_stale_udp(family, &stale) {
+            Ok(n) => {
+                metrics.conntrack_deleted(family, n as u64);
+                if n > 0 {
+                    info!(
+                        family = family.label(),
+                        deleted = n,
+                        elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
+                        "deleted stale UDP conntrack entries"
+                    );
+                }
+            }
+            Err(e) => {
+                warn!(family = family.label(), "cleaning stale UDP conntrack entries failed (tried again later): {e}");
+                proxier.udp_cleanup_failed(family);
+                // The socket may be out of step with the kernel: open a fresh one next time.
+                *cleaner = None;
+            }
+        }
+    }
+}
+
 /// Runs until SIGTERM/SIGINT: watch the source, sync on change, resync periodically.
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let backend = NftablesBackend::new()?;
+    // Stale UDP flows are deleted over ctnetlink after each sync; opened lazily (see
+    // `clean_conntrack`), so a kernel without conntrack netlink does not stop the proxy.
+    let mut conntrack: Option<ConntrackCleaner> = None;
     let tracker = Arc::new(Mutex::new(ChangeTracker::new(&cfg.hostname)));
     let (tx, mut rx) = mpsc::channel::<Event>(16);
     let mut obs = Observer::new(&cfg)?;
@@ -120,11 +167,12 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     match &cfg.manifests {
         Some(_) => spawn_files_source(&cfg, tracker.clone(), tx, obs.metrics.clone()),
         None => {
-            let client = crate::source::kube::client(
+            let client = crate::source::kube::client_with_metrics(
                 cfg.kubeconfig.as_deref(),
                 cfg.master.as_deref(),
                 cfg.kube_api_qps,
                 cfg.kube_api_burst,
+                Some(obs.metrics.clone()),
             )
             .await?;
             info!("watching the Kubernetes API for Services, EndpointSlices, ServiceCIDRs and node {}", cfg.hostname);
@@ -178,6 +226,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                         pacer.record(started, false);
                     }
                 }
+                // After the apply, so the next datagram of a deleted flow meets the new rules.
+                clean_conntrack(&mut conntrack, &mut proxier, &obs.metrics);
             },
             _ = tokio::signal::ctrl_c() => { info!("interrupted; leaving the rules in place"); return Ok(()); }
             _ = sigterm.recv() => { info!("terminated; leaving the rules in place"); return Ok(()); }

@@ -9,6 +9,7 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use rules::conntrack::StaleUdpFlows;
 use rules::ir::Ruleset;
 use rules::model::{ClusterState, Family, NodeInfo};
 use rules::transaction::TxStats;
@@ -199,11 +200,46 @@ pub struct Proxier<B: Backend> {
     pub backend: B,
     /// What the kernel holds per family; absent = unknown, so the next sync is full.
     applied: BTreeMap<Family, Ruleset>,
+    /// Per family, the UDP frontends and serving endpoints the conntrack flows were last cleaned
+    /// against (handed out by [`Proxier::take_udp_cleanups`]); absent = never, or the cleanup failed.
+    udp_cleaned: BTreeMap<Family, StaleUdpFlows>,
+    /// Cleanups the last syncs asked for and the caller has not taken yet.
+    udp_pending: BTreeMap<Family, StaleUdpFlows>,
 }
 
 impl<B: Backend> Proxier<B> {
     pub fn new(cfg: Config, backend: B) -> Self {
-        Proxier { cfg, backend, applied: BTreeMap::new() }
+        Proxier { cfg, backend, applied: BTreeMap::new(), udp_cleaned: BTreeMap::new(), udp_pending: BTreeMap::new() }
+    }
+
+    /// The UDP conntrack cleanups due after the syncs so far (cases 102-105): per family whose
+    /// apply succeeded and whose UDP frontends or their serving endpoints changed since the last
+    /// cleanup (every family with UDP endpoints after the first sync, as upstream cleans after
+    /// each sync), what the stale flows are judged against. Deletes flows only one by one, never
+    /// a flush. The caller deletes them and reports a failure with [`Proxier::udp_cleanup_failed`].
+    pub fn take_udp_cleanups(&mut self) -> Vec<(Family, StaleUdpFlows)> {
+        std::mem::take(&mut self.udp_pending).into_iter().collect()
+    }
+
+    /// The cleanup of `family` failed: the next successful sync hands it out again.
+    pub fn udp_cleanup_failed(&mut self, family: Family) {
+        self.udp_cleaned.remove(&family);
+    }
+
+    /// After `family` was applied (or had nothing to apply) from `state`: queue a conntrack
+    /// cleanup when its UDP frontends or their serving endpoints changed.
+    fn udp_synced(&mut self, family: Family, state: &ClusterState) {
+        let now = StaleUdpFlows::from_state(state, family);
+        if self.udp_cleaned.get(&family) == Some(&now) {
+            return;
+        }
+        self.udp_cleaned.insert(family, now.clone());
+        if now.is_empty() {
+            // Nothing can be stale: no UDP frontend has a serving endpoint.
+            self.udp_pending.remove(&family);
+        } else {
+            self.udp_pending.insert(family, now);
+        }
     }
 
     /// Forgets what the kernel holds, so the next sync is a full one.
@@ -246,6 +282,7 @@ impl<B: Backend> Proxier<B> {
             };
             if tx.is_empty() {
                 debug!(family = family.label(), "no changes");
+                self.udp_synced(family, &state);
             } else {
                 debug!(family = family.label(), "transaction:\n{tx}");
                 fr.stats = tx.stats();
@@ -255,9 +292,14 @@ impl<B: Backend> Proxier<B> {
                         if let Some(old) = self.applied.insert(family, built.ruleset) {
                             drop_later(old);
                         }
+                        self.udp_synced(family, &state);
                     }
                     Err(e) => {
                         self.applied.remove(&family);
+                        // The kernel keeps the old rules, so the old endpoints still get traffic:
+                        // nothing to clean until an apply succeeds, and then in any case.
+                        self.udp_cleaned.remove(&family);
+                        self.udp_pending.remove(&family);
                         fr.error = Some(e.to_string());
                         if first_err.is_none() {
                             first_err = Some((family.label(), e));
@@ -461,6 +503,58 @@ mod tests {
         let r = sync_with(&mut p, &s).unwrap();
         let c = r.families[0].counts;
         assert_eq!((c.no_local_internal, c.no_local_external), (1, 1));
+    }
+
+    #[test]
+    fn udp_conntrack_cleanups_follow_serving_endpoint_changes() {
+        let udp = |eps: &[&str]| {
+            let mut s = state(1);
+            let sp = ServicePort::cluster_ip("ns", "dns", "", Protocol::Udp, "172.30.0.10", 53);
+            s.add_service(sp.clone());
+            for ip in eps {
+                s.add_endpoint(&sp.name, Endpoint::ready(ip, 53));
+            }
+            s
+        };
+        let fams =
+            |v: Vec<(Family, rules::conntrack::StaleUdpFlows)>| v.into_iter().map(|(f, _)| f).collect::<Vec<_>>();
+        let mut p = Proxier::new(cfg(), FakeBackend::default());
+        // Without a UDP endpoint there is nothing to clean.
+        sync_with(&mut p, &udp(&[])).unwrap();
+        assert!(p.take_udp_cleanups().is_empty());
+        // The first endpoint (case 103), then any change of the serving set (102): one cleanup.
+        sync_with(&mut p, &udp(&["10.1.0.7"])).unwrap();
+        let c = p.take_udp_cleanups();
+        assert_eq!(fams(c.clone()), vec![Family::V4]);
+        let stale = |c: &[(Family, rules::conntrack::StaleUdpFlows)], reply: &str| {
+            c[0].1.is_stale(&rules::conntrack::UdpFlow {
+                orig_dst: "172.30.0.10".parse().unwrap(),
+                orig_dport: 53,
+                reply_src: reply.parse().unwrap(),
+            })
+        };
+        assert!(stale(&c, "172.30.0.10") && !stale(&c, "10.1.0.7"));
+        // Nothing changed, or only TCP changed: no cleanup.
+        sync_with(&mut p, &udp(&["10.1.0.7"])).unwrap();
+        assert!(p.take_udp_cleanups().is_empty());
+        let mut tcp_changed = udp(&["10.1.0.7"]);
+        let a = ServicePort::cluster_ip("ns", "a", "", Protocol::Tcp, "172.30.0.1", 80);
+        tcp_changed.add_endpoint(&a.name, Endpoint::ready("10.1.0.99", 80));
+        sync_with(&mut p, &tcp_changed).unwrap();
+        assert!(p.take_udp_cleanups().is_empty());
+        sync_with(&mut p, &udp(&["10.1.0.8"])).unwrap();
+        let c = p.take_udp_cleanups();
+        assert!(stale(&c, "10.1.0.7") && !stale(&c, "10.1.0.8"));
+        // A failed cleanup is handed out again by the next sync, even without a change.
+        p.udp_cleanup_failed(Family::V4);
+        sync_with(&mut p, &udp(&["10.1.0.8"])).unwrap();
+        assert_eq!(fams(p.take_udp_cleanups()), vec![Family::V4]);
+        // A failed apply cleans nothing (the old rules still serve); the next success does.
+        p.backend.fail_next = true;
+        assert!(sync_with(&mut p, &udp(&["10.1.0.9"])).is_err());
+        assert!(p.take_udp_cleanups().is_empty());
+        sync_with(&mut p, &udp(&["10.1.0.9"])).unwrap();
+        assert_eq!(fams(p.take_udp_cleanups()), vec![Family::V4]);
     }
 
     #[test]

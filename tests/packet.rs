@@ -812,3 +812,93 @@ endpoints:
     assert_eq!(t.probe("client", "udp", cip, 54, 1), vec!["refused"], "{}", log());
     assert!(!t.probe("client", "tcp", cip, 81, 1)[0].starts_with("ok"), "{}", log());
 }
+
+// ------------------------------------------------------------------------------------------------
+// UDP conntrack cleanup (cases 102, 105)
+
+/// A UDP client that sends from ONE source port every 20 ms and prints who answered ("-" for
+/// nothing within 200 ms), so every datagram belongs to the same conntrack flow.
+const ONE_PORT_PY: &str = r#"
+import socket, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", 0)); s.connect((sys.argv[1], int(sys.argv[2]))); s.settimeout(0.2)
+while True:
+    s.send(b"x")
+    try: print(s.recv(2048).decode().split()[0], flush=True)
+    except OSError: print("-", flush=True)
+    time.sleep(0.02)
+"#;
+
+/// Issue 4 "a UDP client sending continuously from one source port to a ClusterIP keeps being
+/// answered within 2 s after its endpoint is removed" (case 102): the removed backend keeps
+/// running, so without kproxy's conntrack cleanup the flow would stay pinned to it for good.
+#[test]
+fn udp_flow_moves_to_a_remaining_endpoint_when_its_endpoint_is_removed() {
+    use std::io::BufRead as _;
+    let t = Topo::new();
+    let cip = ip(172, 30, 0, 120);
+    let svc = Service::cluster_ip("udpflow", cip).port("dns", Udp, 53, ECHO_UDP);
+    let slice = || Slice::of("udpflow").port("dns", Udp, ECHO_UDP);
+    t.apply(&svc, &slice().endpoints(&[Pod::B1, Pod::B2]));
+    let mut k = t.kproxy(&[]);
+    let mut client = t.prober(Host::Pod(Pod::Client));
+    await_answer(&mut k, &mut client, Udp, cip, 53);
+
+    let mut child = t
+        .cmd(Host::Pod(Pod::Client), "python3")
+        .args(["-c", ONE_PORT_PY, &cip.to_string(), "53"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = child.stdout.take().unwrap();
+    let (tx, lines) = std::sync::mpsc::channel::<(Instant, String)>();
+    std::thread::spawn(move || {
+        for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send((Instant::now(), l)).is_err() {
+                break;
+            }
+        }
+    });
+    struct KillOnDrop(std::process::Child);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _child = KillOnDrop(child);
+    // The flow settles on one backend: 5 answers in a row from it.
+    let next = |limit: Duration| lines.recv_timeout(limit).expect("the UDP client stopped printing").1;
+    let (mut first, mut run) = (String::new(), 0);
+    while run < 5 {
+        let l = next(Duration::from_secs(5));
+        run = if l == first { run + 1 } else { 1 };
+        first = l;
+    }
+    let gone = Pod::by_name(&first).unwrap_or_else(|| panic!("answer {first:?}"));
+    let stays = if gone == Pod::B1 { Pod::B2 } else { Pod::B1 };
+
+    let removed = Instant::now();
+    t.apply(&svc, &slice().endpoint(stays));
+    // Every datagram is answered, by the old backend until the flow is deleted, then by the
+    // remaining one for good; the switch comes within 2 s.
+    let mut switched = None;
+    let mut since_switch = 0;
+    while since_switch < 10 {
+        assert!(removed.elapsed() < Duration::from_secs(5), "the flow never moved to {}:\n{}", stays.name(), k.log());
+        let (at, l) = lines.recv_timeout(Duration::from_secs(2)).expect("the UDP client stopped printing");
+        if l == stays.name() {
+            switched.get_or_insert(at);
+            since_switch += 1;
+        } else if l == gone.name() {
+            assert!(switched.is_none(), "back to the removed backend {l} after the switch");
+        } else {
+            // One lost datagram at the switch is allowed (the one in flight when the flow went).
+            assert!(l == "-" && switched.is_none(), "unexpected answer {l:?}");
+        }
+    }
+    let took = switched.unwrap().duration_since(removed);
+    eprintln!("UDP flow answered by {} {took:?} after {} was removed", stays.name(), gone.name());
+    assert!(took <= Duration::from_secs(2), "took {took:?}");
+    assert!(k.log().contains("deleted stale UDP conntrack entries"), "{}", k.log());
+}
