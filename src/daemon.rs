@@ -1,6 +1,8 @@
 //! The running daemon: wires a source to the change tracker and the sync loop, and the one-shot
 //! modes (`--dry-run`, `--cleanup`).
 
+use std::cell::RefCell;
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -11,6 +13,7 @@ use tracing::{error, info, warn};
 use crate::backend::conntrack::ConntrackCleaner;
 use crate::backend::nftables::NftablesBackend;
 use crate::config::Config;
+use crate::http::service_health::{listen_addresses, ServiceKey};
 use crate::http::Observer;
 use crate::localaddrs::local_addresses;
 use crate::metrics::Metrics;
@@ -153,6 +156,27 @@ fn clean_conntrack<B: crate::sync::Backend>(
     }
 }
 
+/// One health check per Service over the programmed families: a dual-stack Service counts its
+/// local ready endpoints of both (IPv4 and IPv6 addresses never coincide, so the sum is the
+/// per-IP count upstream's shared health server reports).
+fn merge_health_checks(
+    per_family: BTreeMap<Family, BTreeMap<ServiceKey, rules::health::HealthCheck>>,
+    families: &[Family],
+) -> BTreeMap<ServiceKey, rules::health::HealthCheck> {
+    let mut out: BTreeMap<ServiceKey, rules::health::HealthCheck> = BTreeMap::new();
+    for (_, checks) in per_family.into_iter().filter(|(f, _)| families.contains(f)) {
+        for (k, c) in checks {
+            match out.get_mut(&k) {
+                Some(have) => have.local_endpoints += c.local_endpoints,
+                None => {
+                    out.insert(k, c);
+                }
+            }
+        }
+    }
+    out
+}
+
 /// Runs until SIGTERM/SIGINT: watch the source, sync on change, resync periodically.
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let backend = NftablesBackend::new()?;
@@ -211,8 +235,21 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                     }
                     last_node_labels = Some(node.labels.clone());
                     let local_ips = local_addresses();
-                    let state = |f: Family| t.cluster_state(f);
-                    (proxier.sync(&Inputs { state: &state, node: &node, local_ips: &local_ips }), taken)
+                    // Each family's health checks, from the state the sync builds from (the last
+                    // one asked for wins when a family's state is asked for twice).
+                    let checks = RefCell::new(BTreeMap::new());
+                    let state = |f: Family| {
+                        let s = t.cluster_state(f);
+                        checks.borrow_mut().insert(f, rules::health::health_checks(&[&s], &cfg.hostname));
+                        s
+                    };
+                    let result = proxier.sync(&Inputs { state: &state, node: &node, local_ips: &local_ips });
+                    let report = match &result { Ok(r) => r, Err(e) => &e.report };
+                    let fams: Vec<Family> = report.families.iter().map(|f| f.family).collect();
+                    let addrs = listen_addresses(&cfg, &fams, &node.primary_ips, &local_ips);
+                    let checks = merge_health_checks(checks.into_inner(), &fams);
+                    obs.service_health.update(&checks, &addrs);
+                    (result, taken)
                 };
                 pending = false;
                 obs.sync_done(&result, started, taken);

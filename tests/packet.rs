@@ -902,3 +902,84 @@ fn udp_flow_moves_to_a_remaining_endpoint_when_its_endpoint_is_removed() {
     assert!(took <= Duration::from_secs(2), "took {took:?}");
     assert!(k.log().contains("deleted stale UDP conntrack entries"), "{}", k.log());
 }
+
+// ------------------------------------------------------------------------------------------------
+// Health check node port (cases 76, 77, 80, 81)
+
+/// `GET http://IP:PORT/any` from a namespace: `(status, weight header, body)`, or `None` when
+/// the connection is refused or fails.
+fn hc_get(t: &Topo, h: Host, addr: Ipv4Addr, port: u16) -> Option<(u16, String, String)> {
+    const GET_PY: &str = r#"
+import socket, sys
+try:
+    s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=1)
+    s.sendall(b"GET /whatever HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    d = b""
+    while True:
+        c = s.recv(4096)
+        if not c: break
+        d += c
+    print(d.decode())
+except OSError as e:
+    print("ERR", e)
+"#;
+    let out = t.cmd(h, "python3").args(["-c", GET_PY, &addr.to_string(), &port.to_string()]).output().unwrap();
+    let s = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (head, body) = s.split_once("\r\n\r\n")?;
+    let code = head.split_whitespace().nth(1)?.parse().ok()?;
+    let weight = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase().strip_prefix("x-load-balancing-endpoint-weight:").map(|v| v.trim().to_string())
+        })
+        .unwrap_or_default();
+    Some((code, weight, body.trim().to_string()))
+}
+
+/// Cases 76, 77, 80, 81: an eTP=Local Service's health check node port answers on the node's
+/// primary IP (not on another node address) with 200 and the local endpoint count, 503 once the
+/// only local endpoint is gone, and is closed when the Service goes.
+#[test]
+fn health_check_node_port_follows_the_local_endpoints() {
+    let t = Topo::new();
+    let hc = 30210;
+    let svc = Service::cluster_ip("hc", ip(172, 30, 0, 130))
+        .port("http", Tcp, 80, ECHO_TCP)
+        .node_port(30130)
+        .load_balancer_ip(LB_IP)
+        .spec("externalTrafficPolicy: Local")
+        .spec(&format!("healthCheckNodePort: {hc}"));
+    let slice = || Slice::of("hc").port("http", Tcp, ECHO_TCP);
+    t.apply(&svc, &slice().endpoints(&[Pod::B1, Pod::R1]));
+    let mut k = t.kproxy(&[]);
+    let get = || hc_get(&t, Host::Ext, NODE_IP, hc);
+    let (r, _) = poll("the health check node port answers 200", FIRST_SYNC, || {
+        k.assert_running();
+        match get() {
+            Some(r) if r.0 == 200 => Ok(r),
+            other => Err(format!("{other:?}")),
+        }
+    });
+    assert_eq!(r.1, "1", "weight header: {r:?}");
+    assert_eq!(
+        r.2,
+        "{\n  \"service\": {\n    \"namespace\": \"default\",\n    \"name\": \"hc\"\n  },\n  \"localEndpoints\": 1,\n  \"serviceProxyHealthy\": true\n}"
+    );
+    // Case 80: only the Node's primary IP (the nftables default `primary`), not the node's other
+    // addresses.
+    assert_eq!(hc_get(&t, Host::Ext, NODE_EXT_IP, hc), None);
+    // Case 77: no local ready endpoint left.
+    t.apply(&svc, &slice().endpoint(Pod::R1));
+    let (r, took) = poll("503 without a local endpoint", Duration::from_secs(4), || match get() {
+        Some(r) if r.0 == 503 => Ok(r),
+        other => Err(format!("{other:?}")),
+    });
+    assert!(r.2.contains("\"localEndpoints\": 0") && r.1 == "0", "{r:?}");
+    eprintln!("health check said 503 {took:?} after the local endpoint went");
+    // Case 81: the Service is deleted: the listener closes.
+    t.remove_manifest("hc.yaml");
+    poll("the health check node port closes", Duration::from_secs(4), || match get() {
+        None => Ok(()),
+        Some(r) => Err(format!("{r:?}")),
+    });
+}

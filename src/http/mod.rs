@@ -7,6 +7,7 @@
 
 pub mod health;
 pub mod metrics_server;
+pub mod service_health;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -53,11 +54,13 @@ pub struct Response {
     pub status: u16,
     pub content_type: &'static str,
     pub body: Vec<u8>,
+    /// Further headers (lower-case names).
+    pub headers: Vec<(&'static str, String)>,
 }
 
 impl Response {
     pub fn new(status: u16, content_type: &'static str, body: impl Into<Vec<u8>>) -> Self {
-        Response { status, content_type, body: body.into() }
+        Response { status, content_type, body: body.into(), headers: Vec::new() }
     }
     /// Go's `http.NotFound` answer.
     pub fn not_found() -> Self {
@@ -82,6 +85,11 @@ fn to_hyper(r: Response) -> hyper::Response<Full<Bytes>> {
     // As upstream's handlers: never let a browser sniff these bodies into something else.
     h.insert("x-content-type-options", hyper::header::HeaderValue::from_static("nosniff"));
     h.insert(hyper::header::CACHE_CONTROL, hyper::header::HeaderValue::from_static("no-store"));
+    for (name, value) in r.headers {
+        if let Ok(v) = hyper::header::HeaderValue::from_str(&value) {
+            h.insert(name, v);
+        }
+    }
     resp
 }
 
@@ -144,6 +152,8 @@ pub struct Observer {
     /// The families the sync loop programs (IPv4 until a sync says otherwise); a change queues an
     /// update for each.
     families: Vec<Family>,
+    /// The health check node port servers (cases 76-81).
+    pub service_health: service_health::ServiceHealthServers,
 }
 
 /// What a sync took from the tracker when it started.
@@ -155,9 +165,11 @@ pub struct SyncStart {
 impl Observer {
     /// Metrics for `cfg`'s mode, health with upstream's timeout of 2 x syncPeriod.
     pub fn new(cfg: &Config) -> Result<Observer, HttpError> {
+        let health = Arc::new(ProxyHealth::new(2 * cfg.sync_period));
         Ok(Observer {
             metrics: Arc::new(Metrics::new(cfg.mode.name())?),
-            health: Arc::new(ProxyHealth::new(2 * cfg.sync_period)),
+            service_health: service_health::ServiceHealthServers::new(health.clone()),
+            health,
             families: vec![Family::V4],
         })
     }
