@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use rules::model::{Cidr, Family, NodePortAddresses};
+use rules::model::{Cidr, Family, LocalDetector, NodeInfo, NodePortAddresses};
 
 use crate::config_file::KubeProxyConfiguration;
 
@@ -223,6 +223,8 @@ pub struct Config {
     pub mode: ProxyMode,
     pub hostname: String,
     pub cluster_cidrs: Vec<Cidr>,
+    /// How traffic from local pods is detected (`--detect-local-mode`).
+    pub detect_local: DetectLocal,
     pub nodeport: NodePortSpec,
     pub masquerade_all: bool,
     pub masquerade_bit: u8,
@@ -244,11 +246,57 @@ pub struct Config {
     pub unimplemented: Vec<String>,
 }
 
+/// The local-traffic detection mode, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DetectLocal {
+    /// Source inside `--cluster-cidr` of the family (none given: no detector).
+    ClusterCidr,
+    /// Source inside the Node's `spec.podCIDRs` of the family.
+    NodeCidr,
+    /// Input interface is this bridge.
+    BridgeInterface(String),
+    /// Input interface name starts with this prefix.
+    InterfaceNamePrefix(String),
+}
+
+impl DetectLocal {
+    /// This family's detector, given the node as last seen.
+    pub fn detector(&self, family: Family, cluster_cidrs: &[Cidr], node: &NodeInfo) -> LocalDetector {
+        let of_family = |cidrs: &[Cidr]| cidrs.iter().copied().find(|c| c.family() == family);
+        let d = match self {
+            DetectLocal::ClusterCidr => of_family(cluster_cidrs).map(LocalDetector::Cidr),
+            DetectLocal::NodeCidr => of_family(&node.pod_cidrs).map(LocalDetector::Cidr),
+            DetectLocal::BridgeInterface(i) => Some(LocalDetector::Bridge(i.clone())),
+            DetectLocal::InterfaceNamePrefix(p) => Some(LocalDetector::InterfacePrefix(p.clone())),
+        };
+        d.unwrap_or(LocalDetector::None)
+    }
+}
+
+/// An interface name (or prefix) nft can match: 1-15 bytes, no quotes, whitespace or `*`.
+fn check_ifname(s: &str) -> Result<(), String> {
+    if s.is_empty() {
+        return Err("must not be empty".into());
+    }
+    if s.len() > 15 {
+        return Err("longer than 15 characters".into());
+    }
+    if s.chars().any(|c| c == '"' || c == '\'' || c == '*' || c == '/' || c.is_whitespace() || c.is_control()) {
+        return Err("must not contain quotes, whitespace, '/' or '*'".into());
+    }
+    Ok(())
+}
+
 impl Config {
-    /// The pure-rules build configuration for one family.
-    pub fn build_config(&self, family: Family, nodeport: NodePortAddresses) -> rules::model::BuildConfig {
-        let mut b = rules::model::BuildConfig::new(family);
-        b.cluster_cidr = self.cluster_cidrs.iter().copied().find(|c| c.family() == family);
+    /// The pure-rules build configuration for one family, with the node as last seen.
+    pub fn build_config(
+        &self,
+        family: Family,
+        nodeport: NodePortAddresses,
+        node: &NodeInfo,
+    ) -> rules::model::BuildConfig {
+        let mut b = rules::model::BuildConfig::new(family).with_node(node);
+        b.local_detector = self.detect_local.detector(family, &self.cluster_cidrs, node);
         b.masquerade_all = self.masquerade_all;
         b.masquerade_bit = self.masquerade_bit;
         b.nodeport_addresses = nodeport;
@@ -299,6 +347,9 @@ struct Raw {
     mode: String,
     hostname: String,
     cluster_cidr: String,
+    detect_local_mode: String,
+    bridge_interface: String,
+    interface_name_prefix: String,
     nodeport: Vec<String>,
     masquerade_all: bool,
     masquerade_bit: i64,
@@ -341,9 +392,6 @@ impl Flags {
         note(!self.write_config_to.is_empty(), "--write-config-to");
         note(self.init_only, "--init-only");
         note(!self.iptables_localhost_nodeports, "--iptables-localhost-nodeports");
-        note(!self.detect_local_mode.is_empty() && self.detect_local_mode != "ClusterCIDR", "--detect-local-mode");
-        note(!self.pod_bridge_interface.is_empty(), "--pod-bridge-interface");
-        note(!self.pod_interface_name_prefix.is_empty(), "--pod-interface-name-prefix");
         note(self.oom_score_adj != -999, "--oom-score-adj");
         note(self.conntrack_max_per_core != 32768, "--conntrack-max-per-core");
         note(self.conntrack_min != 131072, "--conntrack-min");
@@ -362,6 +410,9 @@ impl Flags {
             mode: self.proxy_mode.clone(),
             hostname: self.hostname_override.clone(),
             cluster_cidr: self.cluster_cidr.clone(),
+            detect_local_mode: self.detect_local_mode.clone(),
+            bridge_interface: self.pod_bridge_interface.clone(),
+            interface_name_prefix: self.pod_interface_name_prefix.clone(),
             nodeport: self.nodeport_addresses.clone(),
             masquerade_all: self.masquerade_all,
             masquerade_bit: self.masquerade_bit as i64,
@@ -410,6 +461,13 @@ impl Flags {
                 self.hostname_override.clone()
             },
             cluster_cidr: f.cluster_cidr.clone().unwrap_or_default(),
+            detect_local_mode: f.detect_local_mode.clone().unwrap_or_default(),
+            bridge_interface: f.detect_local.as_ref().and_then(|d| d.bridge_interface.clone()).unwrap_or_default(),
+            interface_name_prefix: f
+                .detect_local
+                .as_ref()
+                .and_then(|d| d.interface_name_prefix.clone())
+                .unwrap_or_default(),
             nodeport: f.node_port_addresses.clone().unwrap_or_default(),
             masquerade_all: first_all.unwrap_or(false)
                 || ipt.and_then(|i| i.masquerade_all).unwrap_or(false)
@@ -478,6 +536,41 @@ impl Flags {
             }
             cluster_cidrs.push(c);
         }
+        let mode_name = raw.name("--detect-local-mode", "detectLocalMode");
+        let iface = |flag: &'static str, field: &'static str, v: &str| -> Result<String, ConfigError> {
+            let name = raw.name(flag, field);
+            let v = v.trim();
+            if v.is_empty() {
+                return Err(invalid(
+                    name,
+                    v,
+                    format!("{name} is required by {mode_name} {}", raw.detect_local_mode.trim()),
+                ));
+            }
+            check_ifname(v).map_err(|e| invalid(name, v, e))?;
+            Ok(v.to_string())
+        };
+        let detect_local = match raw.detect_local_mode.trim() {
+            "" | "ClusterCIDR" => DetectLocal::ClusterCidr,
+            "NodeCIDR" => DetectLocal::NodeCidr,
+            "BridgeInterface" => DetectLocal::BridgeInterface(iface(
+                "--pod-bridge-interface",
+                "detectLocal.bridgeInterface",
+                &raw.bridge_interface,
+            )?),
+            "InterfaceNamePrefix" => DetectLocal::InterfaceNamePrefix(iface(
+                "--pod-interface-name-prefix",
+                "detectLocal.interfaceNamePrefix",
+                &raw.interface_name_prefix,
+            )?),
+            other => {
+                return Err(invalid(
+                    mode_name,
+                    other,
+                    "must be ClusterCIDR, NodeCIDR, BridgeInterface or InterfaceNamePrefix",
+                ))
+            }
+        };
         let np_name = raw.name("--nodeport-addresses", "nodePortAddresses");
         let np: Vec<String> = raw.nodeport.iter().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
         let nodeport = if np.is_empty() || np == ["primary"] {
@@ -537,6 +630,7 @@ impl Flags {
             mode,
             hostname,
             cluster_cidrs,
+            detect_local,
             nodeport,
             masquerade_all: raw.masquerade_all,
             masquerade_bit: raw.masquerade_bit as u8,
@@ -650,12 +744,98 @@ mod tests {
         assert_eq!(c.kube_api_burst, 40);
         assert_eq!(c.metrics_bind_address, "0.0.0.0:10249");
         assert_eq!(c.nodeport, NodePortSpec::Cidrs(vec![Cidr::parse("192.168.0.0/24").unwrap()]));
+        assert_eq!(c.detect_local, DetectLocal::ClusterCidr);
         let un = c.unimplemented.join(" ");
-        for f in
-            ["featureGates", "conntrack.maxPerCore", "oomScoreAdj", "enableProfiling", "detectLocal.bridgeInterface"]
-        {
+        for f in ["featureGates", "conntrack.maxPerCore", "oomScoreAdj", "enableProfiling"] {
             assert!(un.contains(f), "{f} should be reported as not implemented: {un}");
         }
+        assert!(!un.contains("detectLocal"), "detect-local settings are implemented: {un}");
+    }
+
+    #[test]
+    fn detect_local_modes_from_flags() {
+        assert_eq!(parse(&[]).unwrap().detect_local, DetectLocal::ClusterCidr);
+        assert_eq!(parse(&["--detect-local-mode", "NodeCIDR"]).unwrap().detect_local, DetectLocal::NodeCidr);
+        let c = parse(&["--detect-local-mode", "BridgeInterface", "--pod-bridge-interface", "cbr0"]).unwrap();
+        assert_eq!(c.detect_local, DetectLocal::BridgeInterface("cbr0".into()));
+        assert!(c.unimplemented.is_empty(), "{:?}", c.unimplemented);
+        let c = parse(&["--detect-local-mode=InterfaceNamePrefix", "--pod-interface-name-prefix=veth"]).unwrap();
+        assert_eq!(c.detect_local, DetectLocal::InterfaceNamePrefix("veth".into()));
+        assert!(c.unimplemented.is_empty(), "{:?}", c.unimplemented);
+        // The other mode's interface setting is ignored, as upstream.
+        let c = parse(&["--detect-local-mode", "NodeCIDR", "--pod-bridge-interface", "cbr0"]).unwrap();
+        assert_eq!(c.detect_local, DetectLocal::NodeCidr);
+    }
+
+    #[test]
+    fn detect_local_errors_name_the_flag() {
+        let e = parse(&["--detect-local-mode", "Bogus"]).unwrap_err();
+        assert!(e.contains("--detect-local-mode"), "{e}");
+        let e = parse(&["--detect-local-mode", "BridgeInterface"]).unwrap_err();
+        assert!(e.contains("--pod-bridge-interface"), "{e}");
+        let e = parse(&["--detect-local-mode", "InterfaceNamePrefix"]).unwrap_err();
+        assert!(e.contains("--pod-interface-name-prefix"), "{e}");
+        for bad in ["a-name-longer-than-15", "ve th", "veth*", "cb\"r0"] {
+            let e =
+                parse(&["--detect-local-mode", "InterfaceNamePrefix", "--pod-interface-name-prefix", bad]).unwrap_err();
+            assert!(e.contains("--pod-interface-name-prefix"), "{bad}: {e}");
+            let e = parse(&["--detect-local-mode", "BridgeInterface", "--pod-bridge-interface", bad]).unwrap_err();
+            assert!(e.contains("--pod-bridge-interface"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn detect_local_errors_name_the_field() {
+        let dir = std::env::temp_dir().join(format!("kproxy-cfg-dl-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let head = "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\n";
+        let cases = [
+            ("mode", "detectLocalMode: Bogus\n", Err("detectLocalMode")),
+            ("bridge", "detectLocalMode: BridgeInterface\n", Err("detectLocal.bridgeInterface")),
+            (
+                "prefix",
+                "detectLocalMode: InterfaceNamePrefix\ndetectLocal: {interfaceNamePrefix: 'a b'}\n",
+                Err("detectLocal.interfaceNamePrefix"),
+            ),
+            (
+                "ok",
+                "detectLocalMode: InterfaceNamePrefix\ndetectLocal: {interfaceNamePrefix: veth}\n",
+                Ok(DetectLocal::InterfaceNamePrefix("veth".into())),
+            ),
+            ("node", "detectLocalMode: NodeCIDR\n", Ok(DetectLocal::NodeCidr)),
+        ];
+        for (name, body, want) in cases {
+            let p = dir.join(name);
+            std::fs::write(&p, format!("{head}{body}")).unwrap();
+            let got = parse(&["--config", p.to_str().unwrap()]);
+            match want {
+                Ok(d) => assert_eq!(got.unwrap().detect_local, d, "{name}"),
+                Err(needle) => {
+                    let e = got.unwrap_err();
+                    assert!(e.contains(needle), "{name}: {e}");
+                }
+            }
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn detector_per_mode_and_family() {
+        let node = NodeInfo {
+            pod_cidrs: vec![Cidr::parse("10.244.1.0/24").unwrap(), Cidr::parse("fd00:1::/64").unwrap()],
+            ..Default::default()
+        };
+        let cc = [Cidr::parse("10.244.0.0/16").unwrap()];
+        let v4 = Family::V4;
+        assert_eq!(DetectLocal::ClusterCidr.detector(v4, &cc, &node), LocalDetector::Cidr(cc[0]));
+        assert_eq!(DetectLocal::ClusterCidr.detector(Family::V6, &cc, &node), LocalDetector::None);
+        assert_eq!(DetectLocal::ClusterCidr.detector(v4, &[], &node), LocalDetector::None);
+        assert_eq!(DetectLocal::NodeCidr.detector(Family::V6, &cc, &node), LocalDetector::Cidr(node.pod_cidrs[1]));
+        assert_eq!(DetectLocal::NodeCidr.detector(v4, &cc, &NodeInfo::default()), LocalDetector::None);
+        assert_eq!(
+            DetectLocal::BridgeInterface("cbr0".into()).detector(Family::V6, &[], &node),
+            LocalDetector::Bridge("cbr0".into())
+        );
     }
 
     #[test]

@@ -193,11 +193,6 @@ impl KubeProxyConfiguration {
         note(self.bind_address_hard_fail == Some(true), "bindAddressHardFail");
         note(self.enable_profiling == Some(true), "enableProfiling");
         note(set(&self.show_hidden_metrics_for_version).is_some(), "showHiddenMetricsForVersion");
-        note(set(&self.detect_local_mode).is_some_and(|m| m != "ClusterCIDR"), "detectLocalMode");
-        if let Some(d) = &self.detect_local {
-            note(set(&d.bridge_interface).is_some(), "detectLocal.bridgeInterface");
-            note(set(&d.interface_name_prefix).is_some(), "detectLocal.interfaceNamePrefix");
-        }
         note(self.oom_score_adj.is_some(), "oomScoreAdj");
         if let Some(c) = &self.conntrack {
             note(c.max_per_core.is_some_and(|v| v != 0), "conntrack.maxPerCore");

@@ -162,7 +162,7 @@ fn desired_from(
         rules::model::NodePortAddresses::Ips(ips) => ips.clone(),
         _ => Vec::new(),
     };
-    let bc = cfg.build_config(family, np).with_node(inputs.node);
+    let bc = cfg.build_config(family, np, inputs.node);
     rules::build(state, &node_ips, &bc, previous)
 }
 

@@ -266,6 +266,28 @@ fn fixtures() -> Vec<Fixture> {
             },
         },
         Fixture {
+            name: "policies-detect-bridge",
+            state: policies(Family::V4),
+            node_ips: vec![ip("192.168.0.2")],
+            cfg: {
+                let mut c = BuildConfig::new(Family::V4);
+                c.local_detector = LocalDetector::Bridge("cbr0".into());
+                c.node_name = "node-a".into();
+                c
+            },
+        },
+        Fixture {
+            name: "policies-ipv6-detect-prefix",
+            state: policies(Family::V6),
+            node_ips: vec![ip("fd00::2")],
+            cfg: {
+                let mut c = BuildConfig::new(Family::V6);
+                c.local_detector = LocalDetector::InterfacePrefix("veth".into());
+                c.node_name = "node-a".into();
+                c
+            },
+        },
+        Fixture {
             name: "policies-ipv6",
             state: policies(Family::V6),
             node_ips: vec![ip("fd00::2")],
@@ -366,6 +388,10 @@ fn kitchen_sink(fam: Family) -> Transaction {
         rule(vec![Expr::DnatSlots { proto: Protocol::Sctp, modulus: 3, offset: 100, map: "slots-plain".into() }]),
         rule(vec![Expr::Masquerade]),
         rule(vec![Expr::Reject]),
+        rule(vec![Expr::Iifname { name: "cbr0".into(), prefix: false, neq: false }, accept.clone()]),
+        rule(vec![Expr::Iifname { name: "veth".into(), prefix: true, neq: true }, accept.clone()]),
+        rule(vec![Expr::Iifname { name: "eth0.100-abcde".into(), prefix: false, neq: true }, accept.clone()]),
+        rule(vec![Expr::Iifname { name: "l".into(), prefix: true, neq: false }, accept.clone()]),
     ]);
     let el = |key: Vec<Value>| Element::key(key);
     ops.extend([

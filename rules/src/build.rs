@@ -602,7 +602,16 @@ pub fn build(state: &ClusterState, node_ips: &[IpAddr], cfg: &BuildConfig, previ
         });
     }
     let node_name = cfg.node_name.as_str();
-    let local_detector = cfg.cluster_cidr.filter(|c| c.family() == fam);
+    let detector = cfg.detector();
+    // The detector as a match: `neq` matches traffic that is not from local pods.
+    let local_detector = |neq: bool| -> Option<Expr> {
+        match &detector {
+            LocalDetector::None => None,
+            LocalDetector::Cidr(c) => Some(Expr::Cmp { sel: Selector::Saddr, neq, right: Operand::Prefix(*c) }),
+            LocalDetector::Bridge(name) => Some(Expr::Iifname { name: name.clone(), prefix: false, neq }),
+            LocalDetector::InterfacePrefix(p) => Some(Expr::Iifname { name: p.clone(), prefix: true, neq }),
+        }
+    };
     let mut hairpin = BTreeSet::new();
     let mut no_local = NoLocalEndpoints::default();
     for (spn, sp) in &services {
@@ -636,8 +645,7 @@ pub fn build(state: &ClusterState, node_ips: &[IpAddr], cfg: &BuildConfig, previ
                 r.push(jump(MARK_FOR_MASQUERADE));
                 Some(r)
             } else {
-                let cidr = local_detector?;
-                r.push(Expr::Cmp { sel: Selector::Saddr, neq: true, right: Operand::Prefix(cidr) });
+                r.push(local_detector(true)?);
                 r.push(jump(MARK_FOR_MASQUERADE));
                 Some(r)
             }
@@ -720,14 +728,8 @@ pub fn build(state: &ClusterState, node_ips: &[IpAddr], cfg: &BuildConfig, previ
                 // to the load balancer and come back; the node's own traffic is masqueraded since
                 // its source (often the LB IP itself) cannot be answered directly. Only traffic
                 // from elsewhere keeps its source and goes to local endpoints.
-                if let Some(cidr) = local_detector {
-                    rs.add_rule(
-                        &ext_chain,
-                        vec![
-                            Expr::Cmp { sel: Selector::Saddr, neq: false, right: Operand::Prefix(cidr) },
-                            goto(&svc_chain),
-                        ],
-                    );
+                if let Some(from_pod) = local_detector(false) {
+                    rs.add_rule(&ext_chain, vec![from_pod, goto(&svc_chain)]);
                 }
                 rs.add_rule(&ext_chain, vec![Expr::FibSaddrLocal, jump(MARK_FOR_MASQUERADE)]);
                 rs.add_rule(&ext_chain, vec![Expr::FibSaddrLocal, goto(&svc_chain)]);
@@ -1250,7 +1252,16 @@ mod tests {
         let mut cfg = node_cfg();
         cfg.cluster_cidr = None;
         assert_eq!(text(&cfg).len(), 3);
+        // The interface detectors short-circuit on the input interface instead.
+        cfg.local_detector = LocalDetector::Bridge("cbr0".into());
+        assert_eq!(text(&cfg)[0], format!("iifname \"cbr0\" goto {svc}"));
+        cfg.local_detector = LocalDetector::InterfacePrefix("veth".into());
+        assert_eq!(text(&cfg)[0], format!("iifname \"veth*\" goto {svc}"));
+        // A CIDR of the other family detects nothing.
+        cfg.local_detector = LocalDetector::Cidr(Cidr::parse("fd00::/64").unwrap());
+        assert_eq!(text(&cfg).len(), 3);
         // Case 12: --masquerade-all does not change the external chain (only the ClusterIP rule).
+        cfg.local_detector = LocalDetector::None;
         cfg.masquerade_all = true;
         assert_eq!(text(&cfg)[0], "fib saddr type local jump mark-for-masquerade");
     }

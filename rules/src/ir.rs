@@ -411,6 +411,13 @@ pub enum Expr {
         key: Vec<Selector>,
         set: String,
     },
+    /// `iifname [!=] "NAME"`, or with `prefix` `iifname [!=] "NAME*"` (any interface whose name
+    /// starts with NAME).
+    Iifname {
+        name: String,
+        prefix: bool,
+        neq: bool,
+    },
     /// `masquerade fully-random`
     Masquerade,
     /// `reject` (ICMP / ICMPv6 port unreachable)
@@ -511,6 +518,9 @@ impl fmt::Display for RuleText<'_> {
                 }
                 Expr::Masquerade => f.write_str("masquerade fully-random")?,
                 Expr::Reject => f.write_str("reject")?,
+                Expr::Iifname { name, prefix, neq } => {
+                    write!(f, "iifname {}\"{name}{}\"", if *neq { "!= " } else { "" }, if *prefix { "*" } else { "" })?
+                }
                 Expr::Verdict(v) => write!(f, "{v}")?,
             }
         }

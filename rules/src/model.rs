@@ -303,6 +303,8 @@ pub struct NodeInfo {
     /// Every InternalIP and ExternalIP of the Node object, in order.
     pub addresses: Vec<IpAddr>,
     pub labels: BTreeMap<String, String>,
+    /// The Node's `spec.podCIDRs` (else `spec.podCIDR`) that parse, for `--detect-local-mode NodeCIDR`.
+    pub pod_cidrs: Vec<Cidr>,
     /// The Node has a deletionTimestamp or the cluster autoscaler's `ToBeDeletedByClusterAutoscaler`
     /// taint. The rules ignore it; `/healthz` fails for such a node (as upstream) so that load
     /// balancers drain it before it goes away.
@@ -341,12 +343,31 @@ pub enum NodePortAddresses {
     Ips(Vec<IpAddr>),
 }
 
+/// How traffic from local pods is told apart from other traffic (`--detect-local-mode`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum LocalDetector {
+    /// No detector: nothing counts as pod traffic.
+    #[default]
+    None,
+    /// Source address inside the CIDR (modes ClusterCIDR and NodeCIDR): `ip saddr [!=] CIDR`.
+    Cidr(Cidr),
+    /// Arrives on the pod bridge (mode BridgeInterface): `iifname [!=] "IF"`.
+    Bridge(String),
+    /// Arrives on an interface whose name starts with the prefix (mode InterfaceNamePrefix):
+    /// `iifname [!=] "PREFIX*"`.
+    InterfacePrefix(String),
+}
+
 /// Build-time configuration for one family's ruleset.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BuildConfig {
     pub family: Family,
     /// The cluster (pod) CIDR of this family, as `addr/len`; traffic from outside it is masqueraded.
+    /// Shorthand for `local_detector: LocalDetector::Cidr(..)`, used when `local_detector` is
+    /// `LocalDetector::None`.
     pub cluster_cidr: Option<Cidr>,
+    /// The local-traffic detector; see [`BuildConfig::detector`].
+    pub local_detector: LocalDetector,
     pub masquerade_all: bool,
     /// `1 << masquerade_bit` is the mark that requests masquerade (default bit 14).
     pub masquerade_bit: u8,
@@ -361,10 +382,24 @@ pub struct BuildConfig {
 }
 
 impl BuildConfig {
+    /// The effective detector for this config's family: `local_detector`, else `cluster_cidr`;
+    /// a CIDR of the other family detects nothing.
+    pub fn detector(&self) -> LocalDetector {
+        let d = match (&self.local_detector, self.cluster_cidr) {
+            (LocalDetector::None, Some(c)) => LocalDetector::Cidr(c),
+            (d, _) => d.clone(),
+        };
+        match d {
+            LocalDetector::Cidr(c) if c.family() != self.family => LocalDetector::None,
+            d => d,
+        }
+    }
+
     pub fn new(family: Family) -> Self {
         BuildConfig {
             family,
             cluster_cidr: None,
+            local_detector: LocalDetector::None,
             masquerade_all: false,
             masquerade_bit: 14,
             nodeport_addresses: NodePortAddresses::Primary,

@@ -23,6 +23,9 @@ const NFPROTO_IPV6: u16 = 10;
 const NFT_PAYLOAD_NETWORK_HEADER: u32 = 1;
 const NFT_PAYLOAD_TRANSPORT_HEADER: u32 = 2;
 const NFT_META_MARK: u32 = 3;
+const NFT_META_IIFNAME: u32 = 6;
+/// IFNAMSIZ: `meta iifname` loads the name NUL-padded to this many bytes.
+const IFNAMSIZ: usize = 16;
 const NFT_META_L4PROTO: u32 = 16;
 const NFT_CMP_EQ: u32 = 0;
 const NFT_CMP_NEQ: u32 = 1;
@@ -315,6 +318,19 @@ impl<'a> Lowerer<'a> {
                 });
             }
             IrExpr::Masquerade => out.push(Expr::Masq { flags: NAT_RANDOM_FULLY }),
+            IrExpr::Iifname { name, prefix, neq } => {
+                // `iifname "x"` compares all IFNAMSIZ bytes (NUL-padded); `iifname "x*"` only the
+                // prefix bytes, as nft encodes them.
+                if name.is_empty() || name.len() >= IFNAMSIZ || name.contains(['"', '*', ' ', '\0']) {
+                    return err(format!("invalid interface name {name:?}"));
+                }
+                let mut data = name.as_bytes().to_vec();
+                if !*prefix {
+                    data.resize(IFNAMSIZ, 0);
+                }
+                out.push(Expr::MetaLoad { key: NFT_META_IIFNAME, dreg: 1 });
+                out.push(Expr::Cmp { sreg: 1, op: if *neq { NFT_CMP_NEQ } else { NFT_CMP_EQ }, data });
+            }
             IrExpr::Reject => {
                 // `reject` in an ip/ip6 table is ICMP(v6) port-unreachable. nftnl's safe Reject
                 // writes an ICMPX code here, which the kernel reads as host-unreachable.

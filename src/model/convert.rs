@@ -544,10 +544,16 @@ pub fn node(node: &Node) -> Result<NodeInfo, Rejected> {
         .unwrap_or(&[])
         .iter()
         .any(|t| t.key == TO_BE_DELETED_TAINT);
+    let spec = node.spec.as_ref();
+    let pod_cidrs = match spec.and_then(|s| s.pod_cidrs.as_deref()).filter(|v| !v.is_empty()) {
+        Some(v) => v.iter().filter_map(|c| Cidr::parse(c.trim()).ok()).collect(),
+        None => spec.and_then(|s| s.pod_cidr.as_deref()).and_then(|c| Cidr::parse(c.trim()).ok()).into_iter().collect(),
+    };
     Ok(NodeInfo {
         name: name.to_string(),
         primary_ips,
         addresses: all,
+        pod_cidrs,
         labels: node.metadata.labels.clone().unwrap_or_default(),
         being_deleted: node.metadata.deletion_timestamp.is_some() || tainted,
     })
@@ -1033,6 +1039,14 @@ endpoints: [{addresses: [10.0.0.1]}, {addresses: []}]",
 
     fn node_of(yaml: &str) -> NodeInfo {
         node(&serde_yaml::from_str(yaml).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn node_pod_cidrs_from_spec() {
+        let n = node_of("metadata: {name: a}\nspec: {podCIDRs: [10.244.1.0/24, 'fd00:1::/64', bad]}");
+        assert_eq!(n.pod_cidrs, vec![Cidr::parse("10.244.1.0/24").unwrap(), Cidr::parse("fd00:1::/64").unwrap()]);
+        let n = node_of("metadata: {name: a}\nspec: {podCIDR: 10.244.2.0/24}");
+        assert_eq!(n.pod_cidrs, vec![Cidr::parse("10.244.2.0/24").unwrap()]);
     }
 
     #[test]
