@@ -983,3 +983,53 @@ fn health_check_node_port_follows_the_local_endpoints() {
         Some(r) => Err(format!("{r:?}")),
     });
 }
+
+/// Cases 91-92: zone hints. The node is labelled zone-a; of three ready local endpoints, b1 and b2
+/// are hinted for zone-a and b3 for zone-b, so every connection from the client lands on b1 or b2.
+/// Then b3 loses its hints: not every endpoint has hints, so upstream ignores them all and b3
+/// must get traffic again within 2 s.
+#[test]
+fn zone_hints_keep_traffic_in_the_zone_until_an_endpoint_lacks_hints() {
+    let t = Topo::new();
+    t.write_manifest(
+        "nodes.yaml",
+        &[
+            format!(
+                "apiVersion: v1\nkind: Node\nmetadata:\n  name: {NODE}\n  labels:\n    \
+                 topology.kubernetes.io/zone: zone-a\nstatus:\n  addresses:\n  \
+                 - {{type: InternalIP, address: {NODE_IP}}}\n  - {{type: Hostname, address: {NODE}}}\n"
+            ),
+            format!(
+                "apiVersion: v1\nkind: Node\nmetadata:\n  name: {NODE2}\n  labels:\n    \
+                 topology.kubernetes.io/zone: zone-b\nstatus:\n  addresses:\n  \
+                 - {{type: InternalIP, address: {NODE2_IP}}}\n  - {{type: Hostname, address: {NODE2}}}\n"
+            ),
+        ],
+    );
+    let cip = ip(172, 30, 0, 91);
+    let svc = Service::cluster_ip("zoned", cip).port("http", Tcp, 80, ECHO_TCP);
+    let slice = || Slice::of("zoned").port("http", Tcp, ECHO_TCP);
+    t.apply(
+        &svc,
+        &slice()
+            .endpoint_in_zone(Pod::B1, "zone-a")
+            .endpoint_in_zone(Pod::B2, "zone-a")
+            .endpoint_in_zone(Pod::B3, "zone-b"),
+    );
+    let mut k = t.kproxy(&[]);
+    let mut client = t.prober(Host::Pod(Pod::Client));
+    await_answer(&mut k, &mut client, Tcp, cip, 80);
+    let a = client.probe(Tcp, cip, 80, 200, T1);
+    assert_spread("zone hints for zone-a", &a, &[Pod::B1, Pod::B2], |_| Pod::Client.ip(), 0.3, 0.7);
+
+    // Case 92: one endpoint without hints disables topology for the whole service.
+    t.apply(&svc, &slice().endpoint_in_zone(Pod::B1, "zone-a").endpoint_in_zone(Pod::B2, "zone-a").endpoint(Pod::B3));
+    let (_, took) = poll("b3 answers once it lacks hints", Duration::from_secs(2), || {
+        k.assert_running();
+        let a = client.probe(Tcp, cip, 80, 10, Duration::from_millis(300));
+        tally(&a).contains_key(Pod::B3.name()).then_some(()).ok_or_else(|| format!("{:?}", tally(&a)))
+    });
+    eprintln!("hints ignored after {took:?}");
+    let a = client.probe(Tcp, cip, 80, 90, T1);
+    assert_spread("one endpoint without hints", &a, &[Pod::B1, Pod::B2, Pod::B3], |_| Pod::Client.ip(), 0.15, 0.55);
+}

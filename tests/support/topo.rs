@@ -351,7 +351,8 @@ pub struct Slice {
     name: String,
     service: String,
     ports: Vec<(String, Proto, u16)>,
-    endpoints: Vec<(Ipv4Addr, String)>,
+    /// Address, node, and the zone of its `hints.forZones` (none: no hints).
+    endpoints: Vec<(Ipv4Addr, String, Option<String>)>,
 }
 
 impl Slice {
@@ -367,7 +368,12 @@ impl Slice {
         self.endpoint_at(pod.ip(), pod.node())
     }
     pub fn endpoint_at(mut self, ip: Ipv4Addr, node: &str) -> Self {
-        self.endpoints.push((ip, node.into()));
+        self.endpoints.push((ip, node.into(), None));
+        self
+    }
+    /// A ready endpoint on the pod's node with `hints: {forZones: [{name: zone}]}`.
+    pub fn endpoint_in_zone(mut self, pod: Pod, zone: &str) -> Self {
+        self.endpoints.push((pod.ip(), pod.node().into(), Some(zone.into())));
         self
     }
     pub fn endpoints(self, pods: &[Pod]) -> Self {
@@ -389,12 +395,15 @@ impl Slice {
             y.push_str("endpoints: []\n");
         } else {
             y.push_str("endpoints:\n");
-            for (ip, node) in &self.endpoints {
+            for (ip, node, zone) in &self.endpoints {
                 let _ = write!(
                     y,
                     "- addresses: [{ip}]\n  conditions: {{ready: true, serving: true, terminating: false}}\n  \
                      nodeName: {node}\n"
                 );
+                if let Some(z) = zone {
+                    let _ = writeln!(y, "  hints: {{forZones: [{{name: {z}}}]}}");
+                }
             }
         }
         y
