@@ -41,8 +41,9 @@ pub fn respond(namespace: &str, name: &str, local: usize, proxy_healthy: bool) -
 }
 
 /// Where the health check servers listen (case 80): the node IPs NodePorts answer on in the
-/// programmed families (`--nodeport-addresses`, by default the node's primary IPs), or 0.0.0.0
-/// when they match every local address.
+/// programmed families (`--nodeport-addresses`, by default the node's primary IPs), or the
+/// wildcard when they match every local address: `::` when IPv6 is programmed (on Linux a `::`
+/// socket also takes IPv4, as upstream's Go listener on `:port` does), else 0.0.0.0.
 pub fn listen_addresses(
     cfg: &Config,
     families: &[Family],
@@ -52,6 +53,9 @@ pub fn listen_addresses(
     let mut out: Vec<IpAddr> = Vec::new();
     for f in families {
         match cfg.nodeport.resolve(*f, primary_ips, local_ips) {
+            NodePortAddresses::All if families.contains(&Family::V6) => {
+                return vec![IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED)];
+            }
             NodePortAddresses::All => return vec![IpAddr::V4(Ipv4Addr::UNSPECIFIED)],
             NodePortAddresses::Primary => out.extend(primary_ips.iter().filter(|ip| Family::of(ip) == *f)),
             NodePortAddresses::Ips(ips) => out.extend(ips),
@@ -227,6 +231,21 @@ mod tests {
 
     fn free_port() -> u16 {
         std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    }
+
+    #[test]
+    fn wildcard_listener_covers_ipv6_when_ipv6_is_programmed() {
+        use clap::Parser;
+        let cfg = crate::config::Flags::try_parse_from([
+            "kproxy", "--manifests", "/nonexistent", "--nodeport-addresses", "0.0.0.0/0,::/0",
+        ])
+        .unwrap()
+        .into_config()
+        .unwrap();
+        let v4: IpAddr = "0.0.0.0".parse().unwrap();
+        let v6: IpAddr = "::".parse().unwrap();
+        assert_eq!(listen_addresses(&cfg, &[Family::V4], &[], &[]), vec![v4]);
+        assert_eq!(listen_addresses(&cfg, &[Family::V4, Family::V6], &[], &[]), vec![v6]);
     }
 
     #[test]
