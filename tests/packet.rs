@@ -816,19 +816,6 @@ endpoints:
 // ------------------------------------------------------------------------------------------------
 // UDP conntrack cleanup (cases 102, 105)
 
-/// A UDP client that sends from ONE source port every 20 ms and prints who answered ("-" for
-/// nothing within 200 ms), so every datagram belongs to the same conntrack flow.
-const ONE_PORT_PY: &str = r#"
-import socket, sys, time
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind(("0.0.0.0", 0)); s.connect((sys.argv[1], int(sys.argv[2]))); s.settimeout(0.2)
-while True:
-    s.send(b"x")
-    try: print(s.recv(2048).decode().split()[0], flush=True)
-    except OSError: print("-", flush=True)
-    time.sleep(0.02)
-"#;
-
 /// Issue 4 "a UDP client sending continuously from one source port to a ClusterIP keeps being
 /// answered within 2 s after its endpoint is removed" (case 102): the removed backend keeps
 /// running, so without kproxy's conntrack cleanup the flow would stay pinned to it for good.

@@ -1031,3 +1031,16 @@ impl Drop for Kproxy<'_> {
         }
     }
 }
+
+/// A UDP client that sends from ONE source port every 20 ms and prints who answered ("-" for
+/// nothing within 200 ms), so every datagram belongs to the same conntrack flow.
+pub const ONE_PORT_PY: &str = r#"
+import socket, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", 0)); s.connect((sys.argv[1], int(sys.argv[2]))); s.settimeout(0.2)
+while True:
+    s.send(b"x")
+    try: print(s.recv(2048).decode().split()[0], flush=True)
+    except OSError: print("-", flush=True)
+    time.sleep(0.02)
+"#;
