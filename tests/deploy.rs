@@ -322,7 +322,8 @@ fn every_manifest_validates_against_the_kubernetes_schemas() {
     // What `kubectl apply -k` would send, for every kustomization.
     for dir in kustomizations() {
         if let Some(objs) = render(&dir) {
-            let f = out.join(format!("kustomize-{}.yaml", if dir.is_empty() { "deploy" } else { &dir }.replace('/', "-")));
+            let f =
+                out.join(format!("kustomize-{}.yaml", if dir.is_empty() { "deploy" } else { &dir }.replace('/', "-")));
             let t: Vec<String> = objs.iter().map(|o| serde_yaml::to_string(o).unwrap()).collect();
             fs::write(&f, t.join("---\n")).unwrap();
             files.push(f);
@@ -365,9 +366,9 @@ fn declared(dir: &str) -> Vec<Value> {
     for r in strs(&k, "resources") {
         let p = deploy().join(dir).join(&r);
         let p = p.canonicalize().unwrap_or_else(|e| panic!("deploy/{dir}: resource {r}: {e}"));
-        let rel = p.strip_prefix(deploy().canonicalize().unwrap()).unwrap_or_else(|_| {
-            panic!("deploy/{dir}: resource {r} is outside deploy/")
-        });
+        let rel = p
+            .strip_prefix(deploy().canonicalize().unwrap())
+            .unwrap_or_else(|_| panic!("deploy/{dir}: resource {r} is outside deploy/"));
         let rel = rel.to_string_lossy().into_owned();
         if p.is_dir() {
             assert!(p.join("kustomization.yaml").exists(), "deploy/{dir}: resource {r} has no kustomization.yaml");
@@ -407,9 +408,10 @@ fn kustomizations_reference_what_exists_and_patch_what_they_declare() {
                     .chain(seq(o, "spec.template.spec.initContainers"))
                     .any(|c| s(c, "image").split(':').next() == Some(n))
             });
-            let patched = seq(&k, "patches").iter().filter_map(|p| at(p, "path").as_str()).any(|path| {
-                read(&deploy().join(&dir).join(path)).contains(&format!("image: {n}:"))
-            });
+            let patched = seq(&k, "patches")
+                .iter()
+                .filter_map(|p| at(p, "path").as_str())
+                .any(|path| read(&deploy().join(&dir).join(path)).contains(&format!("image: {n}:")));
             assert!(used || patched, "{kpath}: image {n} is used by no container");
         }
         // The rendered output has exactly the declared objects (renames from patches aside).
@@ -497,10 +499,8 @@ fn the_replacement_patches_kubeadm_daemonset_into_kproxy_daemonset() {
 fn configmap_of(ds: &Value) -> String {
     let c = &seq(ds, "spec.template.spec.containers")[0];
     let m = seq(c, "volumeMounts").iter().find(|m| s(m, "mountPath") == CONFIG_DIR).expect("config mount");
-    let v = seq(ds, "spec.template.spec.volumes")
-        .iter()
-        .find(|v| at(v, "name") == at(m, "name"))
-        .expect("config volume");
+    let v =
+        seq(ds, "spec.template.spec.volumes").iter().find(|v| at(v, "name") == at(m, "name")).expect("config volume");
     s(v, "configMap.name").to_string()
 }
 
@@ -515,8 +515,9 @@ fn check_daemonset(ds: &Value, container_name: &str, service_account: &str) {
     assert_eq!(s(pod, "serviceAccountName"), service_account, "{n}");
     assert_eq!(s(pod, "nodeSelector.kubernetes.io/os"), "linux", "{n}");
     assert!(
-        seq(pod, "tolerations").iter().any(|t| s(t, "operator") == "Exists" && at(t, "key").is_null()
-            && at(t, "effect").is_null()),
+        seq(pod, "tolerations")
+            .iter()
+            .any(|t| s(t, "operator") == "Exists" && at(t, "key").is_null() && at(t, "effect").is_null()),
         "{n}: no toleration for every taint"
     );
     let c = container(ds, container_name);
@@ -527,9 +528,10 @@ fn check_daemonset(ds: &Value, container_name: &str, service_account: &str) {
     assert_eq!(s(env, "valueFrom.fieldRef.fieldPath"), "spec.nodeName", "{n}");
     // Mounts: config read-only, /lib/modules read-only hostPath, /run/xtables.lock hostPath file.
     let mount = |path: &str| {
-        let m = seq(c, "volumeMounts").iter().find(|m| s(m, "mountPath") == path).unwrap_or_else(|| {
-            panic!("{n}: nothing mounted at {path}")
-        });
+        let m = seq(c, "volumeMounts")
+            .iter()
+            .find(|m| s(m, "mountPath") == path)
+            .unwrap_or_else(|| panic!("{n}: nothing mounted at {path}"));
         let v = seq(pod, "volumes").iter().find(|v| at(v, "name") == at(m, "name")).expect("volume");
         (at(m, "readOnly").as_bool().unwrap_or(false), v.clone())
     };
@@ -579,10 +581,7 @@ fn kproxy_daemonset_is_kubeadm_shaped_and_least_privileged() {
     let user = kc.auth_infos[0].auth_info.as_ref().expect("user");
     assert_eq!(user.token_file.as_deref(), Some("/var/run/secrets/kubernetes.io/serviceaccount/token"));
     let cluster = kc.clusters[0].cluster.as_ref().expect("cluster");
-    assert_eq!(
-        cluster.certificate_authority.as_deref(),
-        Some("/var/run/secrets/kubernetes.io/serviceaccount/ca.crt")
-    );
+    assert_eq!(cluster.certificate_authority.as_deref(), Some("/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"));
     assert!(cluster.server.as_deref().is_some_and(|s| s.starts_with("https://") && s.contains(".invalid")));
 
     // The node-pool variant is the same DaemonSet, restricted to labelled nodes.
@@ -644,7 +643,11 @@ fn kproxy_starts_with_the_configmap_and_the_daemonset_flags() {
     let mut command = strs(c, "command");
     command.extend(strs(c, "args"));
     let conf = s(cm, "data.config.conf");
-    let out = run_as_daemonset("deploy/base", &command, &[("config.conf", conf), ("kubeconfig.conf", s(cm, "data.kubeconfig.conf"))]);
+    let out = run_as_daemonset(
+        "deploy/base",
+        &command,
+        &[("config.conf", conf), ("kubeconfig.conf", s(cm, "data.kubeconfig.conf"))],
+    );
     // The file was read: its clusterCIDR drives the masquerade rules.
     let cidr: Value = serde_yaml::from_str(conf).unwrap();
     let cidr = s(&cidr, "clusterCIDR");
@@ -668,7 +671,11 @@ fn the_rollback_init_container_command_works() {
     let cmd = strs(init, "command");
     assert_eq!(cmd[0], BINARY);
     if !is_root() || !have("unshare") {
-        assert!(skip_privileged(), "`{}` needs root in a throwaway network namespace; run as root (CI does) or set KPROXY_SKIP_PRIVILEGED=1", cmd.join(" "));
+        assert!(
+            skip_privileged(),
+            "`{}` needs root in a throwaway network namespace; run as root (CI does) or set KPROXY_SKIP_PRIVILEGED=1",
+            cmd.join(" ")
+        );
         eprintln!("skipped running `{}`: not root; KPROXY_SKIP_PRIVILEGED=1 is set", cmd.join(" "));
         return;
     }
@@ -753,7 +760,10 @@ fn the_cluster_role_is_exactly_what_kproxy_needs() {
     assert_eq!((s(&b, "subjects.0.name"), s(&b, "subjects.0.namespace")), ("kproxy", "kube-system"));
     if let Some(objs) = render("replace-kube-proxy") {
         let b = objs.iter().find(|o| kind(o) == "ClusterRoleBinding").expect("binding");
-        assert_eq!(s(b, "subjects.0.name"), s(find(&objs, "DaemonSet", "kube-proxy"), "spec.template.spec.serviceAccountName"));
+        assert_eq!(
+            s(b, "subjects.0.name"),
+            s(find(&objs, "DaemonSet", "kube-proxy"), "spec.template.spec.serviceAccountName")
+        );
         assert_eq!(s(b, "roleRef.name"), "kproxy");
     }
 }
@@ -789,12 +799,18 @@ fn api_calls_are_made_only_by_the_source_the_rbac_test_runs() {
         let t = read(&f);
         for n in needles {
             if rel != "src/source/kube.rs" {
-                assert!(!t.contains(n), "{rel} calls the API ({n}): run it in the_rbac_rules_cover_every_request_kproxy_makes");
+                assert!(
+                    !t.contains(n),
+                    "{rel} calls the API ({n}): run it in the_rbac_rules_cover_every_request_kproxy_makes"
+                );
             }
         }
         if rel == "src/source/kube.rs" {
             for k in t.match_indices("Api::<").map(|(i, _)| t[i + 6..].split('>').next().unwrap_or("")) {
-                assert!(["Service", "EndpointSlice", "ServiceCIDR", "Node"].contains(&k), "kube.rs watches {k}: extend CLUSTER_ROLE");
+                assert!(
+                    ["Service", "EndpointSlice", "ServiceCIDR", "Node"].contains(&k),
+                    "kube.rs watches {k}: extend CLUSTER_ROLE"
+                );
             }
         }
     }
@@ -807,10 +823,13 @@ async fn the_rbac_rules_cover_every_request_kproxy_makes() {
     // has listed and is watching.
     let fake = FakeApi::start().await;
     let svc: k8s_openapi::api::core::v1::Service =
-        serde_yaml::from_str("metadata: {namespace: ns, name: a}\nspec: {clusterIP: 172.30.0.10, ports: [{port: 80}]}").unwrap();
+        serde_yaml::from_str("metadata: {namespace: ns, name: a}\nspec: {clusterIP: 172.30.0.10, ports: [{port: 80}]}")
+            .unwrap();
     fake.create(&svc);
-    let node: k8s_openapi::api::core::v1::Node =
-        serde_yaml::from_str("metadata: {name: node-a}\nstatus: {addresses: [{type: InternalIP, address: 192.168.0.2}]}").unwrap();
+    let node: k8s_openapi::api::core::v1::Node = serde_yaml::from_str(
+        "metadata: {name: node-a}\nstatus: {addresses: [{type: InternalIP, address: 192.168.0.2}]}",
+    )
+    .unwrap();
     fake.create(&node);
     let client = kproxy::source::kube::client(None, Some(&fake.url()), 0.0, 0).await.expect("client");
     let tracker = Arc::new(Mutex::new(kproxy::model::ChangeTracker::new("node-a")));
@@ -832,8 +851,7 @@ async fn the_rbac_rules_cover_every_request_kproxy_makes() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     task.abort();
 
-    let mut calls: BTreeSet<Call> =
-        fake.requests().iter().map(|q| call_of(&q.method, &q.path, q.is_watch())).collect();
+    let mut calls: BTreeSet<Call> = fake.requests().iter().map(|q| call_of(&q.method, &q.path, q.is_watch())).collect();
     // The end-to-end tests (tests/e2e_kube.rs, the daemon against the fake) leave their request
     // log here; when a run left one, its requests must be covered too.
     let log = Path::new(env!("CARGO_TARGET_TMPDIR")).parent().unwrap().join("fakeapi-requests.log");
@@ -874,10 +892,16 @@ fn request_paths_map_to_rbac_terms() {
     };
     let t = |v: &str, g: &str, r: &str| (v.to_string(), g.to_string(), r.to_string());
     assert_eq!(c("GET", "/api/v1/services", false), t("list", "", "services"));
-    assert_eq!(c("GET", "/apis/discovery.k8s.io/v1/endpointslices", true), t("watch", "discovery.k8s.io", "endpointslices"));
+    assert_eq!(
+        c("GET", "/apis/discovery.k8s.io/v1/endpointslices", true),
+        t("watch", "discovery.k8s.io", "endpointslices")
+    );
     assert_eq!(c("GET", "/api/v1/nodes/node-a", false), t("get", "", "nodes"));
     assert_eq!(c("POST", "/api/v1/namespaces/default/events", false), t("create", "", "events"));
-    assert_eq!(c("PATCH", "/apis/events.k8s.io/v1/namespaces/default/events/e1", false), t("patch", "events.k8s.io", "events"));
+    assert_eq!(
+        c("PATCH", "/apis/events.k8s.io/v1/namespaces/default/events/e1", false),
+        t("patch", "events.k8s.io", "events")
+    );
     assert_eq!(c("GET", "/api/v1/namespaces/kube-system/services/x/proxy", false), t("get", "", "services/proxy"));
     let role = one("rbac/clusterrole.yaml");
     assert!(allowed(&role, &call_of("POST", "/apis/events.k8s.io/v1/namespaces/default/events", false)));
@@ -904,7 +928,8 @@ fn monitoring_selects_kproxy_pods_on_the_metrics_port() {
     assert_eq!(at(sp, "targetPort").as_i64(), Some(METRICS_PORT));
     assert_eq!(s(&svc, &format!("metadata.labels.{}", s(&sm, "spec.jobLabel"))), "kube-proxy");
     // Service → pods, in both DaemonSets (the replacement's after its patch).
-    let mut pod_label_sets = vec![at(find(&declared("base"), "DaemonSet", "kproxy"), "spec.template.metadata.labels").clone()];
+    let mut pod_label_sets =
+        vec![at(find(&declared("base"), "DaemonSet", "kproxy"), "spec.template.metadata.labels").clone()];
     let kubeadm = one("replace-kube-proxy/kubeadm-kube-proxy.yaml");
     let patch = one("replace-kube-proxy/kproxy-patch.yaml");
     let mut merged = at(&kubeadm, "spec.template.metadata.labels").as_mapping().unwrap().clone();
@@ -928,7 +953,10 @@ fn monitoring_selects_kproxy_pods_on_the_metrics_port() {
             .map(|r| s(r, "regex").to_string())
             .unwrap_or_else(|| panic!("no keep on {label}"))
     };
-    assert_eq!(keep("__meta_kubernetes_pod_label_app_kubernetes_io_name"), s(&svc, "spec.selector.app.kubernetes.io/name"));
+    assert_eq!(
+        keep("__meta_kubernetes_pod_label_app_kubernetes_io_name"),
+        s(&svc, "spec.selector.app.kubernetes.io/name")
+    );
     assert_eq!(keep("__meta_kubernetes_pod_container_port_name"), "metrics");
     // promtool on the same job with static targets (Debian's Prometheus is built without
     // Kubernetes discovery, so it cannot parse kubernetes_sd_configs; everything else it checks).
@@ -973,9 +1001,17 @@ fn dockerfile_runs_only_the_build_steps_ci_runs() {
     let runs: Vec<&str> = joined.lines().filter(|l| l.starts_with("RUN ")).collect();
     assert!(!runs.is_empty());
     for r in &runs {
-        let cmd = r.trim_start_matches("RUN ").split_whitespace().filter(|w| !w.starts_with("--mount=")).collect::<Vec<_>>().join(" ");
+        let cmd = r
+            .trim_start_matches("RUN ")
+            .split_whitespace()
+            .filter(|w| !w.starts_with("--mount="))
+            .collect::<Vec<_>>()
+            .join(" ");
         for part in cmd.split("&&").map(str::trim) {
-            assert!(part.starts_with("build-steps.sh ") || part == "rm /usr/local/bin/build-steps.sh", "a Dockerfile command CI does not run: {part:?}");
+            assert!(
+                part.starts_with("build-steps.sh ") || part == "rm /usr/local/bin/build-steps.sh",
+                "a Dockerfile command CI does not run: {part:?}"
+            );
         }
     }
     for step in ["build-deps", "build /out", "runtime-deps", "check /usr/local/bin/kproxy"] {
@@ -1046,7 +1082,10 @@ fn image_build_steps_build_a_binary_whose_libraries_the_runtime_stage_installs()
         linked.insert(owner);
     }
     for p in &linked {
-        assert!(runtime.contains(p) || base_image.contains(&p.as_str()), "kproxy links {p}, which the runtime stage does not install");
+        assert!(
+            runtime.contains(p) || base_image.contains(&p.as_str()),
+            "kproxy links {p}, which the runtime stage does not install"
+        );
     }
     for p in runtime.iter().filter(|p| p.starts_with("lib")) {
         assert!(linked.contains(p), "the runtime stage installs {p}, which kproxy does not link ({linked:?})");

@@ -12,7 +12,10 @@ fn main() {
         st.add_service(sp);
         for e in 0..m {
             let k = i * m + e;
-            st.add_endpoint(&name, Endpoint::ready(&format!("10.{}.{}.{}", 64 + (k >> 16), (k >> 8) & 255, k & 255), 8080));
+            st.add_endpoint(
+                &name,
+                Endpoint::ready(&format!("10.{}.{}.{}", 64 + (k >> 16), (k >> 8) & 255, k & 255), 8080),
+            );
         }
     }
     let mut cfg = BuildConfig::new(Family::V4);

@@ -237,7 +237,11 @@ mod tests {
     fn wildcard_listener_covers_ipv6_when_ipv6_is_programmed() {
         use clap::Parser;
         let cfg = crate::config::Flags::try_parse_from([
-            "kproxy", "--manifests", "/nonexistent", "--nodeport-addresses", "0.0.0.0/0,::/0",
+            "kproxy",
+            "--manifests",
+            "/nonexistent",
+            "--nodeport-addresses",
+            "0.0.0.0/0,::/0",
         ])
         .unwrap()
         .into_config()
