@@ -12,14 +12,14 @@ use tracing::{error, info, warn};
 
 use crate::backend::conntrack::ConntrackCleaner;
 use crate::backend::nftables::NftablesBackend;
-use crate::config::Config;
+use crate::config::{Config, ProxyMode};
 use crate::http::service_health::{listen_addresses, ServiceKey};
 use crate::http::Observer;
 use crate::localaddrs::local_addresses;
 use crate::metrics::Metrics;
 use crate::model::ChangeTracker;
 use crate::source::files::{load_dir, DirWatcher};
-use crate::sync::{families, log_report, Event, FaultHook, Inputs, Pacer, Proxier};
+use crate::sync::{families, log_report, Engine, Event, FaultHook, Inputs, Pacer, Proxier, UdpCleanups};
 
 impl crate::sync::Backend for NftablesBackend {
     fn apply(
@@ -116,18 +116,14 @@ fn spawn_files_source(
 /// Deletes the stale UDP conntrack flows of the families the last sync asked for (cases
 /// 102-106). The ctnetlink socket is opened on first use and again after a failure; a failure is
 /// logged, retried after the next sync, and never fails the sync.
-fn clean_conntrack<B: crate::sync::Backend>(
-    cleaner: &mut Option<ConntrackCleaner>,
-    proxier: &mut Proxier<B>,
-    metrics: &Metrics,
-) {
-    for (family, stale) in proxier.take_udp_cleanups() {
+fn clean_conntrack(cleaner: &mut Option<ConntrackCleaner>, udp: &mut UdpCleanups, metrics: &Metrics) {
+    for (family, stale) in udp.take() {
         if cleaner.is_none() {
             match ConntrackCleaner::new() {
                 Ok(c) => *cleaner = Some(c),
                 Err(e) => {
                     warn!(family = family.label(), "cannot clean stale UDP conntrack entries: {e}");
-                    proxier.udp_cleanup_failed(family);
+                    udp.failed(family);
                     continue;
                 }
             }
@@ -148,7 +144,7 @@ fn clean_conntrack<B: crate::sync::Backend>(
             }
             Err(e) => {
                 warn!(family = family.label(), "cleaning stale UDP conntrack entries failed (tried again later): {e}");
-                proxier.udp_cleanup_failed(family);
+                udp.failed(family);
                 // The socket may be out of step with the kernel: open a fresh one next time.
                 *cleaner = None;
             }
@@ -179,7 +175,10 @@ fn merge_health_checks(
 
 /// Runs until SIGTERM/SIGINT: watch the source, sync on change, resync periodically.
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
-    let backend = NftablesBackend::new()?;
+    let mut proxier: Box<dyn Engine> = match cfg.mode {
+        ProxyMode::Nftables => Box::new(Proxier::new(cfg.clone(), FaultHook::from_env(NftablesBackend::new()?))),
+        ProxyMode::Iptables => anyhow::bail!("proxy mode iptables: the daemon is not wired yet"),
+    };
     // Stale UDP flows are deleted over ctnetlink after each sync; opened lazily (see
     // `clean_conntrack`), so a kernel without conntrack netlink does not stop the proxy.
     let mut conntrack: Option<ConntrackCleaner> = None;
@@ -204,7 +203,6 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         }
     }
 
-    let mut proxier = Proxier::new(cfg.clone(), FaultHook::from_env(backend));
     let mut pacer = Pacer::new(cfg.min_sync_period, cfg.sync_period, Instant::now());
     let mut initialized = false;
     let mut pending = false;
@@ -264,7 +262,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                     }
                 }
                 // After the apply, so the next datagram of a deleted flow meets the new rules.
-                clean_conntrack(&mut conntrack, &mut proxier, &obs.metrics);
+                clean_conntrack(&mut conntrack, proxier.udp(), &obs.metrics);
             },
             _ = tokio::signal::ctrl_c() => { info!("interrupted; leaving the rules in place"); return Ok(()); }
             _ = sigterm.recv() => { info!("terminated; leaving the rules in place"); return Ok(()); }

@@ -854,6 +854,7 @@ mod tests {
                 no_local_external: 0,
             },
             error: error.map(String::from),
+            iptables: None,
         };
         SyncReport { full, build: fr.build, diff: fr.diff, apply: fr.apply, families: vec![fr] }
     }

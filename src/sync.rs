@@ -125,6 +125,20 @@ pub struct FamilyReport {
     pub counts: RulesetCounts,
     /// Why the apply failed; `None` on success.
     pub error: Option<String>,
+    /// In iptables mode, what the restore did (for the `kubeproxy_sync_proxy_rules_iptables_*`
+    /// metrics); `None` in nftables mode.
+    pub iptables: Option<IptablesReport>,
+}
+
+/// What one family's iptables-restore did.
+#[derive(Debug, Clone, Default)]
+pub struct IptablesReport {
+    /// A partial restore (only changed service chains), as opposed to a full one.
+    pub partial: bool,
+    /// Rules per table ("filter", "nat") in the desired ruleset.
+    pub rules_total: Vec<(&'static str, usize)>,
+    /// Rules per table written by this restore.
+    pub rules_last: Vec<(&'static str, usize)>,
 }
 
 /// What one sync did.
@@ -200,46 +214,83 @@ pub struct Proxier<B: Backend> {
     pub backend: B,
     /// What the kernel holds per family; absent = unknown, so the next sync is full.
     applied: BTreeMap<Family, Ruleset>,
+    pub udp: UdpCleanups,
+}
+
+/// What the daemon loop needs of a proxy mode: nftables ([`Proxier`]) or iptables.
+pub trait Engine {
+    /// Builds and applies every family (see [`Proxier::sync`]).
+    fn sync(&mut self, inputs: &Inputs<'_>) -> Result<SyncReport, SyncError>;
+    /// Forgets what the kernel holds, so the next sync is a full one.
+    fn force_full(&mut self);
+    /// The UDP conntrack cleanups the syncs asked for.
+    fn udp(&mut self) -> &mut UdpCleanups;
+}
+
+impl<B: Backend> Engine for Proxier<B> {
+    fn sync(&mut self, inputs: &Inputs<'_>) -> Result<SyncReport, SyncError> {
+        Proxier::sync(self, inputs)
+    }
+    fn force_full(&mut self) {
+        Proxier::force_full(self)
+    }
+    fn udp(&mut self) -> &mut UdpCleanups {
+        &mut self.udp
+    }
+}
+
+/// Which stale UDP conntrack flows are due for deletion (cases 102-105), per family: a cleanup is
+/// due after a successful apply whose UDP frontends or their serving endpoints changed since the
+/// last cleanup (every family with UDP endpoints after the first sync, as upstream cleans after
+/// each sync). Flows are deleted one by one, never flushed; the daemon does the deleting.
+#[derive(Debug, Default)]
+pub struct UdpCleanups {
     /// Per family, the UDP frontends and serving endpoints the conntrack flows were last cleaned
-    /// against (handed out by [`Proxier::take_udp_cleanups`]); absent = never, or the cleanup failed.
-    udp_cleaned: BTreeMap<Family, StaleUdpFlows>,
+    /// against; absent = never, or the cleanup failed.
+    cleaned: BTreeMap<Family, StaleUdpFlows>,
     /// Cleanups the last syncs asked for and the caller has not taken yet.
-    udp_pending: BTreeMap<Family, StaleUdpFlows>,
+    pending: BTreeMap<Family, StaleUdpFlows>,
+}
+
+impl UdpCleanups {
+    /// The cleanups due after the syncs so far; the caller deletes them and reports a failure
+    /// with [`UdpCleanups::failed`].
+    pub fn take(&mut self) -> Vec<(Family, StaleUdpFlows)> {
+        std::mem::take(&mut self.pending).into_iter().collect()
+    }
+
+    /// The cleanup of `family` failed: the next successful sync hands it out again.
+    pub fn failed(&mut self, family: Family) {
+        self.cleaned.remove(&family);
+    }
+
+    /// After `family` was applied (or had nothing to apply) from `state`: queue a cleanup when
+    /// its UDP frontends or their serving endpoints changed.
+    pub fn synced(&mut self, family: Family, state: &ClusterState) {
+        let now = StaleUdpFlows::from_state(state, family);
+        if self.cleaned.get(&family) == Some(&now) {
+            return;
+        }
+        self.cleaned.insert(family, now.clone());
+        if now.is_empty() {
+            // Nothing can be stale: no UDP frontend has a serving endpoint.
+            self.pending.remove(&family);
+        } else {
+            self.pending.insert(family, now);
+        }
+    }
+
+    /// `family`'s apply failed: the kernel keeps the old rules, so the old endpoints still get
+    /// traffic; nothing to clean until an apply succeeds, and then in any case.
+    pub fn apply_failed(&mut self, family: Family) {
+        self.cleaned.remove(&family);
+        self.pending.remove(&family);
+    }
 }
 
 impl<B: Backend> Proxier<B> {
     pub fn new(cfg: Config, backend: B) -> Self {
-        Proxier { cfg, backend, applied: BTreeMap::new(), udp_cleaned: BTreeMap::new(), udp_pending: BTreeMap::new() }
-    }
-
-    /// The UDP conntrack cleanups due after the syncs so far (cases 102-105): per family whose
-    /// apply succeeded and whose UDP frontends or their serving endpoints changed since the last
-    /// cleanup (every family with UDP endpoints after the first sync, as upstream cleans after
-    /// each sync), what the stale flows are judged against. Deletes flows only one by one, never
-    /// a flush. The caller deletes them and reports a failure with [`Proxier::udp_cleanup_failed`].
-    pub fn take_udp_cleanups(&mut self) -> Vec<(Family, StaleUdpFlows)> {
-        std::mem::take(&mut self.udp_pending).into_iter().collect()
-    }
-
-    /// The cleanup of `family` failed: the next successful sync hands it out again.
-    pub fn udp_cleanup_failed(&mut self, family: Family) {
-        self.udp_cleaned.remove(&family);
-    }
-
-    /// After `family` was applied (or had nothing to apply) from `state`: queue a conntrack
-    /// cleanup when its UDP frontends or their serving endpoints changed.
-    fn udp_synced(&mut self, family: Family, state: &ClusterState) {
-        let now = StaleUdpFlows::from_state(state, family);
-        if self.udp_cleaned.get(&family) == Some(&now) {
-            return;
-        }
-        self.udp_cleaned.insert(family, now.clone());
-        if now.is_empty() {
-            // Nothing can be stale: no UDP frontend has a serving endpoint.
-            self.udp_pending.remove(&family);
-        } else {
-            self.udp_pending.insert(family, now);
-        }
+        Proxier { cfg, backend, applied: BTreeMap::new(), udp: UdpCleanups::default() }
     }
 
     /// Forgets what the kernel holds, so the next sync is a full one.
@@ -279,10 +330,11 @@ impl<B: Backend> Proxier<B> {
                 apply: Duration::ZERO,
                 counts: counts(&state, &built),
                 error: None,
+                iptables: None,
             };
             if tx.is_empty() {
                 debug!(family = family.label(), "no changes");
-                self.udp_synced(family, &state);
+                self.udp.synced(family, &state);
             } else {
                 debug!(family = family.label(), "transaction:\n{tx}");
                 fr.stats = tx.stats();
@@ -292,14 +344,11 @@ impl<B: Backend> Proxier<B> {
                         if let Some(old) = self.applied.insert(family, built.ruleset) {
                             drop_later(old);
                         }
-                        self.udp_synced(family, &state);
+                        self.udp.synced(family, &state);
                     }
                     Err(e) => {
                         self.applied.remove(&family);
-                        // The kernel keeps the old rules, so the old endpoints still get traffic:
-                        // nothing to clean until an apply succeeds, and then in any case.
-                        self.udp_cleaned.remove(&family);
-                        self.udp_pending.remove(&family);
+                        self.udp.apply_failed(family);
                         fr.error = Some(e.to_string());
                         if first_err.is_none() {
                             first_err = Some((family.label(), e));
@@ -521,10 +570,10 @@ mod tests {
         let mut p = Proxier::new(cfg(), FakeBackend::default());
         // Without a UDP endpoint there is nothing to clean.
         sync_with(&mut p, &udp(&[])).unwrap();
-        assert!(p.take_udp_cleanups().is_empty());
+        assert!(p.udp.take().is_empty());
         // The first endpoint (case 103), then any change of the serving set (102): one cleanup.
         sync_with(&mut p, &udp(&["10.1.0.7"])).unwrap();
-        let c = p.take_udp_cleanups();
+        let c = p.udp.take();
         assert_eq!(fams(c.clone()), vec![Family::V4]);
         let stale = |c: &[(Family, rules::conntrack::StaleUdpFlows)], reply: &str| {
             c[0].1.is_stale(&rules::conntrack::UdpFlow {
@@ -536,25 +585,25 @@ mod tests {
         assert!(stale(&c, "172.30.0.10") && !stale(&c, "10.1.0.7"));
         // Nothing changed, or only TCP changed: no cleanup.
         sync_with(&mut p, &udp(&["10.1.0.7"])).unwrap();
-        assert!(p.take_udp_cleanups().is_empty());
+        assert!(p.udp.take().is_empty());
         let mut tcp_changed = udp(&["10.1.0.7"]);
         let a = ServicePort::cluster_ip("ns", "a", "", Protocol::Tcp, "172.30.0.1", 80);
         tcp_changed.add_endpoint(&a.name, Endpoint::ready("10.1.0.99", 80));
         sync_with(&mut p, &tcp_changed).unwrap();
-        assert!(p.take_udp_cleanups().is_empty());
+        assert!(p.udp.take().is_empty());
         sync_with(&mut p, &udp(&["10.1.0.8"])).unwrap();
-        let c = p.take_udp_cleanups();
+        let c = p.udp.take();
         assert!(stale(&c, "10.1.0.7") && !stale(&c, "10.1.0.8"));
         // A failed cleanup is handed out again by the next sync, even without a change.
-        p.udp_cleanup_failed(Family::V4);
+        p.udp.failed(Family::V4);
         sync_with(&mut p, &udp(&["10.1.0.8"])).unwrap();
-        assert_eq!(fams(p.take_udp_cleanups()), vec![Family::V4]);
+        assert_eq!(fams(p.udp.take()), vec![Family::V4]);
         // A failed apply cleans nothing (the old rules still serve); the next success does.
         p.backend.fail_next = true;
         assert!(sync_with(&mut p, &udp(&["10.1.0.9"])).is_err());
-        assert!(p.take_udp_cleanups().is_empty());
+        assert!(p.udp.take().is_empty());
         sync_with(&mut p, &udp(&["10.1.0.9"])).unwrap();
-        assert_eq!(fams(p.take_udp_cleanups()), vec![Family::V4]);
+        assert_eq!(fams(p.udp.take()), vec![Family::V4]);
     }
 
     #[test]
