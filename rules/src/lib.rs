@@ -5,6 +5,7 @@ pub mod build;
 pub mod conntrack;
 pub mod fake;
 pub mod health;
+pub mod iptables;
 pub mod ir;
 pub mod model;
 pub mod names;
