@@ -806,6 +806,497 @@ mod tests {
         assert_eq!(probability(7), "0.1428571429");
     }
 
+    /// Upstream's `checkIPTablesRuleJumps`: every chain jumped to exists and has rules; every
+    /// per-service chain is jumped to.
+    fn check_jumps(rs: &IptRuleset) {
+        for t in [&rs.filter, &rs.nat] {
+            let declared: BTreeMap<&str, usize> = t.chains.iter().map(|c| (c.name.as_str(), c.rules.len())).collect();
+            let mut jumped = BTreeSet::new();
+            for c in &t.chains {
+                for r in &c.rules {
+                    let args = split_args(r);
+                    for w in args.windows(2).filter(|w| w[0] == "-j" || w[0] == "--name") {
+                        if w[0] == "-j" && w[1].starts_with("KUBE-") {
+                            jumped.insert(w[1].clone());
+                            assert!(
+                                declared.get(w[1].as_str()).is_some_and(|n| *n > 0 || !is_service_chain(&w[1])),
+                                "{}: {} -> {}",
+                                t.name,
+                                c.name,
+                                w[1]
+                            );
+                        }
+                    }
+                }
+            }
+            for c in t.chains.iter().filter(|c| is_service_chain(&c.name)) {
+                assert!(jumped.contains(&c.name), "{}: {} is created but not used", t.name, c.name);
+            }
+        }
+    }
+
+    fn ipt_cfg(fam: Family) -> BuildConfig {
+        let mut cfg = BuildConfig::new(fam);
+        cfg.node_name = "test-node".into();
+        cfg.nodeport_addresses = NodePortAddresses::All;
+        match fam {
+            Family::V4 => {
+                cfg.cluster_cidr = Some(Cidr::parse("10.0.0.0/8").unwrap());
+                cfg.node_ip = Some("192.168.0.2".parse().unwrap());
+            }
+            Family::V6 => {
+                cfg.cluster_cidr = Some(Cidr::parse("fd00:10::/64").unwrap());
+                cfg.node_ip = Some("2001:db8::1".parse().unwrap());
+            }
+        }
+        cfg
+    }
+
+    fn lines(text: &str) -> Vec<String> {
+        text.lines().map(|l| l.trim().to_string()).filter(|l| !l.is_empty()).collect()
+    }
+
+    /// Upstream's TestOverallIPTablesRules fixture and expected text (its fake iptables has no
+    /// `--random-fully` and nfacct counters; it prints the mark as 0x4000 where kube-proxy's
+    /// `%#08x` prints 0x00004000).
+    #[test]
+    fn upstream_overall_iptables_rules() {
+        let mut st = ClusterState::default();
+        let svc1 = ServicePort::cluster_ip("ns1", "svc1", "p80", Protocol::Tcp, "172.30.0.41", 80);
+        let svc2 = ServicePort::cluster_ip("ns2", "svc2", "p80", Protocol::Tcp, "172.30.0.42", 80)
+            .with_node_port(3001)
+            .with_load_balancer_ip("1.2.3.4")
+            .with_external_ip("192.168.99.22")
+            .with_external_traffic_policy_local()
+            .with_health_check_node_port(30000);
+        let svc3 = ServicePort::cluster_ip("ns3", "svc3", "p80", Protocol::Tcp, "172.30.0.43", 80).with_node_port(3003);
+        let svc4 = ServicePort::cluster_ip("ns4", "svc4", "p80", Protocol::Tcp, "172.30.0.44", 80)
+            .with_external_ip("192.168.99.33");
+        let svc5 = ServicePort::cluster_ip("ns5", "svc5", "p80", Protocol::Tcp, "172.30.0.45", 80)
+            .with_node_port(3002)
+            .with_load_balancer_ip("5.6.7.8")
+            .with_source_range("203.0.113.0/25")
+            .with_session_affinity(10800);
+        let svc6 = ServicePort::cluster_ip("ns6", "svc6", "p80", Protocol::Tcp, "172.30.0.46", 80);
+        for sp in [&svc1, &svc2, &svc3, &svc4, &svc5, &svc6] {
+            st.add_service(sp.clone());
+        }
+        st.add_endpoint(&svc1.name, Endpoint::ready("10.180.0.1", 80));
+        st.add_endpoint(&svc2.name, Endpoint::ready("10.180.0.2", 80));
+        st.add_endpoint(&svc3.name, Endpoint::ready("10.180.0.3", 80));
+        st.add_endpoint(&svc4.name, Endpoint::ready("10.180.0.4", 80));
+        st.add_endpoint(&svc4.name, Endpoint::ready("10.180.0.5", 80).on_node("test-node"));
+        st.add_endpoint(&svc5.name, Endpoint::ready("10.180.0.3", 80));
+        let opts = IptOptions {
+            localhost_nodeports: true,
+            random_fully: false,
+            nfacct: true,
+            conntrack_tcp_be_liberal: false,
+        };
+        let b = build_with(&st, &[], &ipt_cfg(Family::V4), &opts);
+        check_jumps(&b.ruleset);
+        assert_eq!(b.no_local_endpoints, NoLocalEndpoints { internal: 0, external: 1 });
+        let expected = r#"
+		*filter
+		:KUBE-NODEPORTS - [0:0]
+		:KUBE-SERVICES - [0:0]
+		:KUBE-EXTERNAL-SERVICES - [0:0]
+		:KUBE-FIREWALL - [0:0]
+		:KUBE-FORWARD - [0:0]
+		:KUBE-PROXY-FIREWALL - [0:0]
+		-A KUBE-NODEPORTS -m comment --comment "ns2/svc2:p80 health check node port" -m tcp -p tcp --dport 30000 -j ACCEPT
+		-A KUBE-SERVICES -m comment --comment "ns6/svc6:p80 has no endpoints" -m tcp -p tcp -d 172.30.0.46 --dport 80 -j REJECT
+		-A KUBE-EXTERNAL-SERVICES -m comment --comment "ns2/svc2:p80 has no local endpoints" -m tcp -p tcp -d 192.168.99.22 --dport 80 -j DROP
+		-A KUBE-EXTERNAL-SERVICES -m comment --comment "ns2/svc2:p80 has no local endpoints" -m tcp -p tcp -d 1.2.3.4 --dport 80 -j DROP
+		-A KUBE-EXTERNAL-SERVICES -m comment --comment "ns2/svc2:p80 has no local endpoints" -m addrtype --dst-type LOCAL -m tcp -p tcp --dport 3001 -j DROP
+		-A KUBE-FIREWALL -m comment --comment "block incoming localnet connections" -d 127.0.0.0/8 ! -s 127.0.0.0/8 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP
+		-A KUBE-FORWARD -m conntrack --ctstate INVALID -m nfacct --nfacct-name ct_state_invalid_dropped_pkts -j DROP
+		-A KUBE-FORWARD -m comment --comment "kubernetes forwarding rules" -m mark --mark 0x4000/0x4000 -j ACCEPT
+		-A KUBE-FORWARD -m comment --comment "kubernetes forwarding conntrack rule" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
+		-A KUBE-PROXY-FIREWALL -m comment --comment "ns5/svc5:p80 traffic not accepted by KUBE-FW-NUKIZ6OKUXPJNT4C" -m tcp -p tcp -d 5.6.7.8 --dport 80 -j DROP
+		COMMIT
+		*nat
+		:KUBE-NODEPORTS - [0:0]
+		:KUBE-SERVICES - [0:0]
+		:KUBE-EXT-4SW47YFZTEDKD3PK - [0:0]
+		:KUBE-EXT-GNZBNJ2PO5MGZ6GT - [0:0]
+		:KUBE-EXT-NUKIZ6OKUXPJNT4C - [0:0]
+		:KUBE-EXT-X27LE4BHSL4DOUIK - [0:0]
+		:KUBE-FW-NUKIZ6OKUXPJNT4C - [0:0]
+		:KUBE-MARK-MASQ - [0:0]
+		:KUBE-POSTROUTING - [0:0]
+		:KUBE-SEP-C6EBXVWJJZMIWKLZ - [0:0]
+		:KUBE-SEP-I77PXRDZVX7PMWMN - [0:0]
+		:KUBE-SEP-OYPFS5VJICHGATKP - [0:0]
+		:KUBE-SEP-RS4RBKLTHTF2IUXJ - [0:0]
+		:KUBE-SEP-SXIVWICOYRO3J4NJ - [0:0]
+		:KUBE-SEP-UKSFD7AGPMPPLUHC - [0:0]
+		:KUBE-SVC-4SW47YFZTEDKD3PK - [0:0]
+		:KUBE-SVC-GNZBNJ2PO5MGZ6GT - [0:0]
+		:KUBE-SVC-NUKIZ6OKUXPJNT4C - [0:0]
+		:KUBE-SVC-X27LE4BHSL4DOUIK - [0:0]
+		:KUBE-SVC-XPGD46QRK7WJZT7O - [0:0]
+		-A KUBE-NODEPORTS -m comment --comment ns2/svc2:p80 -m tcp -p tcp -d 127.0.0.0/8 --dport 3001 -m nfacct --nfacct-name localhost_nps_accepted_pkts -j KUBE-EXT-GNZBNJ2PO5MGZ6GT
+		-A KUBE-NODEPORTS -m comment --comment ns2/svc2:p80 -m tcp -p tcp --dport 3001 -j KUBE-EXT-GNZBNJ2PO5MGZ6GT
+		-A KUBE-NODEPORTS -m comment --comment ns3/svc3:p80 -m tcp -p tcp -d 127.0.0.0/8 --dport 3003 -m nfacct --nfacct-name localhost_nps_accepted_pkts -j KUBE-EXT-X27LE4BHSL4DOUIK
+		-A KUBE-NODEPORTS -m comment --comment ns3/svc3:p80 -m tcp -p tcp --dport 3003 -j KUBE-EXT-X27LE4BHSL4DOUIK
+		-A KUBE-NODEPORTS -m comment --comment ns5/svc5:p80 -m tcp -p tcp -d 127.0.0.0/8 --dport 3002 -m nfacct --nfacct-name localhost_nps_accepted_pkts -j KUBE-EXT-NUKIZ6OKUXPJNT4C
+		-A KUBE-NODEPORTS -m comment --comment ns5/svc5:p80 -m tcp -p tcp --dport 3002 -j KUBE-EXT-NUKIZ6OKUXPJNT4C
+		-A KUBE-SERVICES -m comment --comment "ns1/svc1:p80 cluster IP" -m tcp -p tcp -d 172.30.0.41 --dport 80 -j KUBE-SVC-XPGD46QRK7WJZT7O
+		-A KUBE-SERVICES -m comment --comment "ns2/svc2:p80 cluster IP" -m tcp -p tcp -d 172.30.0.42 --dport 80 -j KUBE-SVC-GNZBNJ2PO5MGZ6GT
+		-A KUBE-SERVICES -m comment --comment "ns2/svc2:p80 external IP" -m tcp -p tcp -d 192.168.99.22 --dport 80 -j KUBE-EXT-GNZBNJ2PO5MGZ6GT
+		-A KUBE-SERVICES -m comment --comment "ns2/svc2:p80 loadbalancer IP" -m tcp -p tcp -d 1.2.3.4 --dport 80 -j KUBE-EXT-GNZBNJ2PO5MGZ6GT
+		-A KUBE-SERVICES -m comment --comment "ns3/svc3:p80 cluster IP" -m tcp -p tcp -d 172.30.0.43 --dport 80 -j KUBE-SVC-X27LE4BHSL4DOUIK
+		-A KUBE-SERVICES -m comment --comment "ns4/svc4:p80 cluster IP" -m tcp -p tcp -d 172.30.0.44 --dport 80 -j KUBE-SVC-4SW47YFZTEDKD3PK
+		-A KUBE-SERVICES -m comment --comment "ns4/svc4:p80 external IP" -m tcp -p tcp -d 192.168.99.33 --dport 80 -j KUBE-EXT-4SW47YFZTEDKD3PK
+		-A KUBE-SERVICES -m comment --comment "ns5/svc5:p80 cluster IP" -m tcp -p tcp -d 172.30.0.45 --dport 80 -j KUBE-SVC-NUKIZ6OKUXPJNT4C
+		-A KUBE-SERVICES -m comment --comment "ns5/svc5:p80 loadbalancer IP" -m tcp -p tcp -d 5.6.7.8 --dport 80 -j KUBE-FW-NUKIZ6OKUXPJNT4C
+		-A KUBE-SERVICES -m comment --comment "kubernetes service nodeports; NOTE: this must be the last rule in this chain" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS
+		-A KUBE-EXT-4SW47YFZTEDKD3PK -m comment --comment "masquerade traffic for ns4/svc4:p80 external destinations" -j KUBE-MARK-MASQ
+		-A KUBE-EXT-4SW47YFZTEDKD3PK -j KUBE-SVC-4SW47YFZTEDKD3PK
+		-A KUBE-EXT-GNZBNJ2PO5MGZ6GT -m comment --comment "pod traffic for ns2/svc2:p80 external destinations" -s 10.0.0.0/8 -j KUBE-SVC-GNZBNJ2PO5MGZ6GT
+		-A KUBE-EXT-GNZBNJ2PO5MGZ6GT -m comment --comment "masquerade LOCAL traffic for ns2/svc2:p80 external destinations" -m addrtype --src-type LOCAL -j KUBE-MARK-MASQ
+		-A KUBE-EXT-GNZBNJ2PO5MGZ6GT -m comment --comment "route LOCAL traffic for ns2/svc2:p80 external destinations" -m addrtype --src-type LOCAL -j KUBE-SVC-GNZBNJ2PO5MGZ6GT
+		-A KUBE-EXT-NUKIZ6OKUXPJNT4C -m comment --comment "masquerade traffic for ns5/svc5:p80 external destinations" -j KUBE-MARK-MASQ
+		-A KUBE-EXT-NUKIZ6OKUXPJNT4C -j KUBE-SVC-NUKIZ6OKUXPJNT4C
+		-A KUBE-EXT-X27LE4BHSL4DOUIK -m comment --comment "masquerade traffic for ns3/svc3:p80 external destinations" -j KUBE-MARK-MASQ
+		-A KUBE-EXT-X27LE4BHSL4DOUIK -j KUBE-SVC-X27LE4BHSL4DOUIK
+		-A KUBE-FW-NUKIZ6OKUXPJNT4C -m comment --comment "ns5/svc5:p80 loadbalancer IP" -s 203.0.113.0/25 -j KUBE-EXT-NUKIZ6OKUXPJNT4C
+		-A KUBE-FW-NUKIZ6OKUXPJNT4C -m comment --comment "other traffic to ns5/svc5:p80 will be dropped by KUBE-PROXY-FIREWALL"
+		-A KUBE-MARK-MASQ -j MARK --or-mark 0x4000
+		-A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN
+		-A KUBE-POSTROUTING -j MARK --xor-mark 0x4000
+		-A KUBE-POSTROUTING -m comment --comment "kubernetes service traffic requiring SNAT" -j MASQUERADE
+		-A KUBE-SEP-C6EBXVWJJZMIWKLZ -m comment --comment ns4/svc4:p80 -s 10.180.0.5 -j KUBE-MARK-MASQ
+		-A KUBE-SEP-C6EBXVWJJZMIWKLZ -m comment --comment ns4/svc4:p80 -m tcp -p tcp -j DNAT --to-destination 10.180.0.5:80
+		-A KUBE-SEP-I77PXRDZVX7PMWMN -m comment --comment ns5/svc5:p80 -s 10.180.0.3 -j KUBE-MARK-MASQ
+		-A KUBE-SEP-I77PXRDZVX7PMWMN -m comment --comment ns5/svc5:p80 -m recent --name KUBE-SEP-I77PXRDZVX7PMWMN --set -m tcp -p tcp -j DNAT --to-destination 10.180.0.3:80
+		-A KUBE-SEP-OYPFS5VJICHGATKP -m comment --comment ns3/svc3:p80 -s 10.180.0.3 -j KUBE-MARK-MASQ
+		-A KUBE-SEP-OYPFS5VJICHGATKP -m comment --comment ns3/svc3:p80 -m tcp -p tcp -j DNAT --to-destination 10.180.0.3:80
+		-A KUBE-SEP-RS4RBKLTHTF2IUXJ -m comment --comment ns2/svc2:p80 -s 10.180.0.2 -j KUBE-MARK-MASQ
+		-A KUBE-SEP-RS4RBKLTHTF2IUXJ -m comment --comment ns2/svc2:p80 -m tcp -p tcp -j DNAT --to-destination 10.180.0.2:80
+		-A KUBE-SEP-SXIVWICOYRO3J4NJ -m comment --comment ns1/svc1:p80 -s 10.180.0.1 -j KUBE-MARK-MASQ
+		-A KUBE-SEP-SXIVWICOYRO3J4NJ -m comment --comment ns1/svc1:p80 -m tcp -p tcp -j DNAT --to-destination 10.180.0.1:80
+		-A KUBE-SEP-UKSFD7AGPMPPLUHC -m comment --comment ns4/svc4:p80 -s 10.180.0.4 -j KUBE-MARK-MASQ
+		-A KUBE-SEP-UKSFD7AGPMPPLUHC -m comment --comment ns4/svc4:p80 -m tcp -p tcp -j DNAT --to-destination 10.180.0.4:80
+		-A KUBE-SVC-4SW47YFZTEDKD3PK -m comment --comment "ns4/svc4:p80 cluster IP" -m tcp -p tcp -d 172.30.0.44 --dport 80 ! -s 10.0.0.0/8 -j KUBE-MARK-MASQ
+		-A KUBE-SVC-4SW47YFZTEDKD3PK -m comment --comment "ns4/svc4:p80 -> 10.180.0.4:80" -m statistic --mode random --probability 0.5000000000 -j KUBE-SEP-UKSFD7AGPMPPLUHC
+		-A KUBE-SVC-4SW47YFZTEDKD3PK -m comment --comment "ns4/svc4:p80 -> 10.180.0.5:80" -j KUBE-SEP-C6EBXVWJJZMIWKLZ
+		-A KUBE-SVC-GNZBNJ2PO5MGZ6GT -m comment --comment "ns2/svc2:p80 cluster IP" -m tcp -p tcp -d 172.30.0.42 --dport 80 ! -s 10.0.0.0/8 -j KUBE-MARK-MASQ
+		-A KUBE-SVC-GNZBNJ2PO5MGZ6GT -m comment --comment "ns2/svc2:p80 -> 10.180.0.2:80" -j KUBE-SEP-RS4RBKLTHTF2IUXJ
+		-A KUBE-SVC-NUKIZ6OKUXPJNT4C -m comment --comment "ns5/svc5:p80 cluster IP" -m tcp -p tcp -d 172.30.0.45 --dport 80 ! -s 10.0.0.0/8 -j KUBE-MARK-MASQ
+		-A KUBE-SVC-NUKIZ6OKUXPJNT4C -m comment --comment "ns5/svc5:p80 -> 10.180.0.3:80" -m recent --name KUBE-SEP-I77PXRDZVX7PMWMN --rcheck --seconds 10800 --reap -j KUBE-SEP-I77PXRDZVX7PMWMN
+		-A KUBE-SVC-NUKIZ6OKUXPJNT4C -m comment --comment "ns5/svc5:p80 -> 10.180.0.3:80" -j KUBE-SEP-I77PXRDZVX7PMWMN
+		-A KUBE-SVC-X27LE4BHSL4DOUIK -m comment --comment "ns3/svc3:p80 cluster IP" -m tcp -p tcp -d 172.30.0.43 --dport 80 ! -s 10.0.0.0/8 -j KUBE-MARK-MASQ
+		-A KUBE-SVC-X27LE4BHSL4DOUIK -m comment --comment "ns3/svc3:p80 -> 10.180.0.3:80" -j KUBE-SEP-OYPFS5VJICHGATKP
+		-A KUBE-SVC-XPGD46QRK7WJZT7O -m comment --comment "ns1/svc1:p80 cluster IP" -m tcp -p tcp -d 172.30.0.41 --dport 80 ! -s 10.0.0.0/8 -j KUBE-MARK-MASQ
+		-A KUBE-SVC-XPGD46QRK7WJZT7O -m comment --comment "ns1/svc1:p80 -> 10.180.0.1:80" -j KUBE-SEP-SXIVWICOYRO3J4NJ
+		COMMIT
+		"#;
+        let actual = restore_input(&b.ruleset, None).replace("0x00004000", "0x4000");
+        assert_eq!(lines(&actual), lines(expected));
+        let (filter_part, nat_part) = expected.split_once("*nat").unwrap();
+        let count = |t: &str| t.lines().filter(|l| l.trim().starts_with("-A ")).count();
+        assert_eq!(chain_counts(&b.ruleset), (count(filter_part), count(nat_part)));
+        // Real kube-proxy's defaults here: --random-fully, and no nfacct counters.
+        let b = build(&st, &[], &ipt_cfg(Family::V4), true);
+        let nat = &b.ruleset.nat;
+        assert!(nat.chain(KUBE_POSTROUTING).unwrap().rules[2].ends_with("-j MASQUERADE --random-fully"));
+        assert_eq!(nat.chain(KUBE_NODEPORTS).unwrap().rules.len(), 3, "no nfacct localhost rules");
+        assert_eq!(nat.chain(KUBE_MARK_MASQ).unwrap().rules, vec!["-j MARK --or-mark 0x00004000"]);
+    }
+
+    fn nat_rules(rs: &IptRuleset, chain: &str) -> Vec<String> {
+        rs.nat.chain(chain).unwrap_or_else(|| panic!("no nat chain {chain}")).rules.clone()
+    }
+
+    #[test]
+    fn etp_local_with_local_endpoints_goes_to_the_svl_chain() {
+        let sp = ServicePort::cluster_ip("ns", "lb", "", Protocol::Tcp, "172.30.0.1", 80)
+            .with_node_port(3001)
+            .with_load_balancer_ip("1.2.3.4")
+            .with_external_traffic_policy_local()
+            .with_health_check_node_port(30000);
+        let mut st = ClusterState::default();
+        st.add_service(sp.clone());
+        st.add_endpoint(&sp.name, Endpoint::ready("10.180.0.1", 80));
+        st.add_endpoint(&sp.name, Endpoint::ready("10.180.2.1", 80).on_node("test-node"));
+        let b = build(&st, &[], &ipt_cfg(Family::V4), true);
+        let rs = &b.ruleset;
+        check_jumps(rs);
+        assert_eq!(b.no_local_endpoints, NoLocalEndpoints::default());
+        let (svc, svl, ext) = (svc_chain(&sp.name), svl_chain(&sp.name), ext_chain(&sp.name));
+        assert_eq!(nat_rules(rs, &ext).last().unwrap(), &format!("-j {svl}"));
+        assert_eq!(
+            nat_rules(rs, &ext)[0],
+            format!("-m comment --comment \"pod traffic for ns/lb external destinations\" -s 10.0.0.0/8 -j {svc}")
+        );
+        let local_sep = sep_chain(&sp.name, &Endpoint::ready("10.180.2.1", 80));
+        assert_eq!(
+            nat_rules(rs, &svl),
+            vec![format!("-m comment --comment \"ns/lb -> 10.180.2.1:80\" -j {local_sep}")]
+        );
+        assert_eq!(nat_rules(rs, &svc).len(), 3, "masquerade rule and both endpoints");
+        assert!(rs.filter.chain(KUBE_EXTERNAL_SERVICES).unwrap().rules.is_empty());
+        // Case 68: without a local traffic detector, no pod short-circuit (and no masquerade rule).
+        let mut cfg = ipt_cfg(Family::V4);
+        cfg.cluster_cidr = None;
+        let rs = build(&st, &[], &cfg, true).ruleset;
+        assert_eq!(nat_rules(&rs, &ext).len(), 3);
+        assert_eq!(nat_rules(&rs, &svc).len(), 2);
+        // Interface detectors.
+        cfg.local_detector = LocalDetector::Bridge("cbr0".into());
+        assert!(nat_rules(&build(&st, &[], &cfg, true).ruleset, &ext)[0].contains(" -i cbr0 -j "));
+        assert!(nat_rules(&build(&st, &[], &cfg, true).ruleset, &svc)[0].contains(" ! -i cbr0 -j KUBE-MARK-MASQ"));
+        cfg.local_detector = LocalDetector::InterfacePrefix("veth".into());
+        assert!(nat_rules(&build(&st, &[], &cfg, true).ruleset, &ext)[0].contains(" -i veth+ -j "));
+        // --masquerade-all: the cluster IP rule masquerades everything.
+        cfg.masquerade_all = true;
+        assert!(nat_rules(&build(&st, &[], &cfg, true).ruleset, &svc)[0].ends_with("--dport 80 -j KUBE-MARK-MASQ"));
+    }
+
+    #[test]
+    fn itp_local_without_local_endpoints_drops_cluster_ip_traffic() {
+        let sp = ServicePort::cluster_ip("ns", "i", "p", Protocol::Udp, "172.30.0.2", 53)
+            .with_internal_traffic_policy_local();
+        let mut st = ClusterState::default();
+        st.add_service(sp.clone());
+        st.add_endpoint(&sp.name, Endpoint::ready("10.180.0.9", 53).on_node("other"));
+        let b = build(&st, &[], &ipt_cfg(Family::V4), true);
+        check_jumps(&b.ruleset);
+        assert_eq!(b.no_local_endpoints, NoLocalEndpoints { internal: 1, external: 0 });
+        assert_eq!(
+            b.ruleset.filter.chain(KUBE_SERVICES).unwrap().rules,
+            vec![
+                "-m comment --comment \"ns/i:p has no local endpoints\" -m udp -p udp -d 172.30.0.2 --dport 53 -j DROP"
+            ]
+        );
+        assert!(
+            !b.ruleset.nat.chains.iter().any(|c| is_service_chain(&c.name)),
+            "no SVC chain without cluster traffic"
+        );
+        // With a local endpoint: KUBE-SVL holds the masquerade rule.
+        st.add_endpoint(&sp.name, Endpoint::ready("10.180.0.8", 53).on_node("test-node"));
+        let rs = build(&st, &[], &ipt_cfg(Family::V4), true).ruleset;
+        check_jumps(&rs);
+        let svl = nat_rules(&rs, &svl_chain(&sp.name));
+        assert!(svl[0].ends_with("! -s 10.0.0.0/8 -j KUBE-MARK-MASQ"), "{svl:?}");
+        assert_eq!(svl.len(), 2);
+    }
+
+    #[test]
+    fn source_ranges_allow_lb_ips_when_the_node_is_inside() {
+        let sp = ServicePort::cluster_ip("ns", "lb", "p", Protocol::Tcp, "172.30.0.1", 80)
+            .with_node_port(3001)
+            .with_load_balancer_ip("1.2.3.4")
+            .with_load_balancer_ip("5.6.7.8")
+            .with_source_range("192.168.0.0/24")
+            .with_source_range("2001:db8::/32");
+        let mut st = ClusterState::default();
+        st.add_service(sp.clone());
+        st.add_endpoint(&sp.name, Endpoint::ready("10.180.0.1", 80));
+        let rs = build(&st, &[], &ipt_cfg(Family::V4), true).ruleset;
+        check_jumps(&rs);
+        let (fw, ext) = (fw_chain(&sp.name), ext_chain(&sp.name));
+        let head = "-m comment --comment \"ns/lb:p loadbalancer IP\"";
+        assert_eq!(
+            nat_rules(&rs, &fw),
+            vec![
+                format!("{head} -s 192.168.0.0/24 -j {ext}"),
+                format!("{head} -s 1.2.3.4 -j {ext}"),
+                format!("{head} -s 5.6.7.8 -j {ext}"),
+                "-m comment --comment \"other traffic to ns/lb:p will be dropped by KUBE-PROXY-FIREWALL\"".to_string(),
+            ]
+        );
+        assert_eq!(rs.filter.chain(KUBE_PROXY_FIREWALL).unwrap().rules.len(), 2);
+        let services = nat_rules(&rs, KUBE_SERVICES);
+        assert!(services[1].ends_with(&format!("-d 1.2.3.4 --dport 80 -j {fw}")), "{services:?}");
+        // The node port never goes through the firewall chain (case 52).
+        assert!(nat_rules(&rs, KUBE_NODEPORTS)[0].ends_with(&format!("-j {ext}")));
+        // The node outside every range: the ranges only.
+        let mut cfg = ipt_cfg(Family::V4);
+        cfg.node_ip = Some("192.168.1.2".parse().unwrap());
+        assert_eq!(nat_rules(&build(&st, &[], &cfg, true).ruleset, &fw).len(), 2);
+        // No endpoints: no nat chains at all, the LB IP is rejected.
+        st.endpoints.clear();
+        let rs = build(&st, &[], &ipt_cfg(Family::V4), true).ruleset;
+        assert!(rs.filter.chain(KUBE_PROXY_FIREWALL).unwrap().rules.is_empty());
+        assert_eq!(rs.filter.chain(KUBE_EXTERNAL_SERVICES).unwrap().rules.len(), 3, "two LB IPs and the node port");
+    }
+
+    #[test]
+    fn affinity_checks_recent_lists_before_picking() {
+        let sp =
+            ServicePort::cluster_ip("ns1", "svc1", "p80", Protocol::Tcp, "172.30.0.41", 80).with_session_affinity(300);
+        let mut st = ClusterState::default();
+        st.add_service(sp.clone());
+        for ip in ["10.180.0.3", "10.180.0.1", "10.180.0.2"] {
+            st.add_endpoint(&sp.name, Endpoint::ready(ip, 80));
+        }
+        let rs = build(&st, &[], &ipt_cfg(Family::V4), true).ruleset;
+        check_jumps(&rs);
+        let svc = nat_rules(&rs, &svc_chain(&sp.name));
+        assert_eq!(svc.len(), 7);
+        let sep1 = sep_chain(&sp.name, &Endpoint::ready("10.180.0.1", 80));
+        assert_eq!(svc[0], format!("-m comment --comment \"ns1/svc1:p80 cluster IP\" -m tcp -p tcp -d 172.30.0.41 --dport 80 ! -s 10.0.0.0/8 -j KUBE-MARK-MASQ"));
+        assert_eq!(
+            svc[1],
+            format!("-m comment --comment \"ns1/svc1:p80 -> 10.180.0.1:80\" -m recent --name {sep1} --rcheck --seconds 300 --reap -j {sep1}")
+        );
+        assert!(svc[4].contains("-m statistic --mode random --probability 0.3333333333 -j KUBE-SEP-"));
+        assert!(svc[5].contains("--probability 0.5000000000"));
+        assert!(svc[6].starts_with("-m comment --comment \"ns1/svc1:p80 -> 10.180.0.3:80\" -j KUBE-SEP-"));
+        assert!(nat_rules(&rs, &sep1)[1].contains(&format!("-m recent --name {sep1} --set -m tcp -p tcp -j DNAT")));
+    }
+
+    #[test]
+    fn ipv6_and_per_ip_node_ports() {
+        let sp = ServicePort::cluster_ip("ns", "s", "", Protocol::Sctp, "fd00:172:30::41", 80).with_node_port(3001);
+        let mut st = ClusterState::default();
+        st.add_service(sp.clone());
+        st.add_endpoint(&sp.name, Endpoint::ready("fd00:10:180::1", 8080));
+        let rs = build(&st, &[], &ipt_cfg(Family::V6), true).ruleset;
+        check_jumps(&rs);
+        assert!(rs.filter.chain(KUBE_FIREWALL).is_none(), "no localhost node ports for IPv6");
+        let services = nat_rules(&rs, KUBE_SERVICES);
+        assert_eq!(
+            services[0],
+            format!(
+                "-m comment --comment \"ns/s cluster IP\" -m sctp -p sctp -d fd00:172:30::41 --dport 80 -j {}",
+                svc_chain(&sp.name)
+            )
+        );
+        assert!(services[1].ends_with("-m addrtype --dst-type LOCAL ! -d ::1/128 -j KUBE-NODEPORTS"));
+        let ep = Endpoint::ready("fd00:10:180::1", 8080);
+        assert_eq!(
+            nat_rules(&rs, &sep_chain(&sp.name, &ep)),
+            vec![
+                "-m comment --comment ns/s -s fd00:10:180::1 -j KUBE-MARK-MASQ".to_string(),
+                "-m comment --comment ns/s -m sctp -p sctp -j DNAT --to-destination [fd00:10:180::1]:8080".to_string(),
+            ]
+        );
+        // Per-IP node ports: one tail rule per node IP of the family; loopback only for IPv4
+        // with localhost node ports.
+        let mut cfg = ipt_cfg(Family::V4);
+        let ips: Vec<IpAddr> = ["192.168.0.2", "127.0.0.1", "2001:db8::1"].iter().map(|s| s.parse().unwrap()).collect();
+        cfg.nodeport_addresses = NodePortAddresses::Ips(ips.clone());
+        let st4 = ClusterState::default();
+        let tails = |rs: &IptRuleset| -> Vec<String> {
+            nat_rules(rs, KUBE_SERVICES).iter().map(|r| r.rsplit_once(" -d ").unwrap().1.to_string()).collect()
+        };
+        let rs = build(&st4, &ips, &cfg, true).ruleset;
+        assert_eq!(tails(&rs), vec!["192.168.0.2 -j KUBE-NODEPORTS", "127.0.0.1 -j KUBE-NODEPORTS"]);
+        assert!(rs.filter.chain(KUBE_FIREWALL).is_some());
+        let rs = build(&st4, &ips, &cfg, false).ruleset;
+        assert_eq!(tails(&rs), vec!["192.168.0.2 -j KUBE-NODEPORTS"]);
+        assert!(rs.filter.chain(KUBE_FIREWALL).is_none());
+        // Localhost node ports off with match-all: loopback excluded from the tail rule.
+        cfg.nodeport_addresses = NodePortAddresses::All;
+        let rs = build(&st4, &[], &cfg, false).ruleset;
+        assert!(nat_rules(&rs, KUBE_SERVICES)[0].ends_with("--dst-type LOCAL ! -d 127.0.0.0/8 -j KUBE-NODEPORTS"));
+    }
+
+    #[test]
+    fn partial_restore_writes_changed_chains_and_deletes_stale_ones() {
+        let a = ServicePort::cluster_ip("ns", "a", "", Protocol::Tcp, "172.30.0.1", 80);
+        let b = ServicePort::cluster_ip("ns", "b", "", Protocol::Tcp, "172.30.0.2", 80);
+        let mut st = ClusterState::default();
+        st.add_service(a.clone()).add_service(b.clone());
+        st.add_endpoint(&a.name, Endpoint::ready("10.180.0.1", 80));
+        st.add_endpoint(&b.name, Endpoint::ready("10.180.0.2", 80));
+        let cfg = ipt_cfg(Family::V4);
+        let rs1 = build(&st, &[], &cfg, true).ruleset;
+        let full = restore_input(&rs1, None);
+        assert!(full.starts_with("*filter\n:KUBE-NODEPORTS - [0:0]\n:KUBE-SERVICES - [0:0]\n"), "{full}");
+        assert!(full.ends_with("COMMIT\n") && full.contains("COMMIT\n*nat\n"));
+        assert_eq!(full.lines().filter(|l| l.starts_with("-A ")).count(), {
+            let (f, n) = chain_counts(&rs1);
+            f + n
+        });
+
+        // Nothing changed: only the fixed chains.
+        let same = restore_input(&rs1, Some(&rs1));
+        let declared = |t: &str| -> Vec<String> {
+            t.lines().filter_map(|l| l.strip_prefix(':')).map(|l| l.split(' ').next().unwrap().to_string()).collect()
+        };
+        assert!(!declared(&same).iter().any(|c| is_service_chain(c)), "{same}");
+        assert!(!same.contains("-X "));
+        assert!(
+            same.contains(":KUBE-SERVICES - [0:0]\n:KUBE-MARK-MASQ - [0:0]\n") || same.contains("-A KUBE-MARK-MASQ")
+        );
+
+        // b's endpoint moves: b's SVC chain is rewritten, its new SEP chain declared, the old
+        // one flushed and deleted; a's chains are left alone.
+        let mut st2 = st.clone();
+        st2.endpoints.insert(b.name.clone(), vec![Endpoint::ready("10.180.0.3", 80)]);
+        let rs2 = build(&st2, &[], &cfg, true).ruleset;
+        let partial = restore_input(&rs2, Some(&rs1));
+        let old_sep = sep_chain(&b.name, &Endpoint::ready("10.180.0.2", 80));
+        let new_sep = sep_chain(&b.name, &Endpoint::ready("10.180.0.3", 80));
+        let mut svc_chains: Vec<String> = declared(&partial).into_iter().filter(|c| is_service_chain(c)).collect();
+        svc_chains.sort();
+        let mut want = vec![svc_chain(&b.name), new_sep.clone(), old_sep.clone()];
+        want.sort();
+        assert_eq!(svc_chains, want, "{partial}");
+        assert!(partial.ends_with(&format!("-X {old_sep}\nCOMMIT\n")), "{partial}");
+        assert!(!partial.contains(&svc_chain(&a.name)) || partial.contains(&format!("-j {}", svc_chain(&a.name))));
+        assert!(!partial.contains(&format!(":{}", svc_chain(&a.name))));
+
+        // Service a deleted: its chains go, its KUBE-SERVICES rule with the rewritten chain.
+        st2.services.remove(&a.name);
+        let rs3 = build(&st2, &[], &cfg, true).ruleset;
+        let partial = restore_input(&rs3, Some(&rs2));
+        assert!(partial.contains(&format!("-X {}\n", svc_chain(&a.name))));
+        assert!(partial.contains(&format!("-X {}\n", sep_chain(&a.name, &Endpoint::ready("10.180.0.1", 80)))));
+        assert!(!partial.contains(&format!("-j {}", svc_chain(&a.name))));
+
+        // After a restart, the chains iptables-save lists stand in for `previous`: every desired
+        // chain is written and leftovers of ours are deleted, other chains are not.
+        let save = "*nat\n:PREROUTING ACCEPT [0:0]\n:KUBE-SVC-AAAAAAAAAAAAAAAA - [0:0]\n:CNI-X - [0:0]\n\
+                    -A KUBE-SVC-AAAAAAAAAAAAAAAA -j ACCEPT\nCOMMIT\n*filter\n:KUBE-SERVICES - [0:0]\nCOMMIT\n";
+        let prev = IptRuleset::chains_from_save(Family::V4, save);
+        let text = restore_input(&rs3, Some(&prev));
+        assert!(
+            text.contains("-X KUBE-SVC-AAAAAAAAAAAAAAAA\n")
+                && !text.contains("-X CNI-X")
+                && !text.contains("-X PREROUTING")
+        );
+        for c in rs3.nat.chains.iter().chain(&rs3.filter.chains) {
+            assert!(text.contains(&format!(":{} - [0:0]\n", c.name)), "{}", c.name);
+        }
+    }
+
+    #[test]
+    fn large_clusters_drop_endpoint_comments() {
+        let sp = ServicePort::cluster_ip("ns", "big", "", Protocol::Tcp, "172.30.0.1", 80);
+        let mut st = ClusterState::default();
+        st.add_service(sp.clone());
+        for i in 0..=LARGE_CLUSTER_ENDPOINTS {
+            st.add_endpoint(&sp.name, Endpoint::ready(&format!("10.{}.{}.1", i / 256, i % 256), 80));
+        }
+        let rs = build(&st, &[], &ipt_cfg(Family::V4), true).ruleset;
+        let svc = nat_rules(&rs, &svc_chain(&sp.name));
+        assert_eq!(svc.len(), LARGE_CLUSTER_ENDPOINTS + 2);
+        assert!(svc[0].starts_with("-m comment --comment \"ns/big cluster IP\""), "the service comments stay");
+        assert!(svc[1].starts_with("-m statistic --mode random --probability 0.0009990010 -j KUBE-SEP-"), "{}", svc[1]);
+        assert!(!nat_rules(&rs, &sep_chain(&sp.name, &Endpoint::ready("10.0.0.1", 80)))[0].contains("comment"));
+        st.endpoints.get_mut(&sp.name).unwrap().pop();
+        let rs = build(&st, &[], &ipt_cfg(Family::V4), true).ruleset;
+        assert!(nat_rules(&rs, &svc_chain(&sp.name))[1].starts_with("-m comment --comment \"ns/big -> "));
+    }
+
+    #[test]
+    fn conflicting_frontends_are_skipped() {
+        let mut st = ClusterState::default();
+        st.add_service(ServicePort::cluster_ip("ns", "a", "", Protocol::Tcp, "172.30.0.1", 80).with_node_port(3001));
+        st.add_service(ServicePort::cluster_ip("ns", "b", "", Protocol::Tcp, "172.30.0.1", 80));
+        st.add_service(ServicePort::cluster_ip("ns", "c", "", Protocol::Tcp, "172.30.0.3", 80).with_node_port(3001));
+        let b = build(&st, &[], &ipt_cfg(Family::V4), true);
+        let names: Vec<String> = b.skipped.iter().map(|s| s.service.to_string()).collect();
+        assert_eq!(names, vec!["ns/b", "ns/c"]);
+        assert_eq!(b.ruleset.filter.chain(KUBE_EXTERNAL_SERVICES).unwrap().rules.len(), 1, "one node port rule");
+    }
+
     #[test]
     fn split_args_keeps_quoted_words_together() {
         assert_eq!(
