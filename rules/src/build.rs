@@ -359,7 +359,11 @@ fn assign_slots(wants: &[(&ServicePortName, Pool)], previous: Option<&Ruleset>) 
 /// IP is left out of the later port), or the same node port (the later port loses its node port).
 /// The API server never allows these, but manifests can contain them, and one such object must not
 /// make the whole transaction fail with EEXIST.
-fn resolve_conflicts(state: &ClusterState, fam: Family) -> (BTreeMap<ServicePortName, ServicePort>, Vec<Skipped>) {
+#[allow(clippy::type_complexity)]
+fn resolve_conflicts(
+    state: &ClusterState,
+    fam: Family,
+) -> (BTreeMap<ServicePortName, ServicePort>, Vec<Skipped>, Frontends, NodePorts) {
     let mut out = BTreeMap::new();
     let mut skipped = Vec::new();
     let mut frontends: BTreeMap<(IpAddr, Protocol, u16), ServicePortName> = BTreeMap::new();
@@ -403,7 +407,7 @@ fn resolve_conflicts(state: &ClusterState, fam: Family) -> (BTreeMap<ServicePort
         }
         out.insert(sp.name.clone(), sp);
     }
-    (out, skipped)
+    (out, skipped, frontends, node_ports)
 }
 
 /// Builds one family's desired ruleset. `node_ips` are the node's local addresses of this family
@@ -577,7 +581,8 @@ pub fn build(state: &ClusterState, node_ips: &[IpAddr], cfg: &BuildConfig, previ
     }
 
     // Per service port.
-    let (services, mut conflicts) = resolve_conflicts(state, fam);
+    let (services, mut conflicts, frontends, node_ports) = resolve_conflicts(state, fam);
+    let conflicts_count = conflicts.len();
     let mut wants: Vec<(&ServicePortName, Pool)> = Vec::new();
     // ClientIP affinity ports pick endpoints with rules (see the module doc): no slot blocks.
     for (spn, sp) in services.iter().filter(|(_, sp)| sp.session_affinity_timeout.is_none()) {
@@ -601,33 +606,52 @@ pub fn build(state: &ClusterState, node_ips: &[IpAddr], cfg: &BuildConfig, previ
             interval: true,
         });
     }
-    let node_name = cfg.node_name.as_str();
-    let detector = cfg.detector();
-    // The detector as a match: `neq` matches traffic that is not from local pods.
-    let local_detector = |neq: bool| -> Option<Expr> {
-        match &detector {
-            LocalDetector::None => None,
-            LocalDetector::Cidr(c) => Some(Expr::Cmp { sel: Selector::Saddr, neq, right: Operand::Prefix(*c) }),
-            LocalDetector::Bridge(name) => Some(Expr::Iifname { name: name.clone(), prefix: false, neq }),
-            LocalDetector::InterfacePrefix(p) => Some(Expr::Iifname { name: p.clone(), prefix: true, neq }),
-        }
+    let ctx = PortCtx { cfg, detector: cfg.detector() };
+    let mut book = Book {
+        frontends,
+        node_ports,
+        conflicts: conflicts_count,
+        fingerprint: fingerprint(node_ips, cfg),
+        ..Default::default()
     };
-    let mut hairpin = BTreeSet::new();
-    let mut no_local = NoLocalEndpoints::default();
     for (spn, sp) in &services {
         if no_block.contains(spn) {
             continue;
         }
-        let cluster_block = blocks.cluster.get(spn).copied();
-        let local_block = blocks.local.get(spn).copied();
+        let eps = state.endpoints.get(spn).map(|v| v.as_slice()).unwrap_or(&[]);
+        let out =
+            ctx.emit_port(&mut rs, spn, sp, eps, blocks.cluster.get(spn).copied(), blocks.local.get(spn).copied());
+        book.add_port(spn, &out);
+    }
+    book.write_shared_elements(&mut rs);
+    let no_local = book.no_local_endpoints();
+    rs.slots = blocks.cluster;
+    rs.local_slots = blocks.local;
+    rs.book = book;
+    Built { ruleset: rs, skipped, no_local_endpoints: no_local }
+}
+
+impl PortCtx<'_> {
+    /// Writes one service port's chains, sets and elements into `rs` (which must declare the
+    /// shared sets and the endpoint map of its blocks). Elements of the two sets that several
+    /// ports share (`cluster-ips`, `hairpin-endpoints`) are returned instead, for reference counting.
+    fn emit_port(
+        &self,
+        rs: &mut Ruleset,
+        spn: &ServicePortName,
+        sp: &ServicePort,
+        eps: &[Endpoint],
+        cluster_block: Option<u32>,
+        local_block: Option<u32>,
+    ) -> PortOut {
+        let cfg = self.cfg;
+        let fam = cfg.family;
+        let node_name = cfg.node_name.as_str();
+        let local_detector = |neq: bool| self.local_detector(neq);
+        let mut out = PortOut { cluster_ip: sp.cluster_ip, hairpin: BTreeSet::new(), no_local: (false, false) };
         let comment = spn.to_string();
         let proto = spn.protocol;
-        let cat = categorize_endpoints(
-            state.endpoints.get(spn).map(|v| v.as_slice()).unwrap_or(&[]),
-            sp,
-            node_name,
-            cfg.node_zone.as_deref(),
-        );
+        let cat = categorize_endpoints(eps, sp, node_name, cfg.node_zone.as_deref());
         let svc_chain = service_chain(spn);
         let loc_chain = local_chain(spn);
         let ext_chain = external_chain(spn);
@@ -740,7 +764,6 @@ pub fn build(state: &ClusterState, node_ips: &[IpAddr], cfg: &BuildConfig, previ
             }
         }
 
-        rs.add_element(CLUSTER_IPS_SET, Element::key(vec![Value::Addr(sp.cluster_ip)]));
         let to_internal = ElemData::Verdict(Verdict::Goto(internal_chain.clone()));
         let to_ext = ElemData::Verdict(Verdict::Goto(ext_chain.clone()));
         rs.add_element(
@@ -815,14 +838,13 @@ pub fn build(state: &ClusterState, node_ips: &[IpAddr], cfg: &BuildConfig, previ
             let internal_none = sp.internal_traffic_policy_local && cat.local.is_empty();
             // Counted by the Service's policy, as upstream, even for a port without external access.
             let external_none = sp.external_traffic_policy_local && cat.local.is_empty();
-            no_local.internal += internal_none as usize;
-            no_local.external += external_none as usize;
+            out.no_local = (internal_none, external_none);
             mark(NO_LOCAL_ENDPOINT_SERVICES_SET, NO_LOCAL_ENDPOINT_NODEPORTS_SET, internal_none, external_none);
         }
 
-        for (eps, block) in [(&cat.cluster, cluster_block), (&cat.local, local_block)] {
+        for (pool, block) in [(&cat.cluster, cluster_block), (&cat.local, local_block)] {
             let Some(block) = block else { continue };
-            for (ep, (lo, hi)) in eps.iter().zip(slot_ranges(block, eps.len())) {
+            for (ep, (lo, hi)) in pool.iter().zip(slot_ranges(block, pool.len())) {
                 rs.add_element(
                     &service_endpoints_map(block / ENDPOINT_MAP_SHARD),
                     Element {
@@ -832,16 +854,339 @@ pub fn build(state: &ClusterState, node_ips: &[IpAddr], cfg: &BuildConfig, previ
                         comment: None,
                     },
                 );
-                hairpin.insert(ep.ip);
+                out.hairpin.insert(ep.ip);
+            }
+        }
+        out
+    }
+}
+
+/// Frontends (IP, protocol, port) and the service port that owns each.
+pub type Frontends = BTreeMap<(IpAddr, Protocol, u16), ServicePortName>;
+/// Node ports (protocol, port) and the service port that owns each.
+pub type NodePorts = BTreeMap<(Protocol, u16), ServicePortName>;
+
+/// What writing one service port needs besides the port.
+struct PortCtx<'a> {
+    cfg: &'a BuildConfig,
+    detector: LocalDetector,
+}
+
+impl PortCtx<'_> {
+    /// The local-traffic detector as a match: `neq` matches traffic that is not from local pods.
+    fn local_detector(&self, neq: bool) -> Option<Expr> {
+        match &self.detector {
+            LocalDetector::None => None,
+            LocalDetector::Cidr(c) => Some(Expr::Cmp { sel: Selector::Saddr, neq, right: Operand::Prefix(*c) }),
+            LocalDetector::Bridge(name) => Some(Expr::Iifname { name: name.clone(), prefix: false, neq }),
+            LocalDetector::InterfacePrefix(p) => Some(Expr::Iifname { name: p.clone(), prefix: true, neq }),
+        }
+    }
+}
+
+/// What one service port contributes to the shared sets and counts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct PortOut {
+    cluster_ip: IpAddr,
+    /// Endpoint addresses in its slot blocks (hairpin masquerade).
+    hairpin: BTreeSet<IpAddr>,
+    /// Local policy with endpoints elsewhere but none here: (internal, external).
+    no_local: (bool, bool),
+}
+
+/// What a build knows beyond the ruleset itself, so that a later change of a few Services can be
+/// built and diffed alone ([`build_partial`]) instead of rebuilding and diffing everything.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Book {
+    pub frontends: Frontends,
+    pub node_ports: NodePorts,
+    /// Service ports the last full build skipped for a conflict; partial builds refuse while any
+    /// exist (who wins a conflict depends on every port).
+    pub conflicts: usize,
+    /// The node IPs and configuration the ruleset was built for; a partial build needs the same.
+    pub fingerprint: String,
+    /// How many service ports use each element of the two shared sets.
+    pub hairpin: BTreeMap<IpAddr, u32>,
+    pub cluster_ips: BTreeMap<IpAddr, u32>,
+    /// Ports counted by `no_local_endpoints`: (internal, external).
+    pub no_local: BTreeMap<ServicePortName, (bool, bool)>,
+}
+
+fn count_up(m: &mut BTreeMap<IpAddr, u32>, ip: IpAddr) {
+    *m.entry(ip).or_default() += 1;
+}
+
+fn count_down(m: &mut BTreeMap<IpAddr, u32>, ip: IpAddr) {
+    if let Some(n) = m.get_mut(&ip) {
+        *n -= 1;
+        if *n == 0 {
+            m.remove(&ip);
+        }
+    }
+}
+
+fn hairpin_element(ip: IpAddr) -> Element {
+    Element::key(vec![Value::Addr(ip), Value::Addr(ip)])
+}
+
+fn cluster_ip_element(ip: IpAddr) -> Element {
+    Element::key(vec![Value::Addr(ip)])
+}
+
+impl Book {
+    fn add_port(&mut self, spn: &ServicePortName, out: &PortOut) {
+        count_up(&mut self.cluster_ips, out.cluster_ip);
+        for ip in &out.hairpin {
+            count_up(&mut self.hairpin, *ip);
+        }
+        if out.no_local != (false, false) {
+            self.no_local.insert(spn.clone(), out.no_local);
+        }
+    }
+
+    fn remove_port(&mut self, spn: &ServicePortName, out: &PortOut) {
+        count_down(&mut self.cluster_ips, out.cluster_ip);
+        for ip in &out.hairpin {
+            count_down(&mut self.hairpin, *ip);
+        }
+        self.no_local.remove(spn);
+    }
+
+    fn write_shared_elements(&self, rs: &mut Ruleset) {
+        for ip in self.hairpin.keys() {
+            rs.add_element(HAIRPIN_SET, hairpin_element(*ip));
+        }
+        for ip in self.cluster_ips.keys() {
+            rs.add_element(CLUSTER_IPS_SET, cluster_ip_element(*ip));
+        }
+    }
+
+    /// Local-policy ports with endpoints elsewhere but none on this node.
+    pub fn no_local_endpoints(&self) -> NoLocalEndpoints {
+        let mut n = NoLocalEndpoints::default();
+        for (internal, external) in self.no_local.values() {
+            n.internal += *internal as usize;
+            n.external += *external as usize;
+        }
+        n
+    }
+}
+
+/// What a ruleset depends on besides the Services: a partial build needs it unchanged.
+fn fingerprint(node_ips: &[IpAddr], cfg: &BuildConfig) -> String {
+    format!("{node_ips:?} {cfg:?}")
+}
+
+/// The frontends a service port claims, as `resolve_conflicts` records them.
+fn frontends_of(sp: &ServicePort) -> impl Iterator<Item = (IpAddr, Protocol, u16)> + '_ {
+    std::iter::once(sp.cluster_ip)
+        .chain(sp.external_ips.iter().copied())
+        .chain(sp.load_balancer_ips.iter().copied())
+        .map(|ip| (ip, sp.name.protocol, sp.port))
+}
+
+/// One service port of a partial build, before or after the change.
+#[derive(Debug, Clone)]
+struct PortRecord {
+    spn: ServicePortName,
+    sp: ServicePort,
+    out: PortOut,
+    cluster_block: Option<u32>,
+    local_block: Option<u32>,
+}
+
+/// A change of some Services, built and diffed alone: apply `tx` to the kernel, then
+/// [`Ruleset::commit_partial`] it to the ruleset it was built against.
+#[derive(Debug, Clone)]
+pub struct Partial {
+    pub tx: crate::transaction::Transaction,
+    old: Vec<PortRecord>,
+    new: Vec<PortRecord>,
+}
+
+/// Builds the change from `old` to `new` against `applied`, the ruleset the kernel holds (built by
+/// [`build`], maybe updated by partial builds since). `old` and `new` hold every port (and its
+/// endpoints) of the changed Services, before and after the change; everything else is as when
+/// `applied` was built. The transaction touches only those ports' chains, sets and elements, so
+/// its cost follows the change, not the cluster.
+///
+/// `None` when only a full build can decide: a frontend or node port another Service holds,
+/// conflicts from the last full build, other node IPs or configuration, or no free slot block.
+pub fn build_partial(
+    applied: &Ruleset,
+    old: &ClusterState,
+    new: &ClusterState,
+    node_ips: &[IpAddr],
+    cfg: &BuildConfig,
+) -> Option<Partial> {
+    let fam = cfg.family;
+    let book = &applied.book;
+    if book.conflicts > 0 || applied.family != fam || book.fingerprint != fingerprint(node_ips, cfg) {
+        return None;
+    }
+    let old_ports: Vec<&ServicePort> = old.services.values().filter(|sp| sp.family() == fam).collect();
+    let new_ports: Vec<&ServicePort> = new.services.values().filter(|sp| sp.family() == fam).collect();
+    let leaving: BTreeSet<&ServicePortName> = old_ports.iter().map(|sp| &sp.name).collect();
+
+    // Frontends: a new port may only take what is free or held by a port that is changing.
+    let mut claimed = BTreeSet::new();
+    let mut claimed_np = BTreeSet::new();
+    for sp in &new_ports {
+        for k in frontends_of(sp) {
+            if book.frontends.get(&k).is_some_and(|o| !leaving.contains(o)) || !claimed.insert(k) {
+                return None;
+            }
+        }
+        if sp.node_port != 0 {
+            let k = (sp.name.protocol, sp.node_port);
+            if book.node_ports.get(&k).is_some_and(|o| !leaving.contains(o)) || !claimed_np.insert(k) {
+                return None;
             }
         }
     }
-    for ip in hairpin {
-        rs.add_element(HAIRPIN_SET, Element::key(vec![Value::Addr(ip), Value::Addr(ip)]));
+
+    // Slot blocks: changing ports keep theirs, new ones take the lowest free blocks.
+    let mut used: BTreeSet<u32> = applied.slots.values().chain(applied.local_slots.values()).copied().collect();
+    for sp in &old_ports {
+        for b in [applied.slots.get(&sp.name), applied.local_slots.get(&sp.name)].into_iter().flatten() {
+            used.remove(b);
+        }
     }
-    rs.slots = blocks.cluster;
-    rs.local_slots = blocks.local;
-    Built { ruleset: rs, skipped, no_local_endpoints: no_local }
+    let mut next = 0u32;
+    let mut take = |kept: Option<u32>, used: &mut BTreeSet<u32>| -> Option<u32> {
+        let b = match kept {
+            Some(b) if !used.contains(&b) => b,
+            _ => {
+                while used.contains(&next) {
+                    next += 1;
+                }
+                next
+            }
+        };
+        if b >= MAX_SERVICE_PORTS {
+            return None;
+        }
+        used.insert(b);
+        Some(b)
+    };
+    let mut new_blocks = Vec::with_capacity(new_ports.len());
+    for sp in &new_ports {
+        let (mut c, mut l) = (None, None);
+        if sp.session_affinity_timeout.is_none() {
+            if sp.uses_cluster_endpoints() {
+                c = Some(take(applied.slots.get(&sp.name).copied(), &mut used)?);
+            }
+            if sp.uses_local_endpoints() {
+                l = Some(take(applied.local_slots.get(&sp.name).copied(), &mut used)?);
+            }
+        }
+        new_blocks.push((c, l));
+    }
+
+    // Both fragments declare the shared sets, so the diff neither creates nor deletes them, except
+    // an endpoint map that gains its first block or loses its last one.
+    let shards: BTreeSet<u32> = used.iter().map(|b| b / ENDPOINT_MAP_SHARD).collect();
+    let mut old_frag = Ruleset::new(fam);
+    let mut new_frag = Ruleset::new(fam);
+    // (Every set but the per-endpoint affinity sets is shared.)
+    for name in &applied.set_order {
+        let def = &applied.sets[name];
+        if matches!(def.set_type, SetType::Affinity { .. }) {
+            continue;
+        }
+        old_frag.add_set(def.clone());
+        let empty_shard = matches!(def.set_type, SetType::EndpointSlots { .. })
+            && !shards.iter().any(|s| service_endpoints_map(*s) == *name);
+        if !empty_shard {
+            new_frag.add_set(def.clone());
+        }
+    }
+    for s in &shards {
+        let name = service_endpoints_map(*s);
+        if !applied.sets.contains_key(&name) {
+            new_frag.add_set(SetDef { name, set_type: SetType::EndpointSlots { family: fam }, interval: true });
+        }
+    }
+
+    let ctx = PortCtx { cfg, detector: cfg.detector() };
+    let eps_of = |st: &'_ ClusterState, spn: &ServicePortName| -> Vec<Endpoint> {
+        st.endpoints.get(spn).cloned().unwrap_or_default()
+    };
+    let mut old_recs = Vec::with_capacity(old_ports.len());
+    for sp in &old_ports {
+        let (c, l) = (applied.slots.get(&sp.name).copied(), applied.local_slots.get(&sp.name).copied());
+        let out = ctx.emit_port(&mut old_frag, &sp.name, sp, &eps_of(old, &sp.name), c, l);
+        old_recs.push(PortRecord { spn: sp.name.clone(), sp: (*sp).clone(), out, cluster_block: c, local_block: l });
+    }
+    let mut new_recs = Vec::with_capacity(new_ports.len());
+    for (sp, (c, l)) in new_ports.iter().zip(new_blocks) {
+        let out = ctx.emit_port(&mut new_frag, &sp.name, sp, &eps_of(new, &sp.name), c, l);
+        new_recs.push(PortRecord { spn: sp.name.clone(), sp: (*sp).clone(), out, cluster_block: c, local_block: l });
+    }
+
+    // Shared elements appear or go with their first or last user.
+    let mut delta: BTreeMap<(bool, IpAddr), i64> = BTreeMap::new();
+    for (recs, d) in [(&old_recs, -1i64), (&new_recs, 1)] {
+        for r in recs.iter() {
+            *delta.entry((false, r.out.cluster_ip)).or_default() += d;
+            for ip in &r.out.hairpin {
+                *delta.entry((true, *ip)).or_default() += d;
+            }
+        }
+    }
+    for ((is_hairpin, ip), d) in delta {
+        let (counts, set, elem) = if is_hairpin {
+            (&book.hairpin, HAIRPIN_SET, hairpin_element(ip))
+        } else {
+            (&book.cluster_ips, CLUSTER_IPS_SET, cluster_ip_element(ip))
+        };
+        let before = i64::from(counts.get(&ip).copied().unwrap_or(0));
+        match (before > 0, before + d > 0) {
+            (true, false) => old_frag.add_element(set, elem),
+            (false, true) => new_frag.add_element(set, elem),
+            _ => {}
+        }
+    }
+    let tx = crate::transaction::diff(Some(&old_frag), &new_frag);
+    Some(Partial { tx, old: old_recs, new: new_recs })
+}
+
+impl Ruleset {
+    /// Records a partial build whose transaction the kernel accepted: the ruleset then equals
+    /// what a full build of the new state gives (up to creation order).
+    pub fn commit_partial(&mut self, p: &Partial) {
+        self.apply_ops(&p.tx);
+        let book = &mut self.book;
+        for r in &p.old {
+            for k in frontends_of(&r.sp) {
+                if book.frontends.get(&k) == Some(&r.spn) {
+                    book.frontends.remove(&k);
+                }
+            }
+            let np = (r.spn.protocol, r.sp.node_port);
+            if r.sp.node_port != 0 && book.node_ports.get(&np) == Some(&r.spn) {
+                book.node_ports.remove(&np);
+            }
+            self.slots.remove(&r.spn);
+            self.local_slots.remove(&r.spn);
+            book.remove_port(&r.spn, &r.out);
+        }
+        for r in &p.new {
+            for k in frontends_of(&r.sp) {
+                book.frontends.insert(k, r.spn.clone());
+            }
+            if r.sp.node_port != 0 {
+                book.node_ports.insert((r.spn.protocol, r.sp.node_port), r.spn.clone());
+            }
+            if let Some(b) = r.cluster_block {
+                self.slots.insert(r.spn.clone(), b);
+            }
+            if let Some(b) = r.local_block {
+                self.local_slots.insert(r.spn.clone(), b);
+            }
+            book.add_port(&r.spn, &r.out);
+        }
+    }
 }
 
 #[cfg(test)]

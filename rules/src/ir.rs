@@ -554,6 +554,8 @@ pub struct Ruleset {
     pub slots: BTreeMap<ServicePortName, u32>,
     /// Slot block of the local endpoints of every service port with a Local traffic policy.
     pub local_slots: BTreeMap<ServicePortName, u32>,
+    /// What partial builds need to know (see `build::build_partial`).
+    pub book: crate::build::Book,
 }
 
 impl Ruleset {
@@ -567,6 +569,7 @@ impl Ruleset {
             chain_order: Vec::new(),
             slots: BTreeMap::new(),
             local_slots: BTreeMap::new(),
+            book: Default::default(),
         }
     }
     pub fn add_set(&mut self, def: SetDef) {
@@ -584,6 +587,59 @@ impl Ruleset {
     pub fn add_rule(&mut self, chain: &str, exprs: Vec<Expr>) {
         self.chains.get_mut(chain).unwrap_or_else(|| panic!("chain {chain} not declared")).rules.push(Rule::new(exprs));
     }
+    /// Applies a transaction's operations, as the kernel does (the caller applied it there first).
+    /// Objects keep their creation order; new ones go last.
+    pub fn apply_ops(&mut self, tx: &crate::transaction::Transaction) {
+        use crate::transaction::Op;
+        for op in &tx.ops {
+            match op {
+                Op::AddTable => {}
+                Op::DeleteTable => *self = Ruleset::new(self.family),
+                Op::AddSet(def) => {
+                    if !self.sets.contains_key(&def.name) {
+                        self.add_set(def.clone());
+                    }
+                }
+                Op::DeleteSet(name) => {
+                    self.sets.remove(name);
+                    self.elements.remove(name);
+                    self.set_order.retain(|n| n != name);
+                }
+                Op::AddChain { name, base } => {
+                    if !self.chains.contains_key(name) {
+                        self.add_chain(name, *base);
+                    }
+                }
+                Op::FlushChain(name) => {
+                    if let Some(c) = self.chains.get_mut(name) {
+                        c.rules.clear();
+                    }
+                }
+                Op::DeleteChain(name) => {
+                    self.chains.remove(name);
+                    self.chain_order.retain(|n| n != name);
+                }
+                Op::AddRule { chain, rule } => {
+                    if let Some(c) = self.chains.get_mut(chain) {
+                        c.rules.push(rule.clone());
+                    }
+                }
+                Op::AddElements { set, elements } => {
+                    if let Some(s) = self.elements.get_mut(set) {
+                        s.extend(elements.iter().cloned());
+                    }
+                }
+                Op::DeleteElements { set, elements } => {
+                    if let Some(s) = self.elements.get_mut(set) {
+                        for e in elements {
+                            s.remove(e);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     /// Number of set/map elements over all sets.
     pub fn element_count(&self) -> usize {
         self.elements.values().map(|s| s.len()).sum()

@@ -114,3 +114,159 @@ fn fake_refuses_dangling_references_atomically() {
     assert!(k.apply(&bad).is_err());
     assert_eq!(k.dump(Family::V4), before);
 }
+
+/// A small deterministic generator (no dependency needed for this).
+struct Lcg(u64);
+impl Lcg {
+    fn next(&mut self, n: u64) -> u64 {
+        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (self.0 >> 33) % n
+    }
+}
+
+/// A random cluster drawn from a fixed pool of Services: any subset of them, each with random
+/// endpoints (shared pod IPs across Services, so hairpin elements are shared), policies,
+/// affinity, node ports, LB IPs and source ranges, and two-port Services sharing a ClusterIP.
+fn random_state(rng: &mut Lcg) -> ClusterState {
+    let mut s = ClusterState::default();
+    for i in 0..8u16 {
+        if rng.next(4) == 0 {
+            continue;
+        }
+        let name = format!("s{i}");
+        let ports: &[(&str, u16)] = if i % 3 == 0 { &[("http", 80), ("https", 443)] } else { &[("p", 80)] };
+        for (pi, (pname, port)) in ports.iter().enumerate() {
+            let mut sp =
+                ServicePort::cluster_ip("ns", &name, pname, Protocol::Tcp, &format!("172.30.0.{}", i + 1), *port);
+            match rng.next(6) {
+                0 => sp = sp.with_node_port(30000 + i * 10 + pi as u16),
+                1 => {
+                    sp = sp
+                        .with_node_port(30000 + i * 10 + pi as u16)
+                        .with_load_balancer_ip(&format!("5.5.5.{}", i + 1))
+                        .with_external_traffic_policy_local()
+                        .with_health_check_node_port(31000 + i)
+                }
+                2 => sp = sp.with_session_affinity(10 + rng.next(2) as u32),
+                3 => sp = sp.with_internal_traffic_policy_local(),
+                4 => {
+                    sp = sp
+                        .with_load_balancer_ip(&format!("5.5.6.{}", i + 1))
+                        .with_source_range(["1.2.3.0/24", "10.0.0.0/8"][rng.next(2) as usize])
+                }
+                _ => {}
+            }
+            s.add_service(sp.clone());
+            for _ in 0..rng.next(4) {
+                let ip = format!("10.0.0.{}", 1 + rng.next(5));
+                let mut ep = Endpoint::ready(&ip, 8080).on_node(["test-node", "other"][rng.next(2) as usize]);
+                if rng.next(5) == 0 {
+                    ep = ep.serving_terminating();
+                }
+                s.add_endpoint(&sp.name, ep);
+            }
+        }
+    }
+    s
+}
+
+/// The ports and endpoints of `st` that belong to the Services in `keys`.
+fn restrict(st: &ClusterState, keys: &std::collections::BTreeSet<(String, String)>) -> ClusterState {
+    let mut out = ClusterState::default();
+    for (n, sp) in &st.services {
+        if keys.contains(&(n.namespace.clone(), n.name.clone())) {
+            out.add_service(sp.clone());
+            if let Some(eps) = st.endpoints.get(n) {
+                out.endpoints.insert(n.clone(), eps.clone());
+            }
+        }
+    }
+    out
+}
+
+/// The Services (namespace, name) whose ports or endpoints differ between two states.
+fn changed_services(a: &ClusterState, b: &ClusterState) -> std::collections::BTreeSet<(String, String)> {
+    let key = |n: &ServicePortName| (n.namespace.clone(), n.name.clone());
+    let mut out = std::collections::BTreeSet::new();
+    for n in a.services.keys().chain(b.services.keys()) {
+        if a.services.get(n) != b.services.get(n) || a.endpoints.get(n) != b.endpoints.get(n) {
+            out.insert(key(n));
+        }
+    }
+    out
+}
+
+/// A ruleset without its creation order, for comparing a partially updated one with a fresh build.
+fn unordered(r: &rules::ir::Ruleset) -> rules::ir::Ruleset {
+    rules::ir::Ruleset { set_order: Vec::new(), chain_order: Vec::new(), ..r.clone() }
+}
+
+#[test]
+fn partial_builds_reach_the_same_table_as_full_builds() {
+    let mut cfg = BuildConfig::new(Family::V4);
+    cfg.cluster_cidr = Some(Cidr::parse("10.0.0.0/8").unwrap());
+    cfg.node_name = "test-node".into();
+    let node_ips = ["192.168.0.2".parse().unwrap()];
+    let mut rng = Lcg(7);
+    let mut prev = random_state(&mut rng);
+    let mut applied = build(&prev, &node_ips, &cfg, None).ruleset;
+    let mut kernel = FakeKernel::new();
+    kernel.apply(&diff(None, &applied)).unwrap();
+    let mut nonempty = 0;
+    for step in 0..400 {
+        // Mostly small changes (one or two Services), sometimes a big jump.
+        let next = if step % 10 == 9 {
+            random_state(&mut rng)
+        } else {
+            let mut n = prev.clone();
+            let other = random_state(&mut rng);
+            let pick = format!("s{}", rng.next(8));
+            n.services.retain(|k, _| k.name != pick);
+            n.endpoints.retain(|k, _| k.name != pick);
+            for (k, sp) in other.services.iter().filter(|(k, _)| k.name == pick) {
+                n.add_service(sp.clone());
+                if let Some(eps) = other.endpoints.get(k) {
+                    n.endpoints.insert(k.clone(), eps.clone());
+                }
+            }
+            n
+        };
+        let keys = changed_services(&prev, &next);
+        let (old, new) = (restrict(&prev, &keys), restrict(&next, &keys));
+        let p = rules::build::build_partial(&applied, &old, &new, &node_ips, &cfg).expect("no conflicts here");
+        nonempty += usize::from(!p.tx.is_empty());
+        kernel.apply(&p.tx).unwrap_or_else(|e| panic!("step {step}: kernel refused {e:?}\n{}", p.tx));
+        applied.commit_partial(&p);
+
+        let full = build(&next, &node_ips, &cfg, Some(&applied)).ruleset;
+        assert_eq!(unordered(&applied), unordered(&full), "step {step}: partial != full\n{}", p.tx);
+        assert!(diff(Some(&applied), &full).is_empty(), "step {step}");
+        let mut fresh = FakeKernel::new();
+        fresh.apply(&diff(None, &full)).unwrap();
+        assert_eq!(kernel.dump(Family::V4), fresh.dump(Family::V4), "step {step}\n{}", p.tx);
+        if keys.is_empty() {
+            assert!(p.tx.is_empty(), "step {step}: no change must give no transaction");
+        }
+        prev = next;
+    }
+    assert!(nonempty > 300, "the generator must change something most of the time: {nonempty}");
+}
+
+#[test]
+fn partial_build_refuses_what_only_a_full_build_can_decide() {
+    let cfg = BuildConfig::new(Family::V4);
+    let a = svc("a", "172.30.0.1", 80);
+    let mut st = ClusterState::default();
+    st.add_service(a.clone());
+    let applied = build(&st, &[], &cfg, None).ruleset;
+    // Another Service taking a's ClusterIP and port: who wins depends on both.
+    let mut new = ClusterState::default();
+    new.add_service(svc("b", "172.30.0.1", 80));
+    assert!(rules::build::build_partial(&applied, &ClusterState::default(), &new, &[], &cfg).is_none());
+    // The same change of a alone is fine, and other node IPs are not.
+    let mut a2 = ClusterState::default();
+    a2.add_service(a.clone()).add_endpoint(&a.name, Endpoint::ready("10.0.0.1", 80));
+    assert!(rules::build::build_partial(&applied, &st, &a2, &[], &cfg).is_some());
+    let ip = ["192.168.0.9".parse().unwrap()];
+    assert!(rules::build::build_partial(&applied, &st, &a2, &ip, &cfg).is_none());
+}
