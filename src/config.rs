@@ -113,7 +113,9 @@ pub struct Flags {
     pub write_config_to: String,
     #[arg(long = "init-only", default_value_t = false, num_args = 0..=1, default_missing_value = "true", hide = true)]
     pub init_only: bool,
-    #[arg(long = "iptables-localhost-nodeports", default_value_t = true, num_args = 0..=1, default_missing_value = "true", hide = true)]
+    /// iptables mode: IPv4 NodePorts also answer on localhost (sets route_localnet=1) when the
+    /// nodeport addresses cover 127.0.0.1.
+    #[arg(long = "iptables-localhost-nodeports", default_value_t = true, num_args = 0..=1, default_missing_value = "true")]
     pub iptables_localhost_nodeports: bool,
     #[arg(long = "detect-local-mode", default_value = "", hide = true)]
     pub detect_local_mode: String,
@@ -230,6 +232,9 @@ pub struct Config {
     pub masquerade_bit: u8,
     pub sync_period: Duration,
     pub min_sync_period: Duration,
+    /// iptables mode: IPv4 NodePorts also answer on 127.0.0.1 when the nodeport addresses cover
+    /// it (`--iptables-localhost-nodeports`, `iptables.localhostNodePorts`; default true).
+    pub localhost_nodeports: bool,
     pub manifests: Option<PathBuf>,
     pub dry_run: bool,
     pub cleanup: bool,
@@ -355,6 +360,7 @@ struct Raw {
     masquerade_bit: i64,
     sync_period: String,
     min_sync_period: String,
+    localhost_nodeports: bool,
     logging_format: String,
     verbosity: u32,
     kubeconfig: String,
@@ -391,7 +397,6 @@ impl Flags {
         note(!self.feature_gates.is_empty(), "--feature-gates");
         note(!self.write_config_to.is_empty(), "--write-config-to");
         note(self.init_only, "--init-only");
-        note(!self.iptables_localhost_nodeports, "--iptables-localhost-nodeports");
         note(self.oom_score_adj != -999, "--oom-score-adj");
         note(self.conntrack_max_per_core != 32768, "--conntrack-max-per-core");
         note(self.conntrack_min != 131072, "--conntrack-min");
@@ -418,6 +423,7 @@ impl Flags {
             masquerade_bit: self.masquerade_bit as i64,
             sync_period: self.sync_period.clone(),
             min_sync_period: self.min_sync_period.clone(),
+            localhost_nodeports: self.iptables_localhost_nodeports,
             logging_format: self.logging_format.clone(),
             verbosity: self.verbosity as u32,
             kubeconfig: self.kubeconfig.clone(),
@@ -483,6 +489,7 @@ impl Flags {
                 .or(ipt.and_then(|i| set(&i.min_sync_period)))
                 .unwrap_or("1s")
                 .to_string(),
+            localhost_nodeports: ipt.and_then(|i| i.localhost_node_ports).unwrap_or(true),
             logging_format: f
                 .logging
                 .as_ref()
@@ -517,11 +524,9 @@ impl Flags {
                 return Err(invalid(raw.name("--proxy-mode", "mode"), other, "must be 'nftables' or 'iptables'"));
             }
         };
-        if mode == ProxyMode::Iptables {
-            return Err(ConfigError::Unsupported(
-                "proxy mode iptables is not implemented yet; use nftables (the default)".into(),
-            ));
-        }
+        // Error messages name the setting as the user wrote it: the flag, or the field of the
+        // section of the mode in use.
+        let section = |ipt: &'static str, nft: &'static str| if mode == ProxyMode::Iptables { ipt } else { nft };
         let hostname = if raw.hostname.trim().is_empty() {
             std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_lowercase()).unwrap_or_default()
         } else {
@@ -573,9 +578,10 @@ impl Flags {
         };
         let np_name = raw.name("--nodeport-addresses", "nodePortAddresses");
         let np: Vec<String> = raw.nodeport.iter().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
-        let nodeport = if np.is_empty() || np == ["primary"] {
+        // Unset means `primary` in nftables mode and every address in iptables mode, as upstream.
+        let nodeport = if (np.is_empty() && mode == ProxyMode::Nftables) || np == ["primary"] {
             NodePortSpec::Primary
-        } else if np == ["all"] {
+        } else if np.is_empty() || np == ["all"] {
             NodePortSpec::Cidrs(vec![])
         } else {
             let mut cidrs = Vec::new();
@@ -591,16 +597,18 @@ impl Flags {
             }
             NodePortSpec::Cidrs(cidrs)
         };
-        let bit_name = raw.name("--iptables-masquerade-bit", "nftables.masqueradeBit");
+        let bit_name =
+            raw.name("--iptables-masquerade-bit", section("iptables.masqueradeBit", "nftables.masqueradeBit"));
         if !(0..=31).contains(&raw.masquerade_bit) {
             return Err(invalid(bit_name, &raw.masquerade_bit.to_string(), "must be 0-31"));
         }
-        let sp_name = raw.name("--iptables-sync-period", "nftables.syncPeriod");
+        let sp_name = raw.name("--iptables-sync-period", section("iptables.syncPeriod", "nftables.syncPeriod"));
         let sync_period = parse_duration(&raw.sync_period).map_err(|e| invalid(sp_name, &raw.sync_period, e))?;
         if sync_period.is_zero() {
             return Err(invalid(sp_name, &raw.sync_period, "must be greater than 0"));
         }
-        let msp_name = raw.name("--iptables-min-sync-period", "nftables.minSyncPeriod");
+        let msp_name =
+            raw.name("--iptables-min-sync-period", section("iptables.minSyncPeriod", "nftables.minSyncPeriod"));
         let min_sync_period =
             parse_duration(&raw.min_sync_period).map_err(|e| invalid(msp_name, &raw.min_sync_period, e))?;
         let json_logs = match raw.logging_format.as_str() {
@@ -636,6 +644,7 @@ impl Flags {
             masquerade_bit: raw.masquerade_bit as u8,
             sync_period,
             min_sync_period,
+            localhost_nodeports: raw.localhost_nodeports,
             manifests: self.manifests,
             dry_run: self.dry_run,
             cleanup: self.cleanup,

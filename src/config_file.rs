@@ -204,7 +204,6 @@ impl KubeProxyConfiguration {
             note(set(&c.udp_stream_timeout).is_some(), "conntrack.udpStreamTimeout");
         }
         if let Some(i) = &self.iptables {
-            note(i.localhost_node_ports == Some(false), "iptables.localhostNodePorts");
             note(i.snat_node_internal_ip == Some(true), "iptables.snatNodeInternalIP");
         }
         out

@@ -20,6 +20,7 @@ use crate::metrics::Metrics;
 use crate::model::ChangeTracker;
 use crate::source::files::{load_dir, DirWatcher};
 use crate::sync::{families, log_report, Engine, Event, FaultHook, Inputs, Pacer, Proxier, UdpCleanups};
+use crate::sync_iptables::IptablesProxier;
 
 impl crate::sync::Backend for NftablesBackend {
     fn apply(
@@ -60,7 +61,11 @@ pub fn dry_run(cfg: &Config) -> String {
     // machine's interfaces, so the output is the same wherever it is printed.
     let local_ips = node.addresses.clone();
     let state = |f: Family| tracker.cluster_state(f);
-    let inputs = Inputs { state: &state, node: &node, local_ips: &local_ips };
+    let inputs = Inputs {
+        state: &state,
+        node: &node,
+        local_ips: &local_ips,
+    };
     let mut out = String::new();
     for family in families(cfg, &inputs) {
         let built = crate::sync::desired(cfg, family, &inputs, None);
@@ -72,14 +77,25 @@ pub fn dry_run(cfg: &Config) -> String {
     out
 }
 
-/// `--cleanup`: delete the `kube-proxy` table of both families.
-pub fn cleanup() -> Result<(), crate::backend::nftables::NftError> {
+/// `--cleanup`: delete the `kube-proxy` table of both families, and iptables mode's chains and
+/// jump rules (ours and upstream's).
+pub fn cleanup() -> Result<(), CleanupError> {
     let mut b = NftablesBackend::new()?;
     for f in [Family::V4, Family::V6] {
         b.apply(&rules::transaction::cleanup(f))?;
         info!(family = f.label(), "deleted table {} {}", f.nft(), rules::ir::TABLE);
     }
+    crate::backend::iptables::remove_leftovers()?;
     Ok(())
+}
+
+/// `--cleanup` failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CleanupError {
+    #[error("deleting the nftables tables: {0}")]
+    Nftables(#[from] crate::backend::nftables::NftError),
+    #[error("deleting the iptables-mode chains: {0}")]
+    Iptables(#[from] crate::backend::iptables::IptError),
 }
 
 /// The files source: poll the directory, reload everything on change.
@@ -143,7 +159,10 @@ fn clean_conntrack(cleaner: &mut Option<ConntrackCleaner>, udp: &mut UdpCleanups
                 }
             }
             Err(e) => {
-                warn!(family = family.label(), "cleaning stale UDP conntrack entries failed (tried again later): {e}");
+                warn!(
+                    family = family.label(),
+                    "cleaning stale UDP conntrack entries failed (tried again later): {e}"
+                );
                 udp.failed(family);
                 // The socket may be out of step with the kernel: open a fresh one next time.
                 *cleaner = None;
@@ -176,8 +195,15 @@ fn merge_health_checks(
 /// Runs until SIGTERM/SIGINT: watch the source, sync on change, resync periodically.
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let mut proxier: Box<dyn Engine> = match cfg.mode {
-        ProxyMode::Nftables => Box::new(Proxier::new(cfg.clone(), FaultHook::from_env(NftablesBackend::new()?))),
-        ProxyMode::Iptables => anyhow::bail!("proxy mode iptables: the daemon is not wired yet"),
+        ProxyMode::Nftables => {
+            // Leftovers of iptables mode (ours or upstream's) would still catch Service traffic.
+            let _ = crate::backend::iptables::remove_leftovers();
+            Box::new(Proxier::new(cfg.clone(), FaultHook::from_env(NftablesBackend::new()?)))
+        }
+        ProxyMode::Iptables => {
+            crate::backend::iptables::remove_nftables_tables()?;
+            Box::new(IptablesProxier::new(cfg.clone())?)
+        }
     };
     // Stale UDP flows are deleted over ctnetlink after each sync; opened lazily (see
     // `clean_conntrack`), so a kernel without conntrack netlink does not stop the proxy.
@@ -198,8 +224,16 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 Some(obs.metrics.clone()),
             )
             .await?;
-            info!("watching the Kubernetes API for Services, EndpointSlices, ServiceCIDRs and node {}", cfg.hostname);
-            tokio::spawn(crate::source::kube::run(client, cfg.hostname.clone(), tracker.clone(), tx));
+            info!(
+                "watching the Kubernetes API for Services, EndpointSlices, ServiceCIDRs and node {}",
+                cfg.hostname
+            );
+            tokio::spawn(crate::source::kube::run(
+                client,
+                cfg.hostname.clone(),
+                tracker.clone(),
+                tx,
+            ));
         }
     }
 
@@ -211,7 +245,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     obs.loop_started();
     loop {
         let now = Instant::now();
-        let deadline = if pending { pacer.earliest(now) } else { pacer.next_periodic };
+        let deadline = if pending {
+            pacer.earliest(now)
+        } else {
+            pacer.next_periodic
+        };
         tokio::select! {
             ev = rx.recv() => {
                 match ev {

@@ -10,3 +10,4 @@ pub mod metrics;
 pub mod model;
 pub mod source;
 pub mod sync;
+pub mod sync_iptables;

@@ -135,8 +135,19 @@ struct Upstream {
     healthz_total: IntCounterVec,
     livez_total: IntCounterVec,
     no_local_endpoints_total: IntGaugeVec,
-    nftables_sync_failures_total: IntCounter,
-    nftables_cleanup_failures_total: IntCounter,
+    /// nftables mode only, as upstream registers them.
+    nftables_sync_failures_total: Option<IntCounter>,
+    nftables_cleanup_failures_total: Option<IntCounter>,
+    /// iptables mode only, as upstream registers them.
+    iptables: Option<UpstreamIptables>,
+}
+
+/// upstream's iptables-mode metrics (`IPTablesRestoreFailuresTotal`, ...).
+struct UpstreamIptables {
+    restore_failures_total: IntCounterVec,
+    partial_restore_failures_total: IntCounterVec,
+    rules_total: IntGaugeVec,
+    rules_last: IntGaugeVec,
 }
 
 /// kproxy's own metrics.
@@ -185,6 +196,8 @@ pub struct Metrics {
     history: Mutex<VecDeque<SyncRecord>>,
     /// Family syncs so far (the sum of `kproxy_syncs_total`, kept apart for `/debug/syncs`).
     family_syncs: AtomicU64,
+    /// Failed family syncs so far (in either mode).
+    family_failures: AtomicU64,
     /// Ruleset counts of the last successful sync of each family (for `/debug/syncs`).
     counts: Mutex<[Option<RulesetCounts>; 2]>,
     /// The runtime whose tasks `kproxy_runtime_alive_tasks` counts (the sync loop's).
@@ -263,8 +276,38 @@ fn kind_label(full: bool) -> &'static str {
     }
 }
 
+/// The iptables-mode metrics, with upstream's names, help texts and labels.
+fn upstream_iptables(r: &Registry) -> Result<UpstreamIptables, MetricsError> {
+    Ok(UpstreamIptables {
+        restore_failures_total: counter_vec(
+            r,
+            &up("sync_proxy_rules_iptables_restore_failures_total"),
+            alpha("Cumulative proxy iptables restore failures"),
+            &["ip_family"],
+        )?,
+        partial_restore_failures_total: counter_vec(
+            r,
+            &up("sync_proxy_rules_iptables_partial_restore_failures_total"),
+            alpha("Cumulative proxy iptables partial restore failures"),
+            &["ip_family"],
+        )?,
+        rules_total: int_gauge_vec(
+            r,
+            &up("sync_proxy_rules_iptables_total"),
+            alpha("Total number of iptables rules owned by kube-proxy"),
+            &["table", "ip_family"],
+        )?,
+        rules_last: int_gauge_vec(
+            r,
+            &up("sync_proxy_rules_iptables_last"),
+            alpha("Number of iptables rules written by kube-proxy in last sync"),
+            &["table", "ip_family"],
+        )?,
+    })
+}
+
 impl Metrics {
-    /// Every metric of the nftables mode, registered with no observations. The families' children
+    /// Every metric of the proxy mode (`nftables` or `iptables`), registered with no observations. The families' children
     /// of the sync and network-programming histograms exist from the start (IPv4 here, IPv6 once
     /// it is synced), so that dashboards keyed on them (the kubernetes-mixin `instance` variable
     /// reads `kubeproxy_network_programming_duration_seconds_bucket`) see the node at once.
@@ -350,16 +393,25 @@ impl Metrics {
                 alpha("Number of services with a Local traffic policy and no endpoints"),
                 &["traffic_policy", "ip_family"],
             )?,
-            nftables_sync_failures_total: counter(
-                &r,
-                &up("sync_proxy_rules_nftables_sync_failures_total"),
-                alpha("Cumulative proxy nftables sync failures"),
-            )?,
-            nftables_cleanup_failures_total: counter(
-                &r,
-                &up("sync_proxy_rules_nftables_cleanup_failures_total"),
-                alpha("Cumulative proxy nftables cleanup failures"),
-            )?,
+            nftables_sync_failures_total: (mode != "iptables")
+                .then(|| {
+                    counter(
+                        &r,
+                        &up("sync_proxy_rules_nftables_sync_failures_total"),
+                        alpha("Cumulative proxy nftables sync failures"),
+                    )
+                })
+                .transpose()?,
+            nftables_cleanup_failures_total: (mode != "iptables")
+                .then(|| {
+                    counter(
+                        &r,
+                        &up("sync_proxy_rules_nftables_cleanup_failures_total"),
+                        alpha("Cumulative proxy nftables cleanup failures"),
+                    )
+                })
+                .transpose()?,
+            iptables: (mode == "iptables").then(|| upstream_iptables(&r)).transpose()?,
         };
         let own = Own {
             sync_phase_duration: hist(
@@ -501,6 +553,7 @@ impl Metrics {
             process,
             history: Mutex::new(VecDeque::with_capacity(HISTORY_LEN)),
             family_syncs: AtomicU64::new(0),
+            family_failures: AtomicU64::new(0),
             counts: Mutex::new([None, None]),
             runtime: Mutex::new(None),
         };
@@ -532,6 +585,14 @@ impl Metrics {
             self.up.no_local_endpoints_total.with_label_values(&[tp, l]);
         }
         self.own.conntrack_udp_deleted_total.with_label_values(&[l]);
+        if let Some(i) = &self.up.iptables {
+            i.restore_failures_total.with_label_values(&[l]);
+            i.partial_restore_failures_total.with_label_values(&[l]);
+            for t in ["filter", "nat"] {
+                i.rules_total.with_label_values(&[t, l]);
+                i.rules_last.with_label_values(&[t, l]);
+            }
+        }
     }
 
     /// A sync was requested for these families (a change arrived): `last_queued_timestamp`.
@@ -606,8 +667,26 @@ impl Metrics {
         let result = if f.error.is_none() { "success" } else { "failure" };
         self.own.syncs_total.with_label_values(&[l, kind_label(f.full), result]).inc();
         self.family_syncs.fetch_add(1, Ordering::Relaxed);
+        if let (Some(i), Some(r)) = (&self.up.iptables, &f.iptables) {
+            // As upstream, the rule counts are set whether or not the restore then succeeds.
+            for (t, n) in &r.rules_total {
+                i.rules_total.with_label_values(&[t, l]).set(*n as i64);
+            }
+            for (t, n) in &r.rules_last {
+                i.rules_last.with_label_values(&[t, l]).set(*n as i64);
+            }
+        }
         if f.error.is_some() {
-            self.up.nftables_sync_failures_total.inc();
+            self.family_failures.fetch_add(1, Ordering::Relaxed);
+            if let Some(c) = &self.up.nftables_sync_failures_total {
+                c.inc();
+            }
+            if let Some(i) = &self.up.iptables {
+                i.restore_failures_total.with_label_values(&[l]).inc();
+                if f.iptables.as_ref().is_some_and(|r| r.partial) {
+                    i.partial_restore_failures_total.with_label_values(&[l]).inc();
+                }
+            }
             return;
         }
         self.up.last_timestamp.with_label_values(&[l]).set(unix_secs(now));
@@ -647,7 +726,9 @@ impl Metrics {
 
     /// Deleting stale chains or sets failed (`nftables_cleanup_failures_total`).
     pub fn cleanup_failed(&self) {
-        self.up.nftables_cleanup_failures_total.inc();
+        if let Some(c) = &self.up.nftables_cleanup_failures_total {
+            c.inc();
+        }
     }
 
     /// Stale UDP conntrack entries were deleted.
@@ -703,7 +784,7 @@ impl Metrics {
 
     /// Family syncs and failed family syncs so far (beyond the history window).
     pub fn sync_totals(&self) -> (u64, u64) {
-        (self.family_syncs.load(Ordering::Relaxed), self.up.nftables_sync_failures_total.get())
+        (self.family_syncs.load(Ordering::Relaxed), self.family_failures.load(Ordering::Relaxed))
     }
 
     /// Resident memory right now, in bytes (0 when /proc cannot be read).
@@ -965,6 +1046,67 @@ mod tests {
         assert_eq!(h[0].messages, 5);
         assert_eq!(m.sync_totals(), (2, 1));
         assert_eq!(m.ruleset_counts().elements, 7);
+    }
+
+    /// upstream registers the iptables restore metrics only in iptables mode and the nftables
+    /// ones only in nftables mode; both modes export the full/partial sync histograms.
+    #[test]
+    fn each_mode_exports_its_own_upstream_metrics() {
+        let ipt_names = [
+            ("kubeproxy_sync_proxy_rules_iptables_restore_failures_total", "counter"),
+            ("kubeproxy_sync_proxy_rules_iptables_partial_restore_failures_total", "counter"),
+            ("kubeproxy_sync_proxy_rules_iptables_total", "gauge"),
+            ("kubeproxy_sync_proxy_rules_iptables_last", "gauge"),
+        ];
+        let nft_names = [
+            ("kubeproxy_sync_proxy_rules_nftables_sync_failures_total", "counter"),
+            ("kubeproxy_sync_proxy_rules_nftables_cleanup_failures_total", "counter"),
+        ];
+        let both = [
+            ("kubeproxy_sync_full_proxy_rules_duration_seconds", "histogram"),
+            ("kubeproxy_sync_partial_proxy_rules_duration_seconds", "histogram"),
+        ];
+        let m = Metrics::new("iptables").unwrap();
+        assert_eq!(m.mode(), "iptables");
+        let t = m.encode().unwrap();
+        for (name, ty) in ipt_names.iter().chain(&both) {
+            assert!(t.contains(&format!("# TYPE {name} {ty}\n")), "iptables mode: {name} {ty} missing:\n{t}");
+        }
+        for (name, _) in nft_names {
+            assert!(!t.contains(name), "iptables mode exports {name}");
+        }
+        assert!(t.contains("kubeproxy_sync_proxy_rules_iptables_restore_failures_total{ip_family=\"IPv4\"} 0\n"));
+        assert!(t.contains("kubeproxy_sync_proxy_rules_iptables_total{ip_family=\"IPv4\",table=\"nat\"} 0\n"));
+        let t = Metrics::new("nftables").unwrap().encode().unwrap();
+        for (name, ty) in nft_names.iter().chain(&both) {
+            assert!(t.contains(&format!("# TYPE {name} {ty}\n")), "nftables mode: {name} {ty} missing");
+        }
+        for (name, _) in ipt_names {
+            assert!(!t.contains(name), "nftables mode exports {name}");
+        }
+
+        // A partial restore that fails counts in both failure counters; the rule counts are set.
+        let mut r = report(false, Some("iptables-restore: line 3 failed"));
+        r.families[0].iptables = Some(crate::sync::IptablesReport {
+            partial: true,
+            rules_total: vec![("filter", 7), ("nat", 40)],
+            rules_last: vec![("filter", 7), ("nat", 12)],
+        });
+        m.observe_sync(&r, Duration::from_millis(3), &[], SystemTime::now());
+        let mut r = report(true, Some("iptables-restore: line 9 failed"));
+        r.families[0].iptables = Some(crate::sync::IptablesReport { partial: false, ..Default::default() });
+        m.observe_sync(&r, Duration::from_millis(3), &[], SystemTime::now());
+        let t = m.encode().unwrap();
+        assert!(
+            t.contains("kubeproxy_sync_proxy_rules_iptables_restore_failures_total{ip_family=\"IPv4\"} 2\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains("kubeproxy_sync_proxy_rules_iptables_partial_restore_failures_total{ip_family=\"IPv4\"} 1\n")
+        );
+        assert!(t.contains("kubeproxy_sync_proxy_rules_iptables_total{ip_family=\"IPv4\",table=\"nat\"} 40\n"));
+        assert!(t.contains("kubeproxy_sync_proxy_rules_iptables_last{ip_family=\"IPv4\",table=\"nat\"} 12\n"));
+        assert_eq!(m.sync_totals(), (2, 2));
     }
 
     #[test]

@@ -1,0 +1,382 @@
+//! The iptables-mode engine: the same sync loop as nftables mode ([`crate::sync::Engine`]), with
+//! `rules::iptables` building upstream's iptables-mode layout and `iptables-restore --noflush`
+//! applying it.
+//!
+//! Per family: a partial restore (the fixed chains and the service chains that changed since the
+//! last successful restore) while the kernel is known to hold what we last wrote; a full one
+//! (every chain, the jump rules ensured, stale service chains deleted) at start, after a failed
+//! restore, when a canary chain went missing (someone flushed the tables), and at least once an
+//! hour (upstream's FullSyncPeriod). iptables-restore commits each table atomically.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use rules::iptables::IptRuleset;
+use rules::model::{ClusterState, Family, NodePortAddresses};
+use rules::transaction::TxStats;
+use tracing::{debug, info, warn};
+
+use crate::backend::iptables::{
+    detect_flavour, ensure_route_localnet, is_own_chain, Binaries, Flavour, IptError, SavedTable, CANARY_CHAIN,
+    CANARY_TABLES,
+};
+use crate::backend::nftables::ApplyStats;
+use crate::config::{Config, NodePortSpec};
+use crate::metrics::RulesetCounts;
+use crate::sync::{families, Engine, FamilyReport, Inputs, IptablesReport, SyncError, SyncReport, UdpCleanups};
+
+/// A full restore at least this often, as upstream (`proxyutil.FullSyncPeriod`).
+pub const FULL_SYNC_PERIOD: Duration = Duration::from_secs(3600);
+
+/// What the engine knows about one family.
+struct FamilyState {
+    bins: Binaries,
+    /// What the kernel holds from our last successful restore; `None` = unknown (next is full).
+    applied: Option<IptRuleset>,
+    last_full: Option<Instant>,
+}
+
+/// The iptables-mode [`Engine`].
+pub struct IptablesProxier {
+    cfg: Config,
+    flavour: Flavour,
+    families: BTreeMap<Family, FamilyState>,
+    udp: UdpCleanups,
+    /// Whether IPv4 NodePorts answer on 127.0.0.1 (upstream `localhostNodePorts` and the
+    /// nodeport addresses cover IPv4 loopback); `route_localnet` was set at start.
+    localhost_nodeports: bool,
+}
+
+/// Whether `--nodeport-addresses` covers 127.0.0.1 (upstream `ContainsIPv4Loopback`): every
+/// address (no IPv4 CIDR given, or a /0), or a CIDR that contains it.
+pub fn nodeports_cover_ipv4_loopback(spec: &NodePortSpec) -> bool {
+    match spec {
+        NodePortSpec::Primary => false,
+        NodePortSpec::Cidrs(cidrs) => {
+            let v4: Vec<_> = cidrs.iter().filter(|c| c.family() == Family::V4).collect();
+            let lo: IpAddr = "127.0.0.1".parse().expect("literal");
+            v4.is_empty() || v4.iter().any(|c| c.len == 0 || c.contains(&lo))
+        }
+    }
+}
+
+impl IptablesProxier {
+    /// Chooses the iptables flavour the node uses (logged), and sets `route_localnet=1` when
+    /// localhost NodePorts are on, as upstream's NewProxier does.
+    pub fn new(cfg: Config) -> Result<Self, IptError> {
+        let (flavour, why) = detect_flavour();
+        info!(flavour = flavour.name(), "iptables mode: using the {} iptables binaries ({why})", flavour.name());
+        Self::with_flavour(cfg, flavour)
+    }
+
+    /// As [`IptablesProxier::new`] with the flavour given.
+    pub fn with_flavour(cfg: Config, flavour: Flavour) -> Result<Self, IptError> {
+        let localhost_nodeports = cfg.localhost_nodeports && nodeports_cover_ipv4_loopback(&cfg.nodeport);
+        if localhost_nodeports {
+            info!(
+                "setting route_localnet=1 to allow node ports on localhost; to change this either disable \
+                 iptables.localhostNodePorts (--iptables-localhost-nodeports) or set nodePortAddresses \
+                 (--nodeport-addresses) to filter loopback addresses"
+            );
+            ensure_route_localnet()?;
+        }
+        Ok(IptablesProxier {
+            cfg,
+            flavour,
+            families: BTreeMap::new(),
+            udp: UdpCleanups::default(),
+            localhost_nodeports,
+        })
+    }
+
+    fn family(&mut self, family: Family) -> Result<&mut FamilyState, String> {
+        if !self.families.contains_key(&family) {
+            let bins = Binaries::find(self.flavour, family).ok_or_else(|| {
+                format!(
+                    "no {} {} binaries (iptables-restore, iptables-save) installed",
+                    family.label(),
+                    self.flavour.name()
+                )
+            })?;
+            self.families.insert(family, FamilyState { bins, applied: None, last_full: None });
+        }
+        Ok(self.families.get_mut(&family).expect("inserted above"))
+    }
+
+    /// The desired ruleset of one family.
+    fn build(&self, family: Family, state: &ClusterState, inputs: &Inputs<'_>) -> rules::iptables::BuiltIpt {
+        let np = self.cfg.nodeport.resolve(family, &inputs.node.primary_ips, inputs.local_ips);
+        let localhost = self.localhost_nodeports && family == Family::V4;
+        let mut node_ips: Vec<IpAddr> = match &np {
+            NodePortAddresses::Ips(ips) => ips.clone(),
+            _ => Vec::new(),
+        };
+        // NodePort CIDRs that cover 127.0.0.1 include it (upstream GetNodeIPs); the resolver
+        // leaves loopback out, as nftables mode never serves it.
+        if localhost {
+            if let (NodePortAddresses::Ips(_), NodePortSpec::Cidrs(cidrs)) = (&np, &self.cfg.nodeport) {
+                for ip in inputs.local_ips.iter().filter(|ip| ip.is_ipv4() && ip.is_loopback()) {
+                    if cidrs.iter().any(|c| c.contains(ip)) && !node_ips.contains(ip) {
+                        node_ips.push(*ip);
+                    }
+                }
+            }
+        }
+        let bc = self.cfg.build_config(family, np, inputs.node);
+        rules::iptables::build(state, &node_ips, &bc, localhost)
+    }
+
+    /// Forces the next sync of every family to be full.
+    pub fn force_full(&mut self) {
+        for f in self.families.values_mut() {
+            f.applied = None;
+        }
+    }
+
+    fn sync_family(&mut self, family: Family, inputs: &Inputs<'_>) -> (FamilyReport, ClusterState, Result<(), String>) {
+        let t0 = Instant::now();
+        let state = (inputs.state)(family);
+        let built = self.build(family, &state, inputs);
+        for s in &built.skipped {
+            warn!(family = family.label(), "skipping {s}");
+        }
+        let t1 = Instant::now();
+        let mut fr = FamilyReport {
+            family,
+            full: true,
+            stats: TxStats::default(),
+            applied: ApplyStats::default(),
+            build: t1 - t0,
+            diff: Duration::ZERO,
+            apply: Duration::ZERO,
+            counts: counts(&state, &built),
+            error: None,
+            iptables: None,
+        };
+        let fs = match self.family(family) {
+            Ok(fs) => fs,
+            Err(e) => return (fr, state, Err(e)),
+        };
+        let canaries = CANARY_TABLES.iter().all(|t| fs.bins.chain_exists(t, CANARY_CHAIN));
+        if !canaries && fs.applied.is_some() {
+            warn!(family = family.label(), "a {CANARY_CHAIN} chain is gone (the tables were flushed?): full resync");
+        }
+        let period_due = fs.last_full.is_none_or(|t| t.elapsed() >= FULL_SYNC_PERIOD);
+        let full = fs.applied.is_none() || !canaries || period_due;
+        fr.full = full;
+        let result = (|| -> Result<String, IptError> {
+            if !full {
+                return Ok(rules::iptables::restore_input(&built.ruleset, fs.applied.as_ref()));
+            }
+            // Full: the chains the jump rules lead to, the jump rules, the canaries; then every
+            // chain, and the stale service chains of earlier runs deleted.
+            for (table, chain, rule) in rules::iptables::jump_rules(family) {
+                let args = rules::iptables::split_args(&rule);
+                if let Some(target) = args.iter().position(|a| a == "-j").and_then(|i| args.get(i + 1)) {
+                    fs.bins.ensure_chain(table, target)?;
+                }
+                if fs.bins.ensure_rule(table, chain, &rule)? {
+                    debug!(family = family.label(), table, chain, "inserted jump rule {rule}");
+                }
+            }
+            for t in CANARY_TABLES {
+                fs.bins.ensure_chain(t, CANARY_CHAIN)?;
+            }
+            let input = rules::iptables::restore_input(&built.ruleset, None);
+            let mut stale: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+            for table in [&built.ruleset.filter, &built.ruleset.nat] {
+                let saved = SavedTable::parse(&fs.bins.save(table.name)?);
+                let want: BTreeSet<&str> = table.chains.iter().map(|c| c.name.as_str()).collect();
+                let s: Vec<String> = saved
+                    .chains
+                    .into_iter()
+                    .filter(|c| !want.contains(c.as_str()) && is_service_chain(table.name, c))
+                    .collect();
+                stale.insert(table.name, s);
+            }
+            Ok(with_stale_chains_deleted(&input, &stale))
+        })();
+        let t2 = Instant::now();
+        fr.diff = t2 - t1;
+        let input = match result {
+            Ok(i) => i,
+            Err(e) => {
+                fs.applied = None;
+                return (fr, state, Err(e.to_string()));
+            }
+        };
+        debug!(family = family.label(), full, "iptables-restore input:\n{input}");
+        let lines = input.lines().count();
+        fr.stats.ops = lines;
+        fr.stats.rules_added = input.lines().filter(|l| l.starts_with("-A ")).count();
+        fr.iptables = Some(IptablesReport {
+            partial: !full,
+            rules_total: [&built.ruleset.filter, &built.ruleset.nat]
+                .iter()
+                .map(|t| (t.name, t.chains.iter().map(|c| c.rules.len()).sum()))
+                .collect(),
+            rules_last: rules_written(&input),
+        });
+        let r = fs.bins.restore(&input);
+        fr.apply = t2.elapsed();
+        match r {
+            Ok(()) => {
+                fr.applied = ApplyStats { messages: lines, bytes: input.len() };
+                fs.applied = Some(built.ruleset);
+                if full {
+                    fs.last_full = Some(t2);
+                }
+                (fr, state, Ok(()))
+            }
+            Err(e) => {
+                // Each table is atomic, but an earlier table of the input may have been
+                // committed: what the kernel holds is unknown, so the next restore is full.
+                fs.applied = None;
+                (fr, state, Err(e.to_string()))
+            }
+        }
+    }
+}
+
+/// Per-service chains (the only ones a full sync deletes when no longer wanted).
+fn is_service_chain(table: &str, chain: &str) -> bool {
+    is_own_chain(table, chain) && rules::iptables::is_service_chain(chain)
+}
+
+/// `input` with `:CHAIN` (flush) and `-X CHAIN` lines for the stale chains of each table, before
+/// that table's COMMIT: every stale chain is flushed before any is deleted, so a stale chain that
+/// jumps to another stale one does not block its deletion.
+pub fn with_stale_chains_deleted(input: &str, stale: &BTreeMap<&str, Vec<String>>) -> String {
+    let mut out = String::with_capacity(input.len() + 64);
+    let mut table: Option<&str> = None;
+    for l in input.lines() {
+        if let Some(t) = l.strip_prefix('*') {
+            table = Some(t.trim());
+        }
+        if l == "COMMIT" {
+            if let Some(chains) = table.and_then(|t| stale.get(t)) {
+                for c in chains {
+                    out.push_str(&format!(":{c} - [0:0]\n"));
+                }
+                for c in chains {
+                    out.push_str(&format!("-X {c}\n"));
+                }
+            }
+        }
+        out.push_str(l);
+        out.push('\n');
+    }
+    out
+}
+
+/// `-A` lines of the restore input, per table.
+fn rules_written(input: &str) -> Vec<(&'static str, usize)> {
+    let mut filter = 0;
+    let mut nat = 0;
+    let mut cur = "";
+    for l in input.lines() {
+        if let Some(t) = l.strip_prefix('*') {
+            cur = if t.trim() == "filter" {
+                "filter"
+            } else if t.trim() == "nat" {
+                "nat"
+            } else {
+                ""
+            };
+        } else if l.starts_with("-A ") {
+            match cur {
+                "filter" => filter += 1,
+                "nat" => nat += 1,
+                _ => {}
+            }
+        }
+    }
+    vec![("filter", filter), ("nat", nat)]
+}
+
+fn counts(state: &ClusterState, built: &rules::iptables::BuiltIpt) -> RulesetCounts {
+    let rs = &built.ruleset;
+    let tables = [&rs.filter, &rs.nat];
+    RulesetCounts {
+        service_ports: state.services.len(),
+        endpoints: state.endpoints.values().map(Vec::len).sum(),
+        chains: tables.iter().map(|t| t.chains.len()).sum(),
+        rules: tables.iter().flat_map(|t| t.chains.iter()).map(|c| c.rules.len()).sum(),
+        sets: 0,
+        elements: 0,
+        no_local_internal: built.no_local_endpoints.internal,
+        no_local_external: built.no_local_endpoints.external,
+    }
+}
+
+impl Engine for IptablesProxier {
+    /// Builds and restores every family; a family whose restore fails keeps its old tables (each
+    /// table is atomic) and is restored in full next time; the other families still sync.
+    fn sync(&mut self, inputs: &Inputs<'_>) -> Result<SyncReport, SyncError> {
+        let mut report = SyncReport::default();
+        let mut first_err: Option<(&'static str, String)> = None;
+        let mut fams = families(&self.cfg, inputs);
+        for f in self.families.keys() {
+            if !fams.contains(f) && self.families[f].applied.is_some() {
+                fams.push(*f);
+            }
+        }
+        for family in fams {
+            let (mut fr, state, r) = self.sync_family(family, inputs);
+            match r {
+                Ok(()) => self.udp.synced(family, &state),
+                Err(e) => {
+                    self.udp.apply_failed(family);
+                    fr.error = Some(e.clone());
+                    first_err.get_or_insert((family.label(), e));
+                }
+            }
+            report.full |= fr.full;
+            report.build += fr.build;
+            report.diff += fr.diff;
+            report.apply += fr.apply;
+            report.families.push(fr);
+        }
+        match first_err {
+            Some((family, e)) => Err(SyncError { family, source: e.into(), report }),
+            None => Ok(report),
+        }
+    }
+    fn force_full(&mut self) {
+        IptablesProxier::force_full(self)
+    }
+    fn udp(&mut self) -> &mut UdpCleanups {
+        &mut self.udp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stale_chains_are_flushed_then_deleted_before_their_tables_commit() {
+        let input =
+            "*filter\n:KUBE-SERVICES - [0:0]\nCOMMIT\n*nat\n:KUBE-SERVICES - [0:0]\n-A KUBE-SERVICES -j X\nCOMMIT\n";
+        let mut stale = BTreeMap::new();
+        stale.insert("nat", vec!["KUBE-SVC-A".to_string(), "KUBE-SEP-B".to_string()]);
+        stale.insert("filter", vec![]);
+        assert_eq!(
+            with_stale_chains_deleted(input, &stale),
+            "*filter\n:KUBE-SERVICES - [0:0]\nCOMMIT\n*nat\n:KUBE-SERVICES - [0:0]\n-A KUBE-SERVICES -j X\n\
+             :KUBE-SVC-A - [0:0]\n:KUBE-SEP-B - [0:0]\n-X KUBE-SVC-A\n-X KUBE-SEP-B\nCOMMIT\n"
+        );
+        assert_eq!(rules_written(input), vec![("filter", 0), ("nat", 1)]);
+    }
+
+    #[test]
+    fn localhost_nodeports_need_loopback_in_the_nodeport_addresses() {
+        let c = |s: &str| rules::model::Cidr::parse(s).unwrap();
+        assert!(nodeports_cover_ipv4_loopback(&NodePortSpec::Cidrs(vec![])));
+        assert!(nodeports_cover_ipv4_loopback(&NodePortSpec::Cidrs(vec![c("fd00::/64")])));
+        assert!(nodeports_cover_ipv4_loopback(&NodePortSpec::Cidrs(vec![c("127.0.0.0/8")])));
+        assert!(!nodeports_cover_ipv4_loopback(&NodePortSpec::Cidrs(vec![c("192.168.0.0/16")])));
+        assert!(!nodeports_cover_ipv4_loopback(&NodePortSpec::Primary));
+    }
+}
