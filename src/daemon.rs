@@ -1,7 +1,6 @@
 //! The running daemon: wires a source to the change tracker and the sync loop, and the one-shot
 //! modes (`--dry-run`, `--cleanup`).
 
-use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -19,8 +18,8 @@ use crate::localaddrs::local_addresses;
 use crate::metrics::Metrics;
 use crate::model::ChangeTracker;
 use crate::source::files::{load_dir, DirWatcher};
-use crate::sync::{families, log_report, Engine, Event, FaultHook, Inputs, Pacer, Proxier, UdpCleanups};
-use crate::sync_iptables::IptablesProxier;
+use crate::sync::{build_inputs, families, log_report, Engine, Event, FaultHook, Inputs, Pacer, Proxier, UdpCleanups};
+use crate::sync_iptables::{CleanupAfterFirstSync, IptablesProxier};
 
 impl crate::sync::Backend for NftablesBackend {
     fn apply(
@@ -60,14 +59,14 @@ pub fn dry_run(cfg: &Config) -> String {
     // Touch nothing: NodePort CIDRs are matched against the Node object's addresses, not this
     // machine's interfaces, so the output is the same wherever it is printed.
     let local_ips = node.addresses.clone();
-    let state = |f: Family| tracker.cluster_state(f);
-    let inputs = Inputs {
-        state: &state,
-        node: &node,
-        local_ips: &local_ips,
-    };
+    let state = |f: Family| tracker.state(f);
+    let inputs = Inputs { state: &state, node: &node, local_ips: &local_ips, changes: None };
     let mut out = String::new();
     for family in families(cfg, &inputs) {
+        if cfg.mode == ProxyMode::Iptables {
+            out.push_str(&dry_run_iptables(cfg, family, &inputs));
+            continue;
+        }
         let built = crate::sync::desired(cfg, family, &inputs, None);
         for s in &built.skipped {
             warn!("skipping {s}");
@@ -75,6 +74,23 @@ pub fn dry_run(cfg: &Config) -> String {
         out.push_str(&rules::diff(None, &built.ruleset).to_string());
     }
     out
+}
+
+/// `--dry-run --proxy-mode iptables`, one family: a comment line naming the tool that takes the
+/// text (`# iptables-restore` for IPv4, `# ip6tables-restore` for IPv6), then the full input of
+/// `iptables-restore --noflush` (`*filter` … `COMMIT`, `*nat` … `COMMIT`). Each family's part is
+/// valid restore input on its own; the jump rules from the built-in chains are not part of it.
+fn dry_run_iptables(cfg: &Config, family: Family, inputs: &Inputs<'_>) -> String {
+    let (node_ips, bc) = build_inputs(cfg, family, inputs);
+    let built = rules::iptables::build((inputs.state)(family), &node_ips, &bc, cfg.localhost_nodeports);
+    for s in &built.skipped {
+        warn!("skipping {s}");
+    }
+    let tool = match family {
+        Family::V4 => "iptables-restore",
+        Family::V6 => "ip6tables-restore",
+    };
+    format!("# {tool}\n{}", rules::iptables::restore_input(&built.ruleset, None))
 }
 
 /// `--cleanup`: delete the `kube-proxy` table of both families, and iptables mode's chains and
@@ -159,10 +175,7 @@ fn clean_conntrack(cleaner: &mut Option<ConntrackCleaner>, udp: &mut UdpCleanups
                 }
             }
             Err(e) => {
-                warn!(
-                    family = family.label(),
-                    "cleaning stale UDP conntrack entries failed (tried again later): {e}"
-                );
+                warn!(family = family.label(), "cleaning stale UDP conntrack entries failed (tried again later): {e}");
                 udp.failed(family);
                 // The socket may be out of step with the kernel: open a fresh one next time.
                 *cleaner = None;
@@ -195,15 +208,15 @@ fn merge_health_checks(
 /// Runs until SIGTERM/SIGINT: watch the source, sync on change, resync periodically.
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let mut proxier: Box<dyn Engine> = match cfg.mode {
-        ProxyMode::Nftables => {
-            // Leftovers of iptables mode (ours or upstream's) would still catch Service traffic.
-            let _ = crate::backend::iptables::remove_leftovers();
-            Box::new(Proxier::new(cfg.clone(), FaultHook::from_env(NftablesBackend::new()?)))
-        }
-        ProxyMode::Iptables => {
-            crate::backend::iptables::remove_nftables_tables()?;
-            Box::new(IptablesProxier::new(cfg.clone())?)
-        }
+        // The other mode's rules (ours or upstream's) go once this mode's are in place.
+        ProxyMode::Nftables => Box::new(CleanupAfterFirstSync::new(
+            Proxier::new(cfg.clone(), FaultHook::from_env(NftablesBackend::new()?)),
+            crate::backend::iptables::remove_leftovers_logged,
+        )),
+        ProxyMode::Iptables => Box::new(CleanupAfterFirstSync::new(
+            IptablesProxier::new(cfg.clone())?,
+            crate::backend::iptables::remove_nftables_tables_logged,
+        )),
     };
     // Stale UDP flows are deleted over ctnetlink after each sync; opened lazily (see
     // `clean_conntrack`), so a kernel without conntrack netlink does not stop the proxy.
@@ -224,16 +237,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 Some(obs.metrics.clone()),
             )
             .await?;
-            info!(
-                "watching the Kubernetes API for Services, EndpointSlices, ServiceCIDRs and node {}",
-                cfg.hostname
-            );
-            tokio::spawn(crate::source::kube::run(
-                client,
-                cfg.hostname.clone(),
-                tracker.clone(),
-                tx,
-            ));
+            info!("watching the Kubernetes API for Services, EndpointSlices, ServiceCIDRs and node {}", cfg.hostname);
+            tokio::spawn(crate::source::kube::run(client, cfg.hostname.clone(), tracker.clone(), tx));
         }
     }
 
@@ -245,11 +250,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     obs.loop_started();
     loop {
         let now = Instant::now();
-        let deadline = if pending {
-            pacer.earliest(now)
-        } else {
-            pacer.next_periodic
-        };
+        let deadline = if pending { pacer.earliest(now) } else { pacer.next_periodic };
         tokio::select! {
             ev = rx.recv() => {
                 match ev {
@@ -271,19 +272,21 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                     }
                     last_node_labels = Some(node.labels.clone());
                     let local_ips = local_addresses();
-                    // Each family's health checks, from the state the sync builds from (the last
-                    // one asked for wins when a family's state is asked for twice).
-                    let checks = RefCell::new(BTreeMap::new());
-                    let state = |f: Family| {
-                        let s = t.cluster_state(f);
-                        checks.borrow_mut().insert(f, rules::health::health_checks(&[&s], &cfg.hostname));
-                        s
-                    };
-                    let result = proxier.sync(&Inputs { state: &state, node: &node, local_ips: &local_ips });
+                    let changes = t.take_changes();
+                    let tr: &ChangeTracker = &t;
+                    let state = |f: Family| tr.state(f);
+                    let result = proxier.sync(&Inputs {
+                        state: &state,
+                        node: &node,
+                        local_ips: &local_ips,
+                        changes: Some(&changes),
+                    });
                     let report = match &result { Ok(r) => r, Err(e) => &e.report };
                     let fams: Vec<Family> = report.families.iter().map(|f| f.family).collect();
                     let addrs = listen_addresses(&cfg, &fams, &node.primary_ips, &local_ips);
-                    let checks = merge_health_checks(checks.into_inner(), &fams);
+                    // Each family's health checks, from the state the sync built from.
+                    let checks = fams.iter().map(|f| (*f, rules::health::health_checks(&[tr.state(*f)], &cfg.hostname)));
+                    let checks = merge_health_checks(checks.collect(), &fams);
                     obs.service_health.update(&checks, &addrs);
                     (result, taken)
                 };

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use rules::conntrack::StaleUdpFlows;
 use rules::ir::Ruleset;
-use rules::model::{ClusterState, Family, NodeInfo};
+use rules::model::{BuildConfig, ClusterState, Family, NodeInfo};
 use rules::transaction::TxStats;
 use rules::Transaction;
 use tracing::{debug, info, warn};
@@ -19,6 +19,7 @@ use tracing::{debug, info, warn};
 use crate::backend::nftables::ApplyStats;
 use crate::config::Config;
 use crate::metrics::RulesetCounts;
+use crate::model::tracker::Changes;
 
 /// Frees a replaced ruleset off the sync path: at 10k services x 10 endpoints dropping it takes
 /// ~90 ms, which would delay the next event for nothing. Small ones are dropped in place.
@@ -153,14 +154,17 @@ pub struct SyncReport {
 
 /// Everything one sync needs from the outside world, gathered by the caller.
 pub struct Inputs<'a> {
-    pub state: &'a dyn Fn(Family) -> ClusterState,
+    /// Each family's whole cluster state (kept up to date by the tracker, not copied).
+    pub state: &'a dyn Fn(Family) -> &'a ClusterState,
     pub node: &'a NodeInfo,
     pub local_ips: &'a [IpAddr],
+    /// What changed since the previous sync, for partial syncs; `None` = unknown, sync in full.
+    pub changes: Option<&'a Changes>,
 }
 
 /// The desired ruleset of one family, and the build warnings.
 pub fn desired(cfg: &Config, family: Family, inputs: &Inputs<'_>, previous: Option<&Ruleset>) -> rules::Built {
-    desired_from(cfg, family, &(inputs.state)(family), inputs, previous)
+    desired_from(cfg, family, (inputs.state)(family), inputs, previous)
 }
 
 /// [`desired`] from an already computed cluster state.
@@ -171,19 +175,24 @@ fn desired_from(
     inputs: &Inputs<'_>,
     previous: Option<&Ruleset>,
 ) -> rules::Built {
+    let (node_ips, bc) = build_inputs(cfg, family, inputs);
+    rules::build(state, &node_ips, &bc, previous)
+}
+
+/// The node IPs NodePorts answer on and the build configuration of one family.
+pub fn build_inputs(cfg: &Config, family: Family, inputs: &Inputs<'_>) -> (Vec<IpAddr>, BuildConfig) {
     let np = cfg.nodeport.resolve(family, &inputs.node.primary_ips, inputs.local_ips);
     let node_ips: Vec<IpAddr> = match &np {
         rules::model::NodePortAddresses::Ips(ips) => ips.clone(),
         _ => Vec::new(),
     };
-    let bc = cfg.build_config(family, np, inputs.node);
-    rules::build(state, &node_ips, &bc, previous)
+    (node_ips, cfg.build_config(family, np, inputs.node))
 }
 
 /// How big a family's desired rules are, and the Local-policy ports without a local endpoint
 /// that the build counted (for `no_local_endpoints_total`).
-fn counts(state: &ClusterState, built: &rules::Built) -> RulesetCounts {
-    let rs = &built.ruleset;
+fn counts(state: &ClusterState, rs: &Ruleset) -> RulesetCounts {
+    let no_local = rs.book.no_local_endpoints();
     RulesetCounts {
         service_ports: state.services.len(),
         endpoints: state.endpoints.values().map(Vec::len).sum(),
@@ -191,8 +200,8 @@ fn counts(state: &ClusterState, built: &rules::Built) -> RulesetCounts {
         rules: rs.chains.values().map(|c| c.rules.len()).sum(),
         sets: rs.sets.len(),
         elements: rs.element_count(),
-        no_local_internal: built.no_local_endpoints.internal,
-        no_local_external: built.no_local_endpoints.external,
+        no_local_internal: no_local.internal,
+        no_local_external: no_local.external,
     }
 }
 
@@ -214,6 +223,10 @@ pub struct Proxier<B: Backend> {
     pub backend: B,
     /// What the kernel holds per family; absent = unknown, so the next sync is full.
     applied: BTreeMap<Family, Ruleset>,
+    /// When each family was last built in full.
+    last_full: BTreeMap<Family, Instant>,
+    /// Family syncs built from the changed Services alone (for tests and logs).
+    pub partial_syncs: u64,
     pub udp: UdpCleanups,
 }
 
@@ -290,7 +303,14 @@ impl UdpCleanups {
 
 impl<B: Backend> Proxier<B> {
     pub fn new(cfg: Config, backend: B) -> Self {
-        Proxier { cfg, backend, applied: BTreeMap::new(), udp: UdpCleanups::default() }
+        Proxier {
+            cfg,
+            backend,
+            applied: BTreeMap::new(),
+            last_full: BTreeMap::new(),
+            partial_syncs: 0,
+            udp: UdpCleanups::default(),
+        }
     }
 
     /// Forgets what the kernel holds, so the next sync is a full one.
@@ -311,15 +331,36 @@ impl<B: Backend> Proxier<B> {
         }
         for family in fams {
             let t0 = Instant::now();
-            let previous = self.applied.get(&family);
             let state = (inputs.state)(family);
-            let built = desired_from(&self.cfg, family, &state, inputs, previous);
-            for s in &built.skipped {
-                warn!(family = family.label(), "skipping {s}");
-            }
-            let t1 = Instant::now();
-            let tx = rules::diff(previous, &built.ruleset);
+            let full_due = self.last_full.get(&family).is_none_or(|t| t.elapsed() >= FULL_SYNC_PERIOD);
+            let previous = self.applied.get(&family);
+            // A partial sync builds and diffs just the changed Services; anything it cannot
+            // decide alone (and the first sync, a failure, a node change, an hourly one) is full.
+            let partial = match (previous, inputs.changes) {
+                (Some(prev), Some(ch)) if !ch.full && !full_due => {
+                    let (node_ips, bc) = build_inputs(&self.cfg, family, inputs);
+                    rules::build::build_partial(prev, ch.old(family), ch.new(family), &node_ips, &bc)
+                }
+                _ => None,
+            };
+            let (built, tx) = match partial {
+                Some(p) => (None, Plan::Partial(p)),
+                None => {
+                    let built = desired_from(&self.cfg, family, state, inputs, previous);
+                    for s in &built.skipped {
+                        warn!(family = family.label(), "skipping {s}");
+                    }
+                    let t = Instant::now();
+                    let tx = rules::diff(previous, &built.ruleset);
+                    (Some((built, t)), Plan::Full(tx))
+                }
+            };
             let t2 = Instant::now();
+            let t1 = built.as_ref().map_or(t2, |(_, t)| *t);
+            let tx_ref = match &tx {
+                Plan::Partial(p) => &p.tx,
+                Plan::Full(tx) => tx,
+            };
             let mut fr = FamilyReport {
                 family,
                 full: previous.is_none(),
@@ -328,34 +369,53 @@ impl<B: Backend> Proxier<B> {
                 build: t1 - t0,
                 diff: t2 - t1,
                 apply: Duration::ZERO,
-                counts: counts(&state, &built),
+                counts: RulesetCounts::default(),
                 error: None,
                 iptables: None,
             };
-            if tx.is_empty() {
+            let mut result = Ok(ApplyStats::default());
+            if tx_ref.is_empty() {
                 debug!(family = family.label(), "no changes");
-                self.udp.synced(family, &state);
             } else {
-                debug!(family = family.label(), "transaction:\n{tx}");
-                fr.stats = tx.stats();
-                match self.backend.apply(&tx) {
-                    Ok(applied) => {
-                        fr.applied = applied;
-                        if let Some(old) = self.applied.insert(family, built.ruleset) {
-                            drop_later(old);
+                debug!(family = family.label(), "transaction:\n{tx_ref}");
+                fr.stats = tx_ref.stats();
+                result = self.backend.apply(tx_ref);
+                fr.apply = t2.elapsed();
+            }
+            match result {
+                Ok(applied) => {
+                    fr.applied = applied;
+                    match (tx, built) {
+                        (Plan::Partial(p), _) => {
+                            self.partial_syncs += 1;
+                            if let Some(rs) = self.applied.get_mut(&family) {
+                                rs.commit_partial(&p);
+                            }
                         }
-                        self.udp.synced(family, &state);
+                        (Plan::Full(_), Some((built, _))) => {
+                            self.last_full.insert(family, Instant::now());
+                            if let Some(old) = self.applied.insert(family, built.ruleset) {
+                                drop_later(old);
+                            }
+                        }
+                        (Plan::Full(_), None) => unreachable!("a full plan has a build"),
                     }
-                    Err(e) => {
-                        self.applied.remove(&family);
-                        self.udp.apply_failed(family);
-                        fr.error = Some(e.to_string());
-                        if first_err.is_none() {
-                            first_err = Some((family.label(), e));
-                        }
+                    if let Some(rs) = self.applied.get(&family) {
+                        fr.counts = counts(state, rs);
+                    }
+                    self.udp.synced(family, state);
+                }
+                Err(e) => {
+                    if let Some((built, _)) = &built {
+                        fr.counts = counts(state, &built.ruleset);
+                    }
+                    self.applied.remove(&family);
+                    self.udp.apply_failed(family);
+                    fr.error = Some(e.to_string());
+                    if first_err.is_none() {
+                        first_err = Some((family.label(), e));
                     }
                 }
-                fr.apply = t2.elapsed();
             }
             report.full |= fr.full;
             report.build += fr.build;
@@ -368,6 +428,17 @@ impl<B: Backend> Proxier<B> {
             None => Ok(report),
         }
     }
+}
+
+/// How often a sync is full at the latest (rebuilds and diffs everything), as upstream's
+/// `FullSyncPeriod`; syncs in between build only what changed.
+pub const FULL_SYNC_PERIOD: Duration = Duration::from_secs(3600);
+
+/// What one family's sync sends: a change built from the changed Services only, or a full
+/// rebuild's diff.
+enum Plan {
+    Partial(rules::build::Partial),
+    Full(Transaction),
 }
 
 /// A message to the sync loop.
@@ -470,14 +541,9 @@ mod tests {
             primary_ips: vec!["192.168.0.2".parse().unwrap()],
             ..Default::default()
         };
-        let f = |fam: Family| {
-            if fam == Family::V4 {
-                st.clone()
-            } else {
-                ClusterState::default()
-            }
-        };
-        p.sync(&Inputs { state: &f, node: &node, local_ips: &[] })
+        let empty = ClusterState::default();
+        let f = |fam: Family| if fam == Family::V4 { st } else { &empty };
+        p.sync(&Inputs { state: &f, node: &node, local_ips: &[], changes: None })
     }
 
     #[test]
@@ -632,5 +698,70 @@ mod tests {
         p.record(t0, true);
         assert_eq!(p.earliest(t0), t0 + Duration::from_secs(1));
         assert_eq!(p.next_periodic, t0 + Duration::from_secs(30));
+    }
+
+    /// Syncs from a tracker's changes are partial, and leave the kernel exactly as a full build of
+    /// the same state would; a node change makes the next one full.
+    #[test]
+    fn tracker_changes_sync_partially_to_the_full_result() {
+        use crate::model::ChangeTracker;
+        let yaml = |y: &str| serde_yaml::from_str::<serde_yaml::Value>(y).unwrap();
+        let svc = |name: &str, ip: &str| {
+            serde_yaml::from_value(yaml(&format!(
+                "metadata: {{namespace: ns, name: {name}}}\nspec: {{clusterIP: {ip}, type: NodePort, ports: [{{name: http, port: 80, nodePort: 3{}}}]}}",
+                &ip[ip.len() - 4..].replace('.', "")
+            )))
+            .unwrap()
+        };
+        let slice = |name: &str, svc: &str, ips: &[&str]| {
+            serde_yaml::from_value(yaml(&format!(
+                "metadata: {{namespace: ns, name: {name}, labels: {{kubernetes.io/service-name: {svc}}}}}\naddressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints: [{}]",
+                ips.iter().map(|ip| format!("{{addresses: [{ip}]}}")).collect::<Vec<_>>().join(",")
+            )))
+            .unwrap()
+        };
+        let mut t = ChangeTracker::new("test-node");
+        let mut p = Proxier::new(cfg(), FakeBackend::default());
+        let node = NodeInfo { name: "test-node".into(), ..Default::default() };
+        let sync = |t: &mut ChangeTracker, p: &mut Proxier<FakeBackend>| {
+            let changes = t.take_changes();
+            let st = |f: Family| t.state(f);
+            p.sync(&Inputs { state: &st, node: &node, local_ips: &[], changes: Some(&changes) }).unwrap();
+            // The kernel equals a fresh full build of the same state.
+            let full =
+                desired(&p.cfg, Family::V4, &Inputs { state: &st, node: &node, local_ips: &[], changes: None }, None);
+            let mut fresh = rules::fake::FakeKernel::new();
+            fresh.apply(&rules::diff(None, &full.ruleset)).unwrap();
+            assert_eq!(p.backend.kernels[&Family::V4].dump(Family::V4), fresh.dump(Family::V4));
+        };
+        t.upsert_service(&svc("a", "172.30.0.11")).unwrap();
+        t.upsert_service(&svc("b", "172.30.0.12")).unwrap();
+        t.upsert_slice(&slice("a-1", "a", &["10.1.0.1", "10.1.0.2"])).unwrap();
+        t.upsert_slice(&slice("b-1", "b", &["10.1.0.2"])).unwrap();
+        sync(&mut t, &mut p);
+        assert_eq!(p.partial_syncs, 0, "the first sync is full");
+        t.upsert_slice(&slice("a-1", "a", &["10.1.0.1", "10.1.0.3"])).unwrap();
+        sync(&mut t, &mut p);
+        assert_eq!(p.partial_syncs, 1);
+        let sent = p.backend.transactions.last().unwrap().to_string();
+        assert!(sent.contains("10.1.0.3") && !sent.contains("172.30.0.12"), "only a's change is sent:\n{sent}");
+        t.upsert_service(&svc("c", "172.30.0.13")).unwrap();
+        t.delete_service("ns", "b");
+        sync(&mut t, &mut p);
+        assert_eq!(p.partial_syncs, 2);
+        let n = p.backend.transactions.len();
+        sync(&mut t, &mut p);
+        assert_eq!(p.backend.transactions.len(), n, "nothing changed, nothing sent");
+        t.delete_slice("ns", "a-1");
+        sync(&mut t, &mut p);
+        assert_eq!(p.partial_syncs, 4);
+        // The node changed: everything is rebuilt (and diffed).
+        t.set_node(
+            &serde_yaml::from_value(yaml("metadata: {name: test-node, labels: {topology.kubernetes.io/zone: z}}"))
+                .unwrap(),
+        )
+        .unwrap();
+        sync(&mut t, &mut p);
+        assert_eq!(p.partial_syncs, 4);
     }
 }

@@ -156,7 +156,7 @@ impl IptablesProxier {
         };
         let fs = match self.family(family) {
             Ok(fs) => fs,
-            Err(e) => return (fr, state, Err(e)),
+            Err(e) => return (fr, state.clone(), Err(e)),
         };
         let canaries = CANARY_TABLES.iter().all(|t| fs.bins.chain_exists(t, CANARY_CHAIN));
         if !canaries && fs.applied.is_some() {
@@ -203,7 +203,7 @@ impl IptablesProxier {
             Ok(i) => i,
             Err(e) => {
                 fs.applied = None;
-                return (fr, state, Err(e.to_string()));
+                return (fr, state.clone(), Err(e.to_string()));
             }
         };
         debug!(family = family.label(), full, "iptables-restore input:\n{input}");
@@ -227,13 +227,13 @@ impl IptablesProxier {
                 if full {
                     fs.last_full = Some(t2);
                 }
-                (fr, state, Ok(()))
+                (fr, state.clone(), Ok(()))
             }
             Err(e) => {
                 // Each table is atomic, but an earlier table of the input may have been
                 // committed: what the kernel holds is unknown, so the next restore is full.
                 fs.applied = None;
-                (fr, state, Err(e.to_string()))
+                (fr, state.clone(), Err(e.to_string()))
             }
         }
     }
@@ -351,6 +351,39 @@ impl Engine for IptablesProxier {
     }
 }
 
+/// An engine that, after its first fully successful sync, removes the other proxy mode's rules
+/// once. Removing them only after our own rules are in place means a mode switch never leaves a
+/// moment with neither mode's rules (upstream cleans up before its first sync instead); while
+/// both exist, whichever DNATs first wins and the other no longer matches the rewritten packet.
+pub struct CleanupAfterFirstSync<E> {
+    inner: E,
+    cleanup: Option<Box<dyn FnOnce() + Send>>,
+}
+
+impl<E: Engine> CleanupAfterFirstSync<E> {
+    pub fn new(inner: E, cleanup: impl FnOnce() + Send + 'static) -> Self {
+        CleanupAfterFirstSync { inner, cleanup: Some(Box::new(cleanup)) }
+    }
+}
+
+impl<E: Engine> Engine for CleanupAfterFirstSync<E> {
+    fn sync(&mut self, inputs: &Inputs<'_>) -> Result<SyncReport, SyncError> {
+        let r = self.inner.sync(inputs);
+        if r.is_ok() {
+            if let Some(c) = self.cleanup.take() {
+                c();
+            }
+        }
+        r
+    }
+    fn force_full(&mut self) {
+        self.inner.force_full()
+    }
+    fn udp(&mut self) -> &mut UdpCleanups {
+        self.inner.udp()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -368,6 +401,35 @@ mod tests {
              :KUBE-SVC-A - [0:0]\n:KUBE-SEP-B - [0:0]\n-X KUBE-SVC-A\n-X KUBE-SEP-B\nCOMMIT\n"
         );
         assert_eq!(rules_written(input), vec![("filter", 0), ("nat", 1)]);
+    }
+
+    #[test]
+    fn the_other_modes_rules_are_removed_once_after_the_first_successful_sync() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::Arc;
+        let cfg = {
+            use clap::Parser;
+            crate::config::Flags::try_parse_from(["kproxy", "--manifests", "/nonexistent", "--hostname-override", "n"])
+                .unwrap()
+                .into_config()
+                .unwrap()
+        };
+        let mut inner = crate::sync::Proxier::new(cfg, crate::sync::FakeBackend::default());
+        inner.backend.fail_next = true;
+        let calls = Arc::new(AtomicUsize::new(0));
+        let c = calls.clone();
+        let mut e = CleanupAfterFirstSync::new(inner, move || {
+            c.fetch_add(1, Ordering::SeqCst);
+        });
+        let node = rules::model::NodeInfo { name: "n".into(), ..Default::default() };
+        let empty = ClusterState::default();
+        let state = |_f: Family| &empty;
+        let inputs = Inputs { state: &state, node: &node, local_ips: &[], changes: None };
+        assert!(e.sync(&inputs).is_err());
+        assert_eq!(calls.load(Ordering::SeqCst), 0, "not after a failed sync");
+        e.sync(&inputs).unwrap();
+        e.sync(&inputs).unwrap();
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "once, after the first successful sync");
     }
 
     #[test]

@@ -228,24 +228,26 @@ impl Binaries {
     }
 }
 
-/// The line number iptables-restore says failed: `line N failed` (1.8 legacy and nft) or
-/// `Error occurred at line: N` (parse errors).
+/// The line number iptables-restore says failed: `line N failed` (legacy, and nft on a bad
+/// rule), `line N: CHAIN_DEL failed (...)` (nft on a commit error) or `Error occurred at line: N`
+/// (parse errors).
 pub fn failed_line(stderr: &str) -> Option<usize> {
-    let after = |s: &str, pat: &str| s.find(pat).map(|i| s[i + pat.len()..].trim_start().to_string());
-    for l in stderr.lines() {
-        if let Some(rest) = after(l, "Error occurred at line:") {
-            if let Ok(n) = rest.split_whitespace().next().unwrap_or("").parse() {
-                return Some(n);
-            }
+    if let Some(i) = stderr.find("Error occurred at line:") {
+        let rest = stderr[i + "Error occurred at line:".len()..].trim_start();
+        let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+        if let Ok(n) = digits.parse() {
+            return Some(n);
         }
-        if let Some(i) = l.find(" failed") {
-            let head = &l[..i];
-            if let Some(n) = head.rsplit(' ').next().and_then(|w| w.parse().ok()) {
-                if head.trim_end_matches(|c: char| c.is_ascii_digit()).ends_with("line ") {
-                    return Some(n);
-                }
-            }
+    }
+    let mut rest = stderr;
+    while let Some(i) = rest.find("line ") {
+        let after = &rest[i + 5..];
+        let digits: String = after.chars().take_while(char::is_ascii_digit).collect();
+        let tail = &after[digits.len()..];
+        if !digits.is_empty() && (tail.starts_with(':') || tail.starts_with(" failed")) {
+            return digits.parse().ok();
         }
+        rest = after;
     }
     None
 }
@@ -486,6 +488,18 @@ pub fn remove_nftables_tables() -> Result<(), crate::backend::nftables::NftError
     Ok(())
 }
 
+/// [`remove_leftovers`] at a mode switch: failures are logged (each one already was), not fatal.
+pub fn remove_leftovers_logged() {
+    let _ = remove_leftovers();
+}
+
+/// [`remove_nftables_tables`] at a mode switch: a failure is logged, not fatal.
+pub fn remove_nftables_tables_logged() {
+    if let Err(e) = remove_nftables_tables() {
+        warn!("deleting the nftables-mode tables: {e}");
+    }
+}
+
 impl fmt::Display for Binaries {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{} ({})", self.restore.display(), self.flavour.name())
@@ -506,7 +520,11 @@ mod tests {
             ),
             Some(7)
         );
-        assert_eq!(failed_line("something else failed"), None);
+        assert_eq!(
+            failed_line("iptables-restore v1.8.9 (nf_tables): \nline 3: CHAIN_DEL failed (Device or resource busy)"),
+            Some(3)
+        );
+        assert_eq!(failed_line("something else failed on a line"), None);
         let input = "a\nb\nc\nd\ne\nf\ng\n";
         assert_eq!(line_context(input, 4), "      2: b\n      3: c\n>     4: d\n      5: e\n      6: f");
         assert_eq!(line_context(input, 1), ">     1: a\n      2: b\n      3: c");

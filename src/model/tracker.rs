@@ -14,7 +14,7 @@ use std::time::SystemTime;
 
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use rules::model::{Cidr, ClusterState, Endpoint, Family, NodeInfo, Protocol};
+use rules::model::{Cidr, ClusterState, Endpoint, Family, NodeInfo, Protocol, ServicePortName};
 
 use super::convert::{self, Converted, ServiceInfo, SliceInfo};
 use super::Rejected;
@@ -47,6 +47,56 @@ pub struct ChangeTracker {
     trigger_times: Vec<SystemTime>,
     /// Objects a watch source rejected since the last sync, for the invalid-objects metric.
     rejected: Vec<Rejected>,
+    /// The merged per-family view the rules are built from, kept up to date with every change
+    /// (only the changed Service's ports are recomputed).
+    states: BTreeMap<Family, ClusterState>,
+    /// The slices of each Service (by the slice's service-name label).
+    slices_by_service: BTreeMap<Key, BTreeSet<Key>>,
+    /// What changed since the last [`ChangeTracker::take_changes`].
+    changes: Changes,
+}
+
+/// What changed since the last sync: the Services whose ports or endpoints changed, with their
+/// ports and endpoints before (`old`) and after (`new`) per family, so that a sync can rebuild
+/// just those. `full` when something every rule depends on changed (the Node, ServiceCIDRs).
+#[derive(Debug, Clone, Default)]
+pub struct Changes {
+    pub full: bool,
+    pub services: BTreeSet<(String, String)>,
+    pub old: BTreeMap<Family, ClusterState>,
+    pub new: BTreeMap<Family, ClusterState>,
+}
+
+impl Changes {
+    /// The changed ports of `family` before the change.
+    pub fn old(&self, family: Family) -> &ClusterState {
+        self.old.get(&family).unwrap_or(&EMPTY_STATE)
+    }
+    /// The changed ports of `family` after the change.
+    pub fn new(&self, family: Family) -> &ClusterState {
+        self.new.get(&family).unwrap_or(&EMPTY_STATE)
+    }
+}
+
+static EMPTY_STATE: ClusterState =
+    ClusterState { services: BTreeMap::new(), endpoints: BTreeMap::new(), service_cidrs: Vec::new() };
+
+const FAMILIES: [Family; 2] = [Family::V4, Family::V6];
+
+/// The service ports of the Service `key` in `st`, in order.
+fn ports_of<'a>(st: &'a ClusterState, key: &'a Key) -> impl Iterator<Item = &'a ServicePortName> + 'a {
+    let start = ServicePortName::new(&key.0, &key.1, "", Protocol::Tcp);
+    st.services.range(start..).map(|(n, _)| n).take_while(move |n| n.namespace == key.0 && n.name == key.1)
+}
+
+/// Moves (or copies) the ports and endpoints of the Service `key` from `st` into `out`.
+fn copy_service(st: &ClusterState, key: &Key, out: &mut ClusterState) {
+    for n in ports_of(st, key) {
+        out.services.insert(n.clone(), st.services[n].clone());
+        if let Some(eps) = st.endpoints.get(n) {
+            out.endpoints.insert(n.clone(), eps.clone());
+        }
+    }
 }
 
 /// At most this many trigger times are kept between two syncs: they only feed a latency
@@ -206,23 +256,77 @@ impl ChangeTracker {
     /// slices counts once, a non-terminating copy winning over a terminating one (case 25).
     /// Endpoints are ordered by their `IP:port` string, as upstream orders them.
     pub fn cluster_state(&self, family: Family) -> ClusterState {
-        let mut by_service: BTreeMap<(&str, &str), Vec<&SliceInfo>> = BTreeMap::new();
-        for s in self.slices.values().filter(|s| s.family == family) {
-            by_service.entry((s.namespace.as_str(), s.service_name.as_str())).or_default().push(s);
-        }
-        let mut state = ClusterState::default();
-        for ((ns, name), svc) in &self.services {
-            let slices = by_service.get(&(ns.as_str(), name.as_str())).map(Vec::as_slice).unwrap_or(&[]);
-            for sp in svc.ports.iter().filter(|p| p.family() == family) {
-                let eps = merge_endpoints(slices, &sp.name.port_name, sp.name.protocol);
-                if !eps.is_empty() {
-                    state.endpoints.insert(sp.name.clone(), eps);
-                }
-                state.services.insert(sp.name.clone(), sp.clone());
+        self.state(family).clone()
+    }
+
+    /// [`Self::cluster_state`] without a copy: the view is kept up to date as objects change.
+    pub fn state(&self, family: Family) -> &ClusterState {
+        self.states.get(&family).unwrap_or(&EMPTY_STATE)
+    }
+
+    /// What changed since the last call (or since the tracker was made: then everything).
+    pub fn take_changes(&mut self) -> Changes {
+        let mut c = std::mem::take(&mut self.changes);
+        for f in FAMILIES {
+            let mut new = ClusterState::default();
+            for key in &c.services {
+                copy_service(self.state(f), key, &mut new);
             }
+            c.new.insert(f, new);
+        }
+        c
+    }
+
+    /// The state computed from scratch, for tests of the incremental one.
+    #[cfg(test)]
+    fn compute_state(&self, family: Family) -> ClusterState {
+        let mut state = ClusterState::default();
+        for key in self.services.keys() {
+            self.merge_service(key, family, &mut state);
         }
         state.service_cidrs = self.service_cidrs.iter().filter(|c| c.family() == family).copied().collect();
         state
+    }
+
+    /// Adds the ports of Service `key` of `family` and their endpoints to `state`.
+    fn merge_service(&self, key: &Key, family: Family, state: &mut ClusterState) {
+        let Some(svc) = self.services.get(key) else { return };
+        let slices: Vec<&SliceInfo> = self
+            .slices_by_service
+            .get(key)
+            .into_iter()
+            .flatten()
+            .filter_map(|k| self.slices.get(k))
+            .filter(|s| s.family == family)
+            .collect();
+        for sp in svc.ports.iter().filter(|p| p.family() == family) {
+            let eps = merge_endpoints(&slices, &sp.name.port_name, sp.name.protocol);
+            if !eps.is_empty() {
+                state.endpoints.insert(sp.name.clone(), eps);
+            }
+            state.services.insert(sp.name.clone(), sp.clone());
+        }
+    }
+
+    /// Recomputes the ports of Service `key` in every family's state, first remembering how they
+    /// were before the first change since the last sync.
+    fn refresh(&mut self, key: &Key) {
+        if self.changes.services.insert(key.clone()) {
+            for f in FAMILIES {
+                let old = self.changes.old.entry(f).or_default();
+                copy_service(self.states.get(&f).unwrap_or(&EMPTY_STATE), key, old);
+            }
+        }
+        for f in FAMILIES {
+            let mut st = self.states.remove(&f).unwrap_or_default();
+            let gone: Vec<ServicePortName> = ports_of(&st, key).cloned().collect();
+            for n in gone {
+                st.services.remove(&n);
+                st.endpoints.remove(&n);
+            }
+            self.merge_service(key, f, &mut st);
+            self.states.insert(f, st);
+        }
     }
 
     /// This node as the rules see it; just the configured name until its Node object is known.
@@ -263,6 +367,11 @@ impl ChangeTracker {
             return false;
         }
         self.service_cidrs = new;
+        for f in FAMILIES {
+            let st = self.states.entry(f).or_default();
+            st.service_cidrs = self.service_cidrs.iter().filter(|c| c.family() == f).copied().collect();
+        }
+        self.changes.full = true;
         true
     }
 
@@ -336,6 +445,7 @@ impl ChangeTracker {
             Some(info) => self.services.insert(key.clone(), info),
             None => self.services.remove(&key),
         };
+        self.refresh(&key);
         self.pending_services.insert(key);
         true
     }
@@ -346,13 +456,31 @@ impl ChangeTracker {
             return false;
         }
         // Both the old and the new owning Service see an endpoint change (the label may move).
-        for s in old.iter().copied().chain(new.as_ref()) {
-            self.pending_endpoints.insert((s.namespace.clone(), s.service_name.clone()));
+        let owners: BTreeSet<Key> =
+            old.iter().copied().chain(new.as_ref()).map(|s| (s.namespace.clone(), s.service_name.clone())).collect();
+        if let Some(o) = old {
+            let owner = (o.namespace.clone(), o.service_name.clone());
+            if let Some(set) = self.slices_by_service.get_mut(&owner) {
+                set.remove(&key);
+                if set.is_empty() {
+                    self.slices_by_service.remove(&owner);
+                }
+            }
+        }
+        if let Some(n) = &new {
+            self.slices_by_service
+                .entry((n.namespace.clone(), n.service_name.clone()))
+                .or_default()
+                .insert(key.clone());
         }
         match new {
             Some(info) => self.slices.insert(key, info),
             None => self.slices.remove(&key),
         };
+        for owner in owners {
+            self.refresh(&owner);
+            self.pending_endpoints.insert(owner);
+        }
         true
     }
 
@@ -361,6 +489,7 @@ impl ChangeTracker {
             return false;
         }
         self.node = new;
+        self.changes.full = true;
         true
     }
 }
@@ -708,5 +837,53 @@ spec: {clusterIPs: [172.30.0.41, 'fd00::41'], ports: [{name: http, port: 80}]}")
         assert_eq!(t.service_count() + t.slice_count(), 0);
         assert!(!t.node_known());
         assert_eq!(t.take_pending(), Pending { services: 1, endpoints: 1 });
+    }
+
+    /// The incrementally kept state equals one computed from scratch after every kind of change,
+    /// and `take_changes` hands out exactly the changed Services, before and after.
+    #[test]
+    fn incremental_state_matches_a_full_merge() {
+        let mut t = ChangeTracker::new("node-a");
+        let check = |t: &ChangeTracker, what: &str| {
+            for f in FAMILIES {
+                assert_eq!(t.state(f), &t.compute_state(f), "{what} ({f:?})");
+            }
+        };
+        let svc2 = "metadata: {namespace: ns1, name: svc2}
+spec: {clusterIP: 172.30.0.42, ipFamilies: [IPv4, IPv6], clusterIPs: [172.30.0.42, 'fd00::42'], ports: [{name: http, port: 80}]}";
+        t.upsert_service(&svc(SVC_HTTP)).unwrap();
+        check(&t, "service");
+        t.upsert_slice(&slice("a", "svc1", "IPv4", "[{name: http, port: 8080}]", "[{addresses: [10.0.1.1]}]")).unwrap();
+        check(&t, "slice");
+        t.upsert_slice(&slice("b", "svc2", "IPv4", "[{name: http, port: 8080}]", "[{addresses: [10.0.1.2]}]")).unwrap();
+        check(&t, "slice before its service");
+        t.upsert_service(&svc(svc2)).unwrap();
+        t.upsert_slice(&slice("c", "svc2", "IPv6", "[{name: http, port: 8080}]", "[{addresses: ['fd00::7']}]"))
+            .unwrap();
+        check(&t, "dual-stack service and slices");
+        let _ = t.take_changes();
+        // Moving slice a from svc1 to svc2 changes both.
+        t.upsert_slice(&slice("a", "svc2", "IPv4", "[{name: http, port: 8080}]", "[{addresses: [10.0.1.1]}]")).unwrap();
+        check(&t, "slice moved");
+        let c = t.take_changes();
+        let names = |st: &ClusterState| st.endpoints.keys().map(|n| n.name.clone()).collect::<Vec<_>>();
+        assert_eq!(c.services.len(), 2);
+        assert_eq!(names(c.old(Family::V4)), vec!["svc1", "svc2"]);
+        assert_eq!(names(c.new(Family::V4)), vec!["svc2"], "svc1 has no endpoints any more");
+        assert_eq!(c.new(Family::V6).services.len(), 1, "svc2's IPv6 port is part of the change");
+        assert!(!c.full);
+        // A no-op changes nothing; deletions and the node do.
+        t.upsert_service(&svc(svc2)).unwrap();
+        assert!(t.take_changes().services.is_empty());
+        t.delete_service("ns1", "svc2");
+        check(&t, "service deleted");
+        t.delete_slice("ns1", "a");
+        check(&t, "slice deleted");
+        let c = t.take_changes();
+        assert_eq!(c.services.len(), 1);
+        assert!(c.new(Family::V4).services.is_empty() && c.old(Family::V4).services.len() == 1);
+        assert!(t.set_service_cidrs([Cidr::parse("172.30.0.0/16").unwrap()]));
+        check(&t, "service CIDRs");
+        assert!(t.take_changes().full);
     }
 }
