@@ -1,0 +1,290 @@
+//! Golden scenarios of iptables mode: for every `testdata/<scenario>/` with an `args` file,
+//! `expected.iptables` is the exact stdout of
+//! `kproxy --dry-run --proxy-mode iptables --hostname-override test-node --manifests <dir> <args>`:
+//! per IP family a line `# iptables-restore` (IPv4) or `# ip6tables-restore` (IPv6), then the
+//! full `iptables-restore --noflush` input of that family.
+//!
+//! For every scenario this checks, in order:
+//! 1. kproxy exits 0 and prints exactly `expected.iptables`, twice in a row (deterministic).
+//!    With `UPDATE_GOLDEN=1` the file is rewritten instead.
+//! 2. Each family's part of `expected.iptables` is accepted by the real tools in a throwaway
+//!    network namespace, with each installed flavour (`iptables-nft-*`, `iptables-legacy-*`):
+//!    `iptables-restore --test --noflush` (`ip6tables-restore` for IPv6), then loaded for real
+//!    twice (the second load over the first, as a restarted proxy does), and `iptables-save`
+//!    shows every chain with as many rules as the file gives it. Needs root;
+//!    `KPROXY_SKIP_PRIVILEGED=1` skips this part with a note.
+//!
+//! Each scenario is its own test (`cargo test --test golden_iptables -- clusterip`), and
+//! `every_scenario_has_a_test` makes sure no folder is forgotten.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::Path;
+
+#[path = "support/golden_run.rs"]
+mod golden_run;
+use golden_run::{is_root, scenario_names, skip_privileged, testdata, update_mode, Netns};
+
+/// Flags the runner always passes; `args` adds to them.
+const FIXED_ARGS: [&str; 5] = ["--dry-run", "--proxy-mode", "iptables", "--hostname-override", "test-node"];
+/// Name prefix of the network namespaces this test creates; `<pid>-<n>` is appended.
+const NETNS_PREFIX: &str = "kpxgi-";
+const EXPECTED: &str = "expected.iptables";
+
+/// Step 1: the dry run prints exactly `expected.iptables` (or rewrites it in update mode).
+fn check_text(name: &str, dir: &Path) -> Result<(), String> {
+    let actual = golden_run::dry_run(&FIXED_ARGS, dir)?;
+    let again = golden_run::dry_run(&FIXED_ARGS, dir)?;
+    if again != actual {
+        return Err(format!(
+            "scenario {name}: two dry runs printed different text (the output must be deterministic):\n{}",
+            golden_run::diff_labeled(&actual, &again, EXPECTED)
+        ));
+    }
+    let path = dir.join(EXPECTED);
+    if update_mode() {
+        fs::write(&path, &actual).map_err(|e| format!("write {}: {e}", path.display()))?;
+        eprintln!("scenario {name}: wrote {}", path.display());
+        return Ok(());
+    }
+    let expected = fs::read_to_string(&path).map_err(|e| {
+        format!("scenario {name}: cannot read {}: {e} (run with UPDATE_GOLDEN=1 to create it)", path.display())
+    })?;
+    if expected != actual {
+        return Err(format!(
+            "scenario {name}: kproxy's dry run differs from {} (- expected, + actual; \
+             UPDATE_GOLDEN=1 rewrites it after you have checked the change):\n{}",
+            path.display(),
+            golden_run::diff_labeled(&expected, &actual, EXPECTED)
+        ));
+    }
+    Ok(())
+}
+
+/// One family's part of the file: which tools take it (`iptables` or `ip6tables`), and its text.
+struct Part {
+    tool: &'static str,
+    text: String,
+}
+
+/// Splits the dry-run text at its `# iptables-restore` / `# ip6tables-restore` lines.
+fn split_parts(text: &str) -> Result<Vec<Part>, String> {
+    let mut parts: Vec<Part> = Vec::new();
+    for line in text.lines() {
+        let tool = match line {
+            "# iptables-restore" => Some("iptables"),
+            "# ip6tables-restore" => Some("ip6tables"),
+            _ => None,
+        };
+        match (tool, parts.last_mut()) {
+            (Some(tool), _) => parts.push(Part { tool, text: String::new() }),
+            (None, Some(p)) => {
+                p.text.push_str(line);
+                p.text.push('\n');
+            }
+            (None, None) => return Err(format!("text before the first `# iptables-restore` line: {line:?}")),
+        }
+    }
+    if parts.is_empty() {
+        return Err("no `# iptables-restore` or `# ip6tables-restore` part".into());
+    }
+    Ok(parts)
+}
+
+/// `(table, chain) -> rule count` of restore input or `iptables-save` output: every declared
+/// chain (also empty ones) and its `-A` lines.
+fn rule_counts(text: &str) -> BTreeMap<(String, String), usize> {
+    let mut counts = BTreeMap::new();
+    let mut table = String::new();
+    for line in text.lines() {
+        if let Some(t) = line.strip_prefix('*') {
+            table = t.trim().to_string();
+        } else if let Some(decl) = line.strip_prefix(':') {
+            let chain = decl.split_whitespace().next().unwrap_or("").to_string();
+            counts.entry((table.clone(), chain)).or_insert(0);
+        } else if let Some(rule) = line.strip_prefix("-A ") {
+            let chain = rule.split_whitespace().next().unwrap_or("").to_string();
+            *counts.entry((table.clone(), chain)).or_insert(0) += 1;
+        }
+    }
+    counts
+}
+
+/// Step 2: the tools accept each part: checked, loaded twice, and read back, in a fresh namespace.
+fn check_kernel(name: &str, dir: &Path) -> Result<(), String> {
+    if !is_root() {
+        let why = "loading expected.iptables with iptables-restore needs root (a network namespace)";
+        if skip_privileged() {
+            eprintln!("scenario {name}: skipped the iptables-restore part: {why}; KPROXY_SKIP_PRIVILEGED=1 is set");
+            return Ok(());
+        }
+        return Err(format!(
+            "scenario {name}: {why}. Run the tests as root (CI does), or set KPROXY_SKIP_PRIVILEGED=1 to skip this part"
+        ));
+    }
+    let path = dir.join(EXPECTED);
+    let text = fs::read_to_string(&path).map_err(|e| format!("read {}: {e}", path.display()))?;
+    let parts = split_parts(&text).map_err(|e| format!("scenario {name}: {}: {e}", path.display()))?;
+    for flavour in flavours() {
+        // One namespace per flavour: legacy and nft rules should not share one.
+        let ns = Netns::create(NETNS_PREFIX).map_err(|e| format!("scenario {name}: {e}"))?;
+        for part in &parts {
+            check_part(&ns, part, flavour).map_err(|e| format!("scenario {name}: {e}"))?;
+        }
+    }
+    Ok(())
+}
+
+/// The iptables flavours installed (`-nft`, `-legacy`); the plain tools when neither is.
+fn flavours() -> Vec<&'static str> {
+    let installed = |bin: &str| {
+        std::env::var_os("PATH").is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(bin).is_file()))
+    };
+    let found: Vec<&str> =
+        ["-nft", "-legacy"].into_iter().filter(|f| installed(&format!("iptables{f}-restore"))).collect();
+    if found.is_empty() {
+        vec![""]
+    } else {
+        found
+    }
+}
+
+/// Checks, loads twice and reads back one family's part with one flavour of the tools.
+fn check_part(ns: &Netns, part: &Part, flavour: &str) -> Result<(), String> {
+    let restore = format!("{}{flavour}-restore", part.tool);
+    let save = format!("{}{flavour}-save", part.tool);
+    // The tools read a file argument; the namespace shares the file system.
+    let file = std::env::temp_dir().join(format!("{}-{restore}.rules", ns.name));
+    fs::write(&file, &part.text).map_err(|e| format!("write {}: {e}", file.display()))?;
+    let file_arg = file.to_str().ok_or("temp path is not UTF-8")?.to_string();
+    let result = (|| {
+        for (what, args) in [
+            ("--test --noflush (check)", vec!["--test", "--noflush", file_arg.as_str()]),
+            ("--noflush (first load)", vec!["--noflush", file_arg.as_str()]),
+            ("--noflush (reload over the loaded rules)", vec!["--noflush", file_arg.as_str()]),
+        ] {
+            let out = ns.exec(&restore, &args)?;
+            if !out.status.success() {
+                return Err(format!(
+                    "{restore} {what} in namespace {} failed ({}):\n{}",
+                    ns.name,
+                    out.status,
+                    String::from_utf8_lossy(&out.stderr)
+                ));
+            }
+        }
+        // Read back: every chain of the file exists with exactly its rules (the reload flushed
+        // each chain before refilling it, so nothing is doubled).
+        let out = ns.exec(&save, &[])?;
+        if !out.status.success() {
+            return Err(format!("{save} failed: {}", String::from_utf8_lossy(&out.stderr)));
+        }
+        let saved = rule_counts(&String::from_utf8_lossy(&out.stdout));
+        let want = rule_counts(&part.text);
+        if !want.contains_key(&("nat".to_string(), "KUBE-SERVICES".to_string())) {
+            return Err(format!("the {} part has no nat KUBE-SERVICES chain", part.tool));
+        }
+        for (key, n) in &want {
+            if saved.get(key) != Some(n) {
+                return Err(format!(
+                    "{save} after two loads: {} {} has {:?} rules, the file gives it {n}",
+                    key.0,
+                    key.1,
+                    saved.get(key)
+                ));
+            }
+        }
+        Ok(())
+    })();
+    let _ = fs::remove_file(&file);
+    result
+}
+
+/// Runs both steps of one scenario and panics with every problem found.
+fn run_scenario(name: &str) {
+    let dir = testdata().join(name);
+    assert!(dir.join("args").is_file(), "testdata/{name}/args is missing");
+    let mut errors = Vec::new();
+    if let Err(e) = check_text(name, &dir) {
+        errors.push(e);
+    }
+    // The kernel check runs on expected.iptables even when the text differs, so one run shows both.
+    if dir.join(EXPECTED).is_file() {
+        if let Err(e) = check_kernel(name, &dir) {
+            errors.push(e);
+        }
+    }
+    if !errors.is_empty() {
+        panic!("{}", errors.join("\n\n"));
+    }
+}
+
+macro_rules! scenarios {
+    ($($test:ident => $dir:literal,)*) => {
+        $(
+            #[test]
+            fn $test() {
+                run_scenario($dir);
+            }
+        )*
+        const LISTED: &[&str] = &[$($dir),*];
+    };
+}
+
+scenarios! {
+    clusterip => "clusterip",
+    multi_endpoint => "multi-endpoint",
+    multi_port_named_ports => "multi-port-named-ports",
+    udp_sctp => "udp-sctp",
+    nodeport => "nodeport",
+    nodeport_addresses => "nodeport-addresses",
+    nodeport_addresses_all => "nodeport-addresses-all",
+    loadbalancer => "loadbalancer",
+    externalips => "externalips",
+    no_endpoints => "no-endpoints",
+    not_ready => "not-ready",
+    masquerade_all => "masquerade-all",
+    no_local_detector => "no-local-detector",
+    cluster_cidr_hairpin => "cluster-cidr-hairpin",
+    ignored_services => "ignored-services",
+    sloppy_ips => "sloppy-ips",
+    dual_stack => "dual-stack",
+    etp_local_63_71 => "etp-local-63-71",
+    detect_local_nodecidr => "detect-local-nodecidr",
+    detect_local_bridge => "detect-local-bridge",
+    detect_local_prefix => "detect-local-prefix",
+    etp_local_no_detector_68 => "etp-local-no-detector-68",
+    terminating_local_72_75 => "terminating-local-72-75",
+    itp_local_82_87 => "itp-local-82-87",
+    source_ranges_52_57_62 => "source-ranges-52-57-62",
+    affinity_88_90 => "affinity-88-90",
+    topology_91_98 => "topology-91-98",
+    dual_stack_policies_99_101 => "dual-stack-policies-99-101",
+    service_cidr_8_32 => "service-cidr-8-32",
+}
+
+#[test]
+fn every_scenario_has_a_test() {
+    let found = scenario_names();
+    let missing: Vec<&String> = found.iter().filter(|n| !LISTED.contains(&n.as_str())).collect();
+    let stale: Vec<&&str> = LISTED.iter().filter(|n| !found.iter().any(|f| f == *n)).collect();
+    assert!(
+        missing.is_empty() && stale.is_empty(),
+        "tests/golden_iptables.rs `scenarios!` is out of date: add {missing:?}, remove {stale:?}"
+    );
+}
+
+#[test]
+fn parts_split_at_the_tool_lines_and_rules_are_counted_per_chain() {
+    let text =
+        "# iptables-restore\n*nat\n:KUBE-SERVICES - [0:0]\n:KUBE-X - [0:0]\n-A KUBE-SERVICES -j KUBE-X\nCOMMIT\n\
+                # ip6tables-restore\n*filter\nCOMMIT\n";
+    let parts = split_parts(text).unwrap();
+    assert_eq!(parts.iter().map(|p| p.tool).collect::<Vec<_>>(), vec!["iptables", "ip6tables"]);
+    assert_eq!(parts[1].text, "*filter\nCOMMIT\n");
+    let counts = rule_counts(&parts[0].text);
+    assert_eq!(counts[&("nat".to_string(), "KUBE-SERVICES".to_string())], 1);
+    assert_eq!(counts[&("nat".to_string(), "KUBE-X".to_string())], 0);
+    assert!(split_parts("*nat\nCOMMIT\n").is_err(), "a part without its tool line");
+    assert!(split_parts("").is_err());
+}
