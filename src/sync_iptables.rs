@@ -134,10 +134,10 @@ impl IptablesProxier {
         }
     }
 
-    fn sync_family(&mut self, family: Family, inputs: &Inputs<'_>) -> (FamilyReport, ClusterState, Result<(), String>) {
+    fn sync_family(&mut self, family: Family, inputs: &Inputs<'_>) -> (FamilyReport, Result<(), String>) {
         let t0 = Instant::now();
         let state = (inputs.state)(family);
-        let built = self.build(family, &state, inputs);
+        let built = self.build(family, state, inputs);
         for s in &built.skipped {
             warn!(family = family.label(), "skipping {s}");
         }
@@ -150,13 +150,13 @@ impl IptablesProxier {
             build: t1 - t0,
             diff: Duration::ZERO,
             apply: Duration::ZERO,
-            counts: counts(&state, &built),
+            counts: counts(state, &built),
             error: None,
             iptables: None,
         };
         let fs = match self.family(family) {
             Ok(fs) => fs,
-            Err(e) => return (fr, state.clone(), Err(e)),
+            Err(e) => return (fr, Err(e)),
         };
         let canaries = CANARY_TABLES.iter().all(|t| fs.bins.chain_exists(t, CANARY_CHAIN));
         if !canaries && fs.applied.is_some() {
@@ -203,7 +203,7 @@ impl IptablesProxier {
             Ok(i) => i,
             Err(e) => {
                 fs.applied = None;
-                return (fr, state.clone(), Err(e.to_string()));
+                return (fr, Err(e.to_string()));
             }
         };
         debug!(family = family.label(), full, "iptables-restore input:\n{input}");
@@ -227,13 +227,13 @@ impl IptablesProxier {
                 if full {
                     fs.last_full = Some(t2);
                 }
-                (fr, state.clone(), Ok(()))
+                (fr, Ok(()))
             }
             Err(e) => {
                 // Each table is atomic, but an earlier table of the input may have been
                 // committed: what the kernel holds is unknown, so the next restore is full.
                 fs.applied = None;
-                (fr, state.clone(), Err(e.to_string()))
+                (fr, Err(e.to_string()))
             }
         }
     }
@@ -323,9 +323,9 @@ impl Engine for IptablesProxier {
             }
         }
         for family in fams {
-            let (mut fr, state, r) = self.sync_family(family, inputs);
+            let (mut fr, r) = self.sync_family(family, inputs);
             match r {
-                Ok(()) => self.udp.synced(family, &state),
+                Ok(()) => self.udp.synced(family, (inputs.state)(family)),
                 Err(e) => {
                     self.udp.apply_failed(family);
                     fr.error = Some(e.clone());

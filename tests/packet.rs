@@ -30,6 +30,38 @@ const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 20);
 /// kproxy's first sync includes start-up; later changes must be faster (see the edit test).
 const FIRST_SYNC: Duration = Duration::from_secs(10);
 
+/// One scenario list for both proxy modes: `in_modes!(scenario: [Nftables, Iptables])` turns
+/// `fn scenario(mode: Mode)` into the tests `scenario::nftables` and `scenario::iptables` (and
+/// `scenario::iptables_legacy` for `IptablesLegacy`), so both modes prove the same behaviour.
+/// Where upstream's iptables mode behaves differently, the scenario says so with `mode`.
+macro_rules! in_modes {
+    ($($name:ident: [$($mode:ident),+]),+ $(,)?) => {$(
+        mod $name {
+            $(in_modes!(@one $name $mode);)+
+        }
+    )+};
+    (@one $name:ident Nftables) => { #[test] fn nftables() { super::$name(super::Mode::Nftables) } };
+    (@one $name:ident Iptables) => { #[test] fn iptables() { super::$name(super::Mode::Iptables) } };
+    (@one $name:ident IptablesLegacy) => {
+        #[test] fn iptables_legacy() { super::$name(super::Mode::IptablesLegacy) }
+    };
+}
+
+in_modes!(
+    cluster_ip_spreads_evenly_and_keeps_the_pod_source: [Nftables, Iptables],
+    external_and_host_traffic_is_masqueraded: [Nftables, Iptables, IptablesLegacy],
+    hairpin_is_masqueraded_and_missing_endpoints_or_ports_are_refused: [Nftables, Iptables],
+    edits_are_followed_within_two_seconds: [Nftables, Iptables],
+    masquerade_all_and_nodeport_addresses_flags: [Nftables, Iptables],
+    external_traffic_policy_local_keeps_the_client_source_and_stays_on_the_node: [Nftables, Iptables],
+    internal_traffic_policy_local_uses_only_local_endpoints: [Nftables, Iptables],
+    load_balancer_source_ranges_allow_and_deny: [Nftables, Iptables],
+    client_ip_affinity_sticks_across_connections_and_service_ips: [Nftables, Iptables],
+    ipv6_cluster_ip_and_node_port: [Nftables, Iptables],
+    udp_flow_moves_to_a_remaining_endpoint_when_its_endpoint_is_removed: [Nftables, Iptables],
+    zone_hints_keep_traffic_in_the_zone_until_an_endpoint_lacks_hints: [Nftables, Iptables],
+);
+
 /// The harness alone, with a hand-written nft table instead of kproxy: DNAT from a pod keeps the
 /// source, DNAT from outside and from the host network is masqueraded to the address the tests
 /// expect. If this fails, the kproxy tests below cannot be trusted either way.
@@ -120,8 +152,7 @@ fn assert_refused(what: &str, attempts: &[Attempt]) {
 
 /// Test 1 (cases 1, 14-ish): ClusterIP from a pod, TCP and UDP of one multi-port service, two
 /// local endpoints and one on node2. Uniform choice, pod source kept (not masqueraded).
-#[test]
-fn cluster_ip_spreads_evenly_and_keeps_the_pod_source() {
+fn cluster_ip_spreads_evenly_and_keeps_the_pod_source(mode: Mode) {
     let t = Topo::new();
     let cip = ip(172, 30, 0, 10);
     let backends = [Pod::B1, Pod::B2, Pod::R1];
@@ -129,7 +160,7 @@ fn cluster_ip_spreads_evenly_and_keeps_the_pod_source() {
         &Service::cluster_ip("web", cip).port("http", Tcp, 80, ECHO_TCP).port("dns", Udp, 53, ECHO_UDP),
         &Slice::of("web").port("http", Tcp, ECHO_TCP).port("dns", Udp, ECHO_UDP).endpoints(&backends),
     );
-    let mut k = t.kproxy(&[]);
+    let mut k = t.kproxy_in(mode, &[]);
     let mut client = t.prober(Host::Pod(Pod::Client));
     await_answer(&mut k, &mut client, Tcp, cip, 80);
     // The CLI contract: one info line per sync that says "sync".
@@ -145,8 +176,7 @@ fn cluster_ip_spreads_evenly_and_keeps_the_pod_source() {
 /// off-cluster host, NodePort from a pod and ClusterIP from the host network are all
 /// masqueraded, to the node's address on the way to the chosen backend. NodePorts answer only
 /// on the Node object's InternalIP.
-#[test]
-fn external_and_host_traffic_is_masqueraded() {
+fn external_and_host_traffic_is_masqueraded(mode: Mode) {
     let t = Topo::new();
     let cip = ip(172, 30, 0, 20);
     let backends = [Pod::B1, Pod::R1];
@@ -160,7 +190,7 @@ fn external_and_host_traffic_is_masqueraded() {
             .external_ip(EXTERNAL_IP),
         &Slice::of("edge").port("http", Tcp, ECHO_TCP).port("dns", Udp, ECHO_UDP).endpoints(&backends),
     );
-    let mut k = t.kproxy(&[]);
+    let mut k = t.kproxy_in(mode, &[]);
     let mut ext = t.prober(Host::Ext);
     await_answer(&mut k, &mut ext, Tcp, NODE_IP, 30080);
     // 60 draws of 1/2: both backends must show up; the share bound only rules out "always one".
@@ -171,10 +201,29 @@ fn external_and_host_traffic_is_masqueraded() {
         let a = ext.probe(proto, dst, port, 60, T1);
         assert_spread(&format!("{proto:?} {dst}:{port} from ext"), &a, &backends, masq, 0.1, 0.9);
     }
-    // The node's other address (towards ext) is local but not the Node's InternalIP: the host
-    // stack gets the packet, nothing listens, RST.
-    let a = ext.one(Tcp, NODE_EXT_IP, 30080, T1);
-    assert_eq!(a.outcome, Outcome::Refused, "NodePort must not answer on a non-primary node address");
+    // The node's other address (towards ext) is local but not the Node's InternalIP. nftables
+    // mode's default --nodeport-addresses is `primary`: the host stack gets the packet, nothing
+    // listens, RST. iptables mode's default is every local address, as upstream (case 50).
+    if mode.is_iptables() {
+        let a = ext.probe(Tcp, NODE_EXT_IP, 30080, 20, T1);
+        assert_spread("iptables mode: NodePort on every node address", &a, &backends, masq, 0.05, 0.95);
+    } else {
+        let a = ext.one(Tcp, NODE_EXT_IP, 30080, T1);
+        assert_eq!(a.outcome, Outcome::Refused, "NodePort must not answer on a non-primary node address");
+    }
+    // Case 51: localhost NodePorts exist only in iptables mode (IPv4, localhostNodePorts, node
+    // port addresses covering 127.0.0.1; route_localnet=1 with the KUBE-FIREWALL safeguard).
+    // nftables mode never serves 127.0.0.0/8: nothing listens there, RST.
+    let mut node = t.prober(Host::Node);
+    if mode.is_iptables() {
+        let a = node.probe(Tcp, Ipv4Addr::LOCALHOST, 30080, 20, T1);
+        assert_spread("iptables mode: node -> 127.0.0.1:NodePort", &a, &backends, masq, 0.05, 0.95);
+        let rl = t.cmd(Host::Node, "sysctl").args(["-n", "net.ipv4.conf.all.route_localnet"]).output().unwrap();
+        assert_eq!(String::from_utf8_lossy(&rl.stdout).trim(), "1", "route_localnet");
+        assert!(t.iptables_save(mode).contains("-A KUBE-FIREWALL ! -s 127.0.0.0/8 -d 127.0.0.0/8"), "safeguard");
+    } else {
+        assert_eq!(node.one(Tcp, Ipv4Addr::LOCALHOST, 30080, T1).outcome, Outcome::Refused, "localhost NodePort");
+    }
 
     let a = t.prober(Host::Node).probe(Tcp, cip, 80, 60, T1);
     assert_spread("ClusterIP from the host network", &a, &backends, masq, 0.1, 0.9);
@@ -184,8 +233,7 @@ fn external_and_host_traffic_is_masqueraded() {
 
 /// Test 3 (cases 2, 36, 38, and "a port the ClusterIP does not serve"): hairpin is
 /// masqueraded, a neighbour pod is not; no endpoints and wrong ports are refused at once.
-#[test]
-fn hairpin_is_masqueraded_and_missing_endpoints_or_ports_are_refused() {
+fn hairpin_is_masqueraded_and_missing_endpoints_or_ports_are_refused(mode: Mode) {
     let t = Topo::new();
     let (hp, none) = (ip(172, 30, 0, 30), ip(172, 30, 0, 31));
     t.apply(
@@ -199,7 +247,7 @@ fn hairpin_is_masqueraded_and_missing_endpoints_or_ports_are_refused() {
             .port("dns", Udp, 53, ECHO_UDP),
         &Slice::of("empty").port("http", Tcp, ECHO_TCP).port("dns", Udp, ECHO_UDP),
     );
-    let mut k = t.kproxy(&[]);
+    let mut k = t.kproxy_in(mode, &[]);
     let mut client = t.prober(Host::Pod(Pod::Client));
     await_answer(&mut k, &mut client, Tcp, hp, 80);
     // Everything above came from one sync of the whole directory, so "empty" is programmed too.
@@ -216,8 +264,17 @@ fn hairpin_is_masqueraded_and_missing_endpoints_or_ports_are_refused() {
     assert_refused("no endpoints, TCP", &client.probe(Tcp, none, 80, 5, slow));
     assert_refused("no endpoints, UDP", &client.probe(Udp, none, 53, 5, slow));
     assert_refused("no endpoints, NodePort from ext", &t.prober(Host::Ext).probe(Tcp, NODE_IP, 30031, 5, slow));
-    assert_refused("ClusterIP, unserved TCP port", &client.probe(Tcp, hp, 81, 5, slow));
-    assert_refused("ClusterIP, unserved UDP port", &client.probe(Udp, hp, 54, 5, slow));
+    if mode.is_iptables() {
+        // Upstream's iptables mode has no rule for the ports a ClusterIP does not serve (only
+        // nftables mode rejects them): the packet is routed like any other, here out of the
+        // default route, and never answered.
+        let quick = Duration::from_millis(400);
+        assert_dropped("iptables mode: ClusterIP, unserved TCP port", &client.probe(Tcp, hp, 81, 2, quick));
+        assert_dropped("iptables mode: ClusterIP, unserved UDP port", &client.probe(Udp, hp, 54, 2, quick));
+    } else {
+        assert_refused("ClusterIP, unserved TCP port", &client.probe(Tcp, hp, 81, 5, slow));
+        assert_refused("ClusterIP, unserved UDP port", &client.probe(Udp, hp, 54, 5, slow));
+    }
 }
 
 /// What a probe batch must show after an edit.
@@ -259,14 +316,13 @@ fn follows(client: &mut Prober, dst: Ipv4Addr, port: u16, want: Expect, since: I
 
 /// Test 4 (cases 33-35, 32): manifest edits reach the kernel within 2 s each: scale 1 -> 3 -> 0,
 /// restore, replace an endpoint's address, delete the service.
-#[test]
-fn edits_are_followed_within_two_seconds() {
+fn edits_are_followed_within_two_seconds(mode: Mode) {
     let t = Topo::new();
     let cip = ip(172, 30, 0, 40);
     let svc = Service::cluster_ip("edit", cip).port("http", Tcp, 80, ECHO_TCP);
     let slice = || Slice::of("edit").port("http", Tcp, ECHO_TCP);
     t.apply(&svc, &slice().endpoint(Pod::B1));
-    let mut k = t.kproxy(&[]);
+    let mut k = t.kproxy_in(mode, &[]);
     let mut client = t.prober(Host::Pod(Pod::Client));
     await_answer(&mut k, &mut client, Tcp, cip, 80);
     follows(&mut client, cip, 80, Expect::Backends(&[Pod::B1]), Instant::now());
@@ -397,15 +453,14 @@ fn cleanup_removes_the_table() {
 /// Flags end to end (cases 48, 50 and masquerade-all): `--masquerade-all` masquerades even a
 /// pod's ClusterIP traffic; `--nodeport-addresses` moves NodePorts from the Node's InternalIP to
 /// the local addresses inside the given CIDR.
-#[test]
-fn masquerade_all_and_nodeport_addresses_flags() {
+fn masquerade_all_and_nodeport_addresses_flags(mode: Mode) {
     let t = Topo::new();
     let cip = ip(172, 30, 0, 70);
     t.apply(
         &Service::cluster_ip("flags", cip).port("http", Tcp, 80, ECHO_TCP).node_port(30070),
         &Slice::of("flags").port("http", Tcp, ECHO_TCP).endpoint(Pod::B1),
     );
-    let mut k = t.kproxy(&["--masquerade-all", "--nodeport-addresses", "203.0.113.0/24"]);
+    let mut k = t.kproxy_in(mode, &["--masquerade-all", "--nodeport-addresses", "203.0.113.0/24"]);
     let mut client = t.prober(Host::Pod(Pod::Client));
     await_answer(&mut k, &mut client, Tcp, cip, 80);
     let a = client.probe(Tcp, cip, 80, 5, T1);
@@ -434,8 +489,7 @@ fn assert_dropped(what: &str, attempts: &[Attempt]) {
 /// address; a pod short-circuits to both endpoints with its source kept; the node itself reaches
 /// both, masqueraded. A second service with only the remote endpoint drops external traffic
 /// (no refusal) while pods still reach r1.
-#[test]
-fn external_traffic_policy_local_keeps_the_client_source_and_stays_on_the_node() {
+fn external_traffic_policy_local_keeps_the_client_source_and_stays_on_the_node(mode: Mode) {
     let t = Topo::new();
     let (cip, cip2) = (ip(172, 30, 0, 80), ip(172, 30, 0, 81));
     let lb2 = Ipv4Addr::new(198, 51, 100, 11);
@@ -457,7 +511,7 @@ fn external_traffic_policy_local_keeps_the_client_source_and_stays_on_the_node()
             .spec("externalTrafficPolicy: Local"),
         &Slice::of("remote").port("http", Tcp, ECHO_TCP).endpoint(Pod::R1),
     );
-    let mut k = t.kproxy(&[]);
+    let mut k = t.kproxy_in(mode, &[]);
     let mut ext = t.prober(Host::Ext);
     await_answer(&mut k, &mut ext, Tcp, NODE_IP, 30080);
     for (proto, dst, port) in [(Tcp, NODE_IP, 30080), (Udp, NODE_IP, 30053), (Tcp, LB_IP, 80), (Udp, LB_IP, 53)] {
@@ -488,8 +542,7 @@ fn external_traffic_policy_local_keeps_the_client_source_and_stays_on_the_node()
 /// Cases 82-84: internalTrafficPolicy Local. ClusterIP traffic goes to this node's endpoint only;
 /// when the node has none left, it is dropped (not refused) although r1 still serves; NodePort
 /// traffic of the same Service is not affected (case 87).
-#[test]
-fn internal_traffic_policy_local_uses_only_local_endpoints() {
+fn internal_traffic_policy_local_uses_only_local_endpoints(mode: Mode) {
     let t = Topo::new();
     let cip = ip(172, 30, 0, 90);
     let svc = Service::cluster_ip("itp", cip)
@@ -498,7 +551,7 @@ fn internal_traffic_policy_local_uses_only_local_endpoints() {
         .spec("internalTrafficPolicy: Local");
     let slice = || Slice::of("itp").port("http", Tcp, ECHO_TCP);
     t.apply(&svc, &slice().endpoints(&[Pod::B1, Pod::B2, Pod::R1]));
-    let mut k = t.kproxy(&[]);
+    let mut k = t.kproxy_in(mode, &[]);
     let mut client = t.prober(Host::Pod(Pod::Client));
     await_answer(&mut k, &mut client, Tcp, cip, 80);
     let a = client.probe(Tcp, cip, 80, 60, T1);
@@ -530,8 +583,7 @@ fn internal_traffic_policy_local_uses_only_local_endpoints() {
 /// which is never filtered (case 52); the node's own address is inside a range, so the node gets
 /// through too (case 56). The second Service's range leaves ext and the node out: dropped (54,
 /// 57), while its node port still answers.
-#[test]
-fn load_balancer_source_ranges_allow_and_deny() {
+fn load_balancer_source_ranges_allow_and_deny(mode: Mode) {
     let t = Topo::new();
     let lb2 = Ipv4Addr::new(198, 51, 100, 12);
     t.apply(
@@ -550,7 +602,7 @@ fn load_balancer_source_ranges_allow_and_deny() {
             .spec("loadBalancerSourceRanges: [203.0.113.128/25]"),
         &Slice::of("fw-deny").port("http", Tcp, ECHO_TCP).endpoint(Pod::B1),
     );
-    let mut k = t.kproxy(&[]);
+    let mut k = t.kproxy_in(mode, &[]);
     let mut ext = t.prober(Host::Ext);
     await_answer(&mut k, &mut ext, Tcp, LB_IP, 80);
     let quick = Duration::from_millis(400);
@@ -571,8 +623,7 @@ fn load_balancer_source_ranges_allow_and_deny() {
 /// land on one backend of three; the same client through the node port lands there too (the
 /// affinity is per service port, across its IPs); once the timeout passed without a new
 /// connection, the kernel has dropped the client's entry (case 89).
-#[test]
-fn client_ip_affinity_sticks_across_connections_and_service_ips() {
+fn client_ip_affinity_sticks_across_connections_and_service_ips(mode: Mode) {
     let t = Topo::new();
     let cip = ip(172, 30, 0, 110);
     t.apply(
@@ -583,7 +634,7 @@ fn client_ip_affinity_sticks_across_connections_and_service_ips() {
             .spec("sessionAffinityConfig: {clientIP: {timeoutSeconds: 3}}"),
         &Slice::of("sticky").port("http", Tcp, ECHO_TCP).endpoints(&[Pod::B1, Pod::B2, Pod::R1]),
     );
-    let mut k = t.kproxy(&[]);
+    let mut k = t.kproxy_in(mode, &[]);
     let mut client = t.prober(Host::Pod(Pod::Client));
     await_answer(&mut k, &mut client, Tcp, cip, 80);
     let a = client.probe(Tcp, cip, 80, 50, T1);
@@ -595,6 +646,22 @@ fn client_ip_affinity_sticks_across_connections_and_service_ips() {
     expect_answer(&a, backend, backend.masqueraded_src())
         .unwrap_or_else(|e| panic!("same client via the node port: {e}"));
 
+    if mode.is_iptables() {
+        // iptables mode keeps affinity in `-m recent` lists, one per endpoint chain: exactly one
+        // list (the chosen endpoint's) holds the client. xt_recent entries are not reaped by a
+        // timer, only by `--reap` when a packet is checked, so unlike nftables mode's set
+        // timeouts the entry stays listed after the timeout (upstream behaviour); it just no
+        // longer matches, which case 89 is about and which a single client cannot prove apart
+        // from chance.
+        let lists = t.cmd(Host::Node, "sh").args(["-c", "grep -l . /proc/net/xt_recent/KUBE-SEP-*"]).output().unwrap();
+        let lists = String::from_utf8_lossy(&lists.stdout).into_owned();
+        let holding: Vec<&str> = lists.lines().collect();
+        let content = t.cmd(Host::Node, "sh").args(["-c", "cat /proc/net/xt_recent/KUBE-SEP-*"]).output().unwrap();
+        let content = String::from_utf8_lossy(&content.stdout).into_owned();
+        assert_eq!(holding.len(), 1, "one recent list holds the client: {lists}\n{content}");
+        assert_eq!(content.matches(&format!("src={} ", Pod::Client.ip())).count(), 1, "{content}");
+        return;
+    }
     // The kernel holds exactly one entry for the client, in the chosen endpoint's set.
     let sets = || String::from_utf8_lossy(&t.nft(&["list", "sets", "ip"]).stdout).into_owned();
     let listing = sets();
@@ -689,15 +756,15 @@ impl Drop for V6Topo {
 }
 
 /// Cases 99, 100: an IPv6 ClusterIP from a pod (source kept, both backends) and an IPv6 NodePort
-/// from an off-cluster host (masqueraded), programmed by kproxy in `table ip6 kube-proxy`.
+/// from an off-cluster host (masqueraded), programmed by kproxy in `table ip6 kube-proxy`
+/// (nftables mode) or with ip6tables-restore (iptables mode).
 ///
 /// ```text
 ///  client fd00:10:1::2 ── fd00:10:1::1 [node] fd00:10:2::1 ── b1 fd00:10:2::11
 ///                          2001:db8::1 │      fd00:10:3::1 ── b2 fd00:10:3::11
 ///                         ext 2001:db8::2
 /// ```
-#[test]
-fn ipv6_cluster_ip_and_node_port() {
+fn ipv6_cluster_ip_and_node_port(mode: Mode) {
     static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let id = format!("kpp6{}-{}", std::process::id(), SEQ.fetch_add(1, std::sync::atomic::Ordering::SeqCst));
     let dir = std::env::temp_dir().join(&id);
@@ -772,6 +839,7 @@ endpoints:
         .args(["netns", "exec", &t.ns("node"), env!("CARGO_BIN_EXE_kproxy")])
         .args(["--manifests", &t.dir.join("manifests").to_string_lossy(), "--hostname-override", "node6"])
         .args(["--cluster-cidr", "10.0.0.0/8,fd00:10::/32", "--iptables-min-sync-period", "0s"])
+        .args(["--proxy-mode", if mode.is_iptables() { "iptables" } else { "nftables" }])
         .env("NO_COLOR", "1")
         .stdout(log.try_clone().unwrap())
         .stderr(log)
@@ -809,7 +877,13 @@ endpoints:
     // upstream): a UDP client sees the refusal. A TCP client in SYN-SENT does not act on it on this
     // kernel (6.18: the ICMPv6 error arrives, connect() still times out), so TCP only shows "never
     // answered".
-    assert_eq!(t.probe("client", "udp", cip, 54, 1), vec!["refused"], "{}", log());
+    if mode.is_iptables() {
+        // Upstream's iptables mode has no rule for unserved ClusterIP ports: routed out of the
+        // default route and never answered.
+        assert_eq!(t.probe("client", "udp", cip, 54, 1), vec!["timeout"], "{}", log());
+    } else {
+        assert_eq!(t.probe("client", "udp", cip, 54, 1), vec!["refused"], "{}", log());
+    }
     assert!(!t.probe("client", "tcp", cip, 81, 1)[0].starts_with("ok"), "{}", log());
 }
 
@@ -819,15 +893,14 @@ endpoints:
 /// Issue 4 "a UDP client sending continuously from one source port to a ClusterIP keeps being
 /// answered within 2 s after its endpoint is removed" (case 102): the removed backend keeps
 /// running, so without kproxy's conntrack cleanup the flow would stay pinned to it for good.
-#[test]
-fn udp_flow_moves_to_a_remaining_endpoint_when_its_endpoint_is_removed() {
+fn udp_flow_moves_to_a_remaining_endpoint_when_its_endpoint_is_removed(mode: Mode) {
     use std::io::BufRead as _;
     let t = Topo::new();
     let cip = ip(172, 30, 0, 120);
     let svc = Service::cluster_ip("udpflow", cip).port("dns", Udp, 53, ECHO_UDP);
     let slice = || Slice::of("udpflow").port("dns", Udp, ECHO_UDP);
     t.apply(&svc, &slice().endpoints(&[Pod::B1, Pod::B2]));
-    let mut k = t.kproxy(&[]);
+    let mut k = t.kproxy_in(mode, &[]);
     let mut client = t.prober(Host::Pod(Pod::Client));
     await_answer(&mut k, &mut client, Udp, cip, 53);
 
@@ -975,8 +1048,7 @@ fn health_check_node_port_follows_the_local_endpoints() {
 /// are hinted for zone-a and b3 for zone-b, so every connection from the client lands on b1 or b2.
 /// Then b3 loses its hints: not every endpoint has hints, so upstream ignores them all and b3
 /// must get traffic again within 2 s.
-#[test]
-fn zone_hints_keep_traffic_in_the_zone_until_an_endpoint_lacks_hints() {
+fn zone_hints_keep_traffic_in_the_zone_until_an_endpoint_lacks_hints(mode: Mode) {
     let t = Topo::new();
     t.write_manifest(
         "nodes.yaml",
@@ -1003,7 +1075,7 @@ fn zone_hints_keep_traffic_in_the_zone_until_an_endpoint_lacks_hints() {
             .endpoint_in_zone(Pod::B2, "zone-a")
             .endpoint_in_zone(Pod::B3, "zone-b"),
     );
-    let mut k = t.kproxy(&[]);
+    let mut k = t.kproxy_in(mode, &[]);
     let mut client = t.prober(Host::Pod(Pod::Client));
     await_answer(&mut k, &mut client, Tcp, cip, 80);
     let a = client.probe(Tcp, cip, 80, 200, T1);
@@ -1019,4 +1091,231 @@ fn zone_hints_keep_traffic_in_the_zone_until_an_endpoint_lacks_hints() {
     eprintln!("hints ignored after {took:?}");
     let a = client.probe(Tcp, cip, 80, 90, T1);
     assert_spread("one endpoint without hints", &a, &[Pod::B1, Pod::B2, Pod::B3], |_| Pod::Client.ip(), 0.15, 0.55);
+}
+
+// ------------------------------------------------------------------------------------------------
+// iptables mode only: mode switches, restore failures, canaries, --cleanup of both modes
+
+/// What `mode`'s rules leave behind that the other mode must remove: nftables mode's
+/// `table ip kube-proxy`, iptables mode's KUBE-* chains and jumps. `KUBE-FIREWALL` is allowed to
+/// stay: upstream never deletes it, since it guards `route_localnet=1`, which stays set.
+fn leftovers_of(t: &Topo, mode: Mode) -> Vec<String> {
+    if mode.is_iptables() {
+        t.kube_iptables_lines().into_iter().filter(|l| !l.contains("KUBE-FIREWALL")).collect()
+    } else if t.has_kube_proxy_table() {
+        vec!["table ip kube-proxy".to_string()]
+    } else {
+        vec![]
+    }
+}
+
+/// Issue 7: nftables → iptables → nftables under a client opening a connection every 20 ms. Each
+/// new process programs its own mode first and then removes the other mode's rules, so there is
+/// no moment without rules: not one connection may fail, and after each switch nothing of the
+/// other mode is left (`nft list tables`, `iptables-save | grep KUBE-`, both flavours).
+#[test]
+fn mode_switch_under_traffic_loses_no_connection_and_leaves_nothing_behind() {
+    let t = Topo::new();
+    let cip = ip(172, 30, 0, 140);
+    t.apply(
+        &Service::cluster_ip("switch", cip).port("http", Tcp, 80, ECHO_TCP),
+        &Slice::of("switch").port("http", Tcp, ECHO_TCP).endpoints(&[Pod::B1, Pod::B2]),
+    );
+    let mut k = t.kproxy_in(Mode::Nftables, &[]);
+    let mut client = t.prober(Host::Pod(Pod::Client));
+    await_answer(&mut k, &mut client, Tcp, cip, 80);
+    drop(client);
+    let lp = t.traffic_loop(Host::Pod(Pod::Client), Tcp, cip, 80, Duration::from_millis(20), T1);
+    lp.wait_more(10, Duration::from_secs(5));
+    for (to, from) in [(Mode::Iptables, Mode::Nftables), (Mode::Nftables, Mode::Iptables)] {
+        k.terminate();
+        k = t.kproxy_in(to, &[]);
+        let (_, took) = poll(&format!("{from:?} rules gone after the switch to {to:?}"), FIRST_SYNC, || {
+            k.assert_running();
+            let ours =
+                if to.is_iptables() { t.iptables_save(to).contains(":KUBE-SVC-") } else { t.has_kube_proxy_table() };
+            let left = leftovers_of(&t, from);
+            (ours && left.is_empty()).then_some(()).ok_or_else(|| format!("ours programmed: {ours}; left: {left:?}"))
+        });
+        eprintln!("switched to {to:?}, {from:?} rules removed after {took:?}");
+        lp.wait_more(20, Duration::from_secs(5));
+    }
+    let results = lp.stop();
+    let failed: Vec<_> = results.iter().filter(|(_, a)| a.backend().is_none()).collect();
+    eprintln!(
+        "{} connections: {:?}",
+        results.len(),
+        tally(&results.iter().map(|(_, a)| a.clone()).collect::<Vec<_>>())
+    );
+    assert!(failed.is_empty(), "{} of {} connections failed: {failed:?}", failed.len(), results.len());
+    assert!(!t.kube_iptables_lines().iter().any(|l| l.contains("KUBE-SVC-")), "{:?}", t.kube_iptables_lines());
+}
+
+/// The node's metrics (`/metrics` on 127.0.0.1:10249 in the node namespace).
+fn node_metrics(t: &Topo) -> String {
+    const GET_PY: &str =
+        "import urllib.request as u; print(u.urlopen('http://127.0.0.1:10249/metrics', timeout=2).read().decode())";
+    let out = t.cmd(Host::Node, "python3").args(["-c", GET_PY]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The value of one sample (`name{labels}` exactly as exported), 0 when absent.
+fn metric(text: &str, sample: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(sample).and_then(|v| v.strip_prefix(' ')).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or(0.0)
+}
+
+/// A restore that fails: someone else's chain jumps to the endpoint chain of b2, so deleting
+/// that chain when b2 leaves the Service fails the nat table's restore. The error names the
+/// failing line (`-X KUBE-SEP-…`, marked, with its neighbours); the nat table is atomic, so the
+/// kernel keeps the old rules and b2 still gets traffic; the failure is counted (partial, then
+/// full), the retries are full; once the foreign reference goes, a full restore deletes the
+/// stale chain and only b1 answers.
+#[test]
+fn a_failed_restore_names_the_line_keeps_the_old_rules_and_the_next_sync_is_full() {
+    let t = Topo::new();
+    let mode = Mode::Iptables;
+    let cip = ip(172, 30, 0, 150);
+    let svc = Service::cluster_ip("fail", cip).port("http", Tcp, 80, ECHO_TCP);
+    let slice = || Slice::of("fail").port("http", Tcp, ECHO_TCP);
+    t.apply(&svc, &slice().endpoints(&[Pod::B1, Pod::B2]));
+    let mut k = t.kproxy_in(mode, &["--iptables-sync-period", "1s"]);
+    let mut client = t.prober(Host::Pod(Pod::Client));
+    await_answer(&mut k, &mut client, Tcp, cip, 80);
+    let save = t.iptables_save(mode);
+    let b2_dnat = format!("--to-destination {}:{ECHO_TCP}", Pod::B2.ip());
+    let sep = save
+        .lines()
+        .find(|l| l.starts_with("-A KUBE-SEP-") && l.contains(&b2_dnat))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .unwrap_or_else(|| panic!("no endpoint chain for b2:\n{save}"))
+        .to_string();
+    t.iptables(mode, &["-t", "nat", "-N", "FOREIGN-REF"]);
+    t.iptables(mode, &["-t", "nat", "-A", "FOREIGN-REF", "-j", &sep]);
+
+    t.apply(&svc, &slice().endpoint(Pod::B1));
+    let marked = format!(": -X {sep}");
+    let (_, took) = poll("the restore failure is logged with the failing line", Duration::from_secs(5), || {
+        k.assert_running();
+        let log = k.log();
+        log.lines().any(|l| l.starts_with('>') && l.ends_with(&marked)).then_some(()).ok_or_else(|| "not yet".into())
+    });
+    eprintln!("restore failure logged after {took:?}");
+    let log = k.log();
+    assert!(log.contains("line") && log.contains("failed"), "{log}");
+    // The kernel kept the old nat table: both endpoints still answer.
+    let a = client.probe(Tcp, cip, 80, 30, T1);
+    assert_spread("old rules kept after the failed restore", &a, &[Pod::B1, Pod::B2], |_| Pod::Client.ip(), 0.1, 0.9);
+    // Counted as upstream does; the retry after the failure is a full sync (and fails too).
+    poll("the failures are counted, the retry full", Duration::from_secs(5), || {
+        let m = node_metrics(&t);
+        let total = metric(&m, "kubeproxy_sync_proxy_rules_iptables_restore_failures_total{ip_family=\"IPv4\"}");
+        let partial =
+            metric(&m, "kubeproxy_sync_proxy_rules_iptables_partial_restore_failures_total{ip_family=\"IPv4\"}");
+        let full = metric(&m, "kproxy_syncs_total{ip_family=\"IPv4\",kind=\"full\",result=\"failure\"}");
+        (partial == 1.0 && total >= 2.0 && full >= 1.0)
+            .then_some(())
+            .ok_or_else(|| format!("failures {total}, partial {partial}, full failures {full}"))
+    });
+
+    t.iptables(mode, &["-t", "nat", "-F", "FOREIGN-REF"]);
+    t.iptables(mode, &["-t", "nat", "-X", "FOREIGN-REF"]);
+    follows(&mut client, cip, 80, Expect::Backends(&[Pod::B1]), Instant::now());
+    poll("the stale endpoint chain is deleted", Duration::from_secs(3), || {
+        let save = t.iptables_save(mode);
+        (!save.contains(&sep)).then_some(()).ok_or(save)
+    });
+    assert!(k.log().lines().rev().any(|l| l.contains("sync done") && l.contains("full=true")), "{}", k.log());
+}
+
+/// Upstream's canary: when something flushes the tables (here every nat chain, the canary
+/// included), the next sync notices the missing KUBE-PROXY-CANARY and restores everything in
+/// full: jump rules and chains. Legacy iptables, so that flavour is proven too.
+#[test]
+fn a_flushed_table_is_noticed_by_the_canary_and_restored_in_full() {
+    let t = Topo::new();
+    let mode = Mode::IptablesLegacy;
+    let cip = ip(172, 30, 0, 160);
+    t.apply(
+        &Service::cluster_ip("canary", cip).port("http", Tcp, 80, ECHO_TCP),
+        &Slice::of("canary").port("http", Tcp, ECHO_TCP).endpoint(Pod::B1),
+    );
+    let mut k = t.kproxy_in(mode, &["--iptables-sync-period", "1s"]);
+    let mut client = t.prober(Host::Pod(Pod::Client));
+    await_answer(&mut k, &mut client, Tcp, cip, 80);
+    assert!(k.log().contains("using the legacy iptables binaries"), "{}", k.log());
+    assert!(!t.iptables_save(Mode::Iptables).contains("KUBE-SVC-"), "rules went to the nft-backed tables");
+    for table in ["mangle", "nat", "filter"] {
+        let save = t.cmd(Host::Node, &mode.ipt("iptables-save")).args(["-t", table]).output().unwrap();
+        assert!(String::from_utf8_lossy(&save.stdout).contains(":KUBE-PROXY-CANARY "), "no canary in {table}");
+    }
+    t.iptables(mode, &["-t", "nat", "-F"]);
+    t.iptables(mode, &["-t", "nat", "-X"]);
+    let flushed = Instant::now();
+    let (_, took) = poll("traffic restored after the flush", Duration::from_secs(5), || {
+        k.assert_running();
+        let a = client.one(Tcp, cip, 80, Duration::from_millis(300));
+        a.backend().map(|_| ()).ok_or_else(|| format!("{:?}", a.outcome))
+    });
+    eprintln!("restored {took:?} after the flush ({:?} since)", flushed.elapsed());
+    let save = t.iptables_save(mode);
+    assert!(save.contains(":KUBE-PROXY-CANARY - [0:0]") && save.contains("-A PREROUTING"), "{save}");
+    assert!(k.log().contains("KUBE-PROXY-CANARY chain is gone"), "{}", k.log());
+}
+
+/// `--cleanup` removes both modes' leftovers: nftables mode's tables, and iptables mode's chains
+/// and jumps in both flavours (here kproxy's own in the nft-backed tables, and an upstream
+/// kube-proxy's `KUBE-SERVICES` in the legacy ones), and nothing else: someone else's chain,
+/// kubelet's hint chain and KUBE-FIREWALL stay. Idempotent.
+#[test]
+fn cleanup_removes_both_modes_leftovers_and_nothing_else() {
+    let t = Topo::new();
+    let cip = ip(172, 30, 0, 170);
+    t.apply(
+        &Service::cluster_ip("gone", cip).port("http", Tcp, 80, ECHO_TCP),
+        &Slice::of("gone").port("http", Tcp, ECHO_TCP).endpoint(Pod::B1),
+    );
+    let mut k = t.kproxy_in(Mode::Iptables, &[]);
+    let mut client = t.prober(Host::Pod(Pod::Client));
+    await_answer(&mut k, &mut client, Tcp, cip, 80);
+    k.terminate();
+    expect_answer(&client.probe(Tcp, cip, 80, 3, T1), Pod::B1, Pod::Client.ip()).unwrap();
+    t.nft_script("table ip kube-proxy {\n}\ntable ip6 kube-proxy {\n}\n");
+    let legacy = Mode::IptablesLegacy;
+    t.iptables(legacy, &["-t", "nat", "-N", "KUBE-SERVICES"]);
+    t.iptables(
+        legacy,
+        &[
+            "-t",
+            "nat",
+            "-A",
+            "PREROUTING",
+            "-m",
+            "comment",
+            "--comment",
+            "kubernetes service portals",
+            "-j",
+            "KUBE-SERVICES",
+        ],
+    );
+    t.iptables(legacy, &["-t", "mangle", "-N", "KUBE-IPTABLES-HINT"]);
+    t.iptables(Mode::Iptables, &["-t", "nat", "-N", "NOT-OURS"]);
+    t.iptables(Mode::Iptables, &["-t", "nat", "-A", "NOT-OURS", "-j", "RETURN"]);
+    for round in 1..=2 {
+        let out = t.cmd(Host::Node, env!("CARGO_BIN_EXE_kproxy")).arg("--cleanup").output().unwrap();
+        assert!(out.status.success(), "kproxy --cleanup (round {round}): {}", String::from_utf8_lossy(&out.stderr));
+        let left: Vec<String> = leftovers_of(&t, Mode::Iptables)
+            .into_iter()
+            .filter(|l| !l.contains("KUBE-IPTABLES-HINT"))
+            .chain(leftovers_of(&t, Mode::Nftables))
+            .collect();
+        assert!(left.is_empty(), "round {round}: left {left:?}");
+        assert!(!t.nft(&["list", "table", "ip6", "kube-proxy"]).status.success(), "round {round}: ip6 table");
+        let lines = t.kube_iptables_lines();
+        assert!(lines.iter().any(|l| l.contains(":KUBE-IPTABLES-HINT")), "kubelet's hint chain deleted: {lines:?}");
+        assert!(t.iptables_save(Mode::Iptables).contains("-A NOT-OURS -j RETURN"), "a foreign chain was touched");
+    }
+    let a = client.one(Tcp, cip, 80, Duration::from_millis(300));
+    assert_eq!(a.outcome, Outcome::Timeout, "ClusterIP still handled after --cleanup");
 }

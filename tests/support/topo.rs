@@ -54,6 +54,30 @@ pub const ECHO_UDP: u16 = 8053;
 
 const ECHO_PY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/echo.py");
 
+/// Which proxy mode kproxy runs in. The packet tests run each scenario in both modes; iptables
+/// mode picks the iptables flavour the node already uses, so `IptablesLegacy` leaves kubelet's
+/// hint chain (`KUBE-IPTABLES-HINT` in the legacy mangle table) for it to find.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Nftables,
+    Iptables,
+    IptablesLegacy,
+}
+
+impl Mode {
+    pub fn is_iptables(self) -> bool {
+        self != Mode::Nftables
+    }
+    /// `iptables-save`, `iptables`, ... of the flavour this mode uses (nft-backed by default).
+    pub fn ipt(self, program: &str) -> String {
+        let suffix = if self == Mode::IptablesLegacy { "legacy" } else { "nft" };
+        match program.split_once('-') {
+            Some((base, rest)) => format!("{base}-{suffix}-{rest}"),
+            None => format!("{program}-{suffix}"),
+        }
+    }
+}
+
 /// A pod of the topology. `Client` runs no server; the others are backends.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Pod {
@@ -691,6 +715,29 @@ impl Topo {
         assert!(child.wait().unwrap().success(), "nft -f refused:\n{script}");
     }
 
+    /// `iptables-save` of `mode`'s flavour in the node namespace (both families' tables: IPv4).
+    pub fn iptables_save(&self, mode: Mode) -> String {
+        let out = self.cmd(Host::Node, &mode.ipt("iptables-save")).stdin(Stdio::null()).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `iptables <args>` of `mode`'s flavour in the node namespace; panics when it fails.
+    pub fn iptables(&self, mode: Mode, args: &[&str]) {
+        let out = self.cmd(Host::Node, &mode.ipt("iptables")).args(args).stdin(Stdio::null()).output().unwrap();
+        assert!(out.status.success(), "iptables {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// KUBE-* chains and jumps to them, in either iptables flavour (lines of `iptables-save`).
+    pub fn kube_iptables_lines(&self) -> Vec<String> {
+        [Mode::Iptables, Mode::IptablesLegacy]
+            .iter()
+            .flat_map(|m| {
+                let save = self.iptables_save(*m);
+                save.lines().filter(|l| l.contains("KUBE-")).map(|l| format!("{m:?}: {l}")).collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
     /// Whether `table ip kube-proxy` exists in the node namespace.
     pub fn has_kube_proxy_table(&self) -> bool {
         self.nft(&["list", "table", "ip", "kube-proxy"]).status.success()
@@ -742,6 +789,20 @@ impl Topo {
             }
         });
         TrafficLoop { _topo: self, child, stdin, reader: Some(reader), results }
+    }
+
+    /// Starts kproxy in `mode` in the node namespace on this topology's manifests.
+    pub fn kproxy_in(&self, mode: Mode, extra: &[&str]) -> Kproxy<'_> {
+        if mode == Mode::IptablesLegacy {
+            // What kubelet leaves on a legacy node; kproxy's flavour detection follows it.
+            self.iptables(mode, &["-t", "mangle", "-N", "KUBE-IPTABLES-HINT"]);
+        }
+        let mut args: Vec<&str> = match mode {
+            Mode::Nftables => vec!["--proxy-mode", "nftables"],
+            _ => vec!["--proxy-mode", "iptables"],
+        };
+        args.extend_from_slice(extra);
+        self.kproxy(&args)
     }
 
     /// Starts kproxy in the node namespace on this topology's manifests.
@@ -1028,6 +1089,9 @@ impl Drop for Kproxy<'_> {
                 self.topo.ns(Host::Node),
                 String::from_utf8_lossy(&rs.stdout)
             );
+            if self.args.iter().any(|a| a == "iptables") {
+                eprintln!("--- iptables-legacy-save ---\n{}", self.topo.iptables_save(Mode::IptablesLegacy));
+            }
         }
     }
 }
