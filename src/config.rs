@@ -762,6 +762,35 @@ mod tests {
     }
 
     #[test]
+    fn the_iptables_section_wins_in_iptables_mode() {
+        let conf =
+            std::fs::read_to_string(testdata("every-field.conf")).unwrap().replace("mode: nftables", "mode: iptables");
+        let dir = std::env::temp_dir().join(format!("kproxy-config-ipt-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("ipt.conf");
+        std::fs::write(&path, &conf).unwrap();
+        let c = parse(&["--config", path.to_str().unwrap()]).unwrap();
+        assert_eq!(c.mode, ProxyMode::Iptables);
+        assert_eq!(c.masquerade_bit, 13, "the iptables section wins in iptables mode");
+        assert_eq!(c.sync_period, Duration::from_secs(45));
+        assert_eq!(c.min_sync_period, Duration::from_secs(2));
+        assert!(!c.localhost_nodeports);
+        assert!(!c.unimplemented.iter().any(|u| u.contains("localhostNodePorts")), "{:?}", c.unimplemented);
+        std::fs::write(&path, conf.replace("masqueradeBit: 13", "masqueradeBit: 40")).unwrap();
+        let e = parse(&["--config", path.to_str().unwrap()]).unwrap_err();
+        assert!(e.contains("iptables.masqueradeBit"), "{e}");
+        std::fs::remove_dir_all(&dir).ok();
+
+        // Flags: nodePortAddresses defaults to every address in iptables mode, as upstream.
+        let c = parse(&["--proxy-mode", "iptables"]).unwrap();
+        assert_eq!(c.nodeport, NodePortSpec::Cidrs(vec![]));
+        assert!(c.localhost_nodeports);
+        assert_eq!(parse(&[]).unwrap().nodeport, NodePortSpec::Primary);
+        let c = parse(&["--proxy-mode", "iptables", "--iptables-localhost-nodeports=false"]).unwrap();
+        assert!(!c.localhost_nodeports && c.unimplemented.is_empty(), "{:?}", c.unimplemented);
+    }
+
+    #[test]
     fn detect_local_modes_from_flags() {
         assert_eq!(parse(&[]).unwrap().detect_local, DetectLocal::ClusterCidr);
         assert_eq!(parse(&["--detect-local-mode", "NodeCIDR"]).unwrap().detect_local, DetectLocal::NodeCidr);

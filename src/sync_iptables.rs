@@ -46,6 +46,9 @@ pub struct IptablesProxier {
     /// Whether IPv4 NodePorts answer on 127.0.0.1 (upstream `localhostNodePorts` and the
     /// nodeport addresses cover IPv4 loopback); `route_localnet` was set at start.
     localhost_nodeports: bool,
+    /// `net.netfilter.nf_conntrack_tcp_be_liberal` is set: no DROP of INVALID packets in
+    /// KUBE-FORWARD, as upstream (read once at start, as upstream).
+    tcp_be_liberal: bool,
 }
 
 /// Whether `--nodeport-addresses` covers 127.0.0.1 (upstream `ContainsIPv4Loopback`): every
@@ -81,12 +84,18 @@ impl IptablesProxier {
             );
             ensure_route_localnet()?;
         }
+        let tcp_be_liberal = std::fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_tcp_be_liberal")
+            .is_ok_and(|v| v.trim().parse::<u32>().is_ok_and(|v| v != 0));
+        if tcp_be_liberal {
+            info!("nf_conntrack_tcp_be_liberal set, not installing DROP rules for INVALID packets");
+        }
         Ok(IptablesProxier {
             cfg,
             flavour,
             families: BTreeMap::new(),
             udp: UdpCleanups::default(),
             localhost_nodeports,
+            tcp_be_liberal,
         })
     }
 
@@ -124,7 +133,9 @@ impl IptablesProxier {
             }
         }
         let bc = self.cfg.build_config(family, np, inputs.node);
-        rules::iptables::build(state, &node_ips, &bc, localhost)
+        let mut opts = rules::iptables::IptOptions::new(localhost);
+        opts.conntrack_tcp_be_liberal = self.tcp_be_liberal;
+        rules::iptables::build_with(state, &node_ips, &bc, &opts)
     }
 
     /// Forces the next sync of every family to be full.

@@ -512,6 +512,56 @@ fn metrics_match_upstream_names_types_labels_and_buckets() {
     assert_eq!(v["node_eligible"], true);
 }
 
+/// Upstream's iptables-mode metrics (registered only in iptables mode, as upstream).
+const UPSTREAM_IPTABLES: &[(&str, &str, &[&str])] = &[
+    ("kubeproxy_sync_proxy_rules_iptables_restore_failures_total", "counter", &["ip_family"]),
+    ("kubeproxy_sync_proxy_rules_iptables_partial_restore_failures_total", "counter", &["ip_family"]),
+    ("kubeproxy_sync_proxy_rules_iptables_total", "gauge", &["ip_family", "table"]),
+    ("kubeproxy_sync_proxy_rules_iptables_last", "gauge", &["ip_family", "table"]),
+];
+
+/// iptables mode exports upstream's iptables metrics (and not the nftables-only ones), with the
+/// rule counts of the restores, full then partial syncs, and says `iptables` on `/proxyMode`.
+#[test]
+fn iptables_mode_exports_upstreams_iptables_metrics() {
+    let d = Daemon::start_with("1s", false, &["--proxy-mode", "iptables"]);
+    d.wait_syncs(2, 2);
+    // One probe of each health path, so that the code-labelled counters have a child.
+    d.wait_health("/healthz", 200, "synced");
+    d.wait_health("/livez", 200, "synced");
+    let m = d.scrape();
+    for (name, ty, labels) in UPSTREAM.iter().filter(|(n, _, _)| !n.contains("_nftables_")).chain(UPSTREAM_IPTABLES) {
+        assert_eq!(m.types.get(*name).map(String::as_str), Some(*ty), "iptables mode: type of {name}");
+        assert!(m.help[*name].starts_with("[ALPHA] "), "{name}: upstream marks ALPHA metrics in the help");
+        let want: BTreeSet<String> = labels.iter().map(|s| s.to_string()).collect();
+        match m.label_names(name) {
+            Some(got) => assert_eq!(got, want, "labels of {name}"),
+            None => assert!(!want.is_empty(), "{name} has no samples"),
+        }
+    }
+    for (name, _, _) in UPSTREAM.iter().filter(|(n, _, _)| n.contains("_nftables_")) {
+        assert!(!m.types.contains_key(*name), "iptables mode exports the nftables-only {name}");
+    }
+    let v = |name: &str, labels: &[(&str, &str)]| m.value(name, labels).unwrap_or(-1.0);
+    let v4 = ("ip_family", "IPv4");
+    assert_eq!(v("kubeproxy_sync_proxy_rules_iptables_restore_failures_total", &[v4]), 0.0);
+    assert_eq!(v("kubeproxy_sync_proxy_rules_iptables_partial_restore_failures_total", &[v4]), 0.0);
+    // The Service's chains: its KUBE-SERVICES rule, KUBE-SVC- (masquerade + 2 endpoints), 2 SEPs.
+    let nat_total = v("kubeproxy_sync_proxy_rules_iptables_total", &[v4, ("table", "nat")]);
+    assert!(nat_total >= 10.0, "nat rules {nat_total}");
+    assert!(v("kubeproxy_sync_proxy_rules_iptables_total", &[v4, ("table", "filter")]) >= 1.0);
+    // The last sync was partial: only the fixed chains were written, fewer nat rules than exist.
+    let nat_last = v("kubeproxy_sync_proxy_rules_iptables_last", &[v4, ("table", "nat")]);
+    assert!(nat_last > 0.0 && nat_last < nat_total, "nat rules written last {nat_last} of {nat_total}");
+    assert_eq!(v("kubeproxy_sync_full_proxy_rules_duration_seconds_count", &[v4]), 1.0);
+    assert!(v("kubeproxy_sync_partial_proxy_rules_duration_seconds_count", &[v4]) >= 1.0);
+    assert_eq!(v("kproxy_build_info", &[("mode", "iptables")]), 1.0);
+    let r = d.metrics_port("/proxyMode").unwrap();
+    assert_eq!((r.status, r.body.as_str()), (200, "iptables"));
+    let dbg: serde_json::Value = serde_json::from_str(&d.metrics_port("/debug/syncs").unwrap().body).unwrap();
+    assert_eq!(dbg["mode"], "iptables");
+}
+
 #[test]
 fn health_through_the_life_cycle() {
     // syncPeriod 3s: the health timeout is 6s. Every apply fails from the start.
