@@ -31,6 +31,7 @@
 //! shape of upstream's partial sync, decided by comparing rules instead of tracking changes.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
 use std::net::IpAddr;
 
 use data_encoding::BASE32;
@@ -306,8 +307,13 @@ impl TableBuf {
         self.chains.entry(name.to_string()).or_default();
     }
     fn rule(&mut self, chain: &str, rule: String) {
-        debug_assert!(self.chains.contains_key(chain), "rule for undeclared chain {chain}");
-        self.chains.entry(chain.to_string()).or_default().push(rule);
+        match self.chains.get_mut(chain) {
+            Some(rules) => rules.push(rule),
+            None => {
+                debug_assert!(false, "rule for undeclared chain {chain}");
+                self.chains.insert(chain.to_string(), vec![rule]);
+            }
+        }
     }
     /// Upstream's test order: `KUBE-NODEPORTS`, `KUBE-SERVICES`, then by name.
     fn finish(self, name: &'static str) -> IptTable {
@@ -407,7 +413,8 @@ pub fn build_with(state: &ClusterState, node_ips: &[IpAddr], cfg: &BuildConfig, 
         let proto = spn.protocol.lower();
         let pm = format!("-m {proto} -p {proto}");
         let cat = categorize_endpoints(eps_of(spn), sp, &cfg.node_name, cfg.node_zone.as_deref());
-        let (svc, svl, ext, fw) = (svc_chain(spn), svl_chain(spn), ext_chain(spn), fw_chain(spn));
+        let hash = port_proto_hash(spn);
+        let [svc, svl, ext, fw] = ["SVC", "SVL", "EXT", "FW"].map(|kind| format!("KUBE-{kind}-{hash}"));
         let has_endpoints = cat.has_any;
         let uses_cluster = !cat.cluster.is_empty() && sp.uses_cluster_endpoints();
         let uses_local = !cat.local.is_empty() && sp.uses_local_endpoints();
@@ -582,6 +589,18 @@ pub fn build_with(state: &ClusterState, node_ips: &[IpAddr], cfg: &BuildConfig, 
                 format!("-m comment --comment \"other traffic to {name} will be dropped by KUBE-PROXY-FIREWALL\""),
             );
         }
+        // Every endpoint some traffic can reach from this node, with its chain (hashed once).
+        let reachable: BTreeMap<String, (&Endpoint, String)> = cat
+            .cluster
+            .iter()
+            .filter(|_| uses_cluster)
+            .chain(cat.local.iter().filter(|_| uses_local))
+            .map(|e| (e.addr_string(), e))
+            .collect::<BTreeMap<_, _>>()
+            .into_iter()
+            .map(|(addr, e)| (addr, (e, sep_chain(spn, e))))
+            .collect();
+        let sep_of = |ep: &Endpoint| reachable[&ep.addr_string()].1.as_str();
         for (used, chain, eps) in [(uses_cluster, &svc, &cat.cluster), (uses_local, &svl, &cat.local)] {
             if !used {
                 continue;
@@ -589,7 +608,7 @@ pub fn build_with(state: &ClusterState, node_ips: &[IpAddr], cfg: &BuildConfig, 
             let arrow = |ep: &Endpoint| ep_comment(&format!("\"{name} -> {}\"", ep.addr_string()));
             if let Some(timeout) = sp.session_affinity_timeout {
                 for ep in eps.iter() {
-                    let sep = sep_chain(spn, ep);
+                    let sep = sep_of(ep);
                     nat.rule(
                         chain,
                         format!("{}-m recent --name {sep} --rcheck --seconds {timeout} --reap -j {sep}", arrow(ep)),
@@ -603,28 +622,20 @@ pub fn build_with(state: &ClusterState, node_ips: &[IpAddr], cfg: &BuildConfig, 
                 } else {
                     String::new()
                 };
-                nat.rule(chain, format!("{}{stat}-j {}", arrow(ep), sep_chain(spn, ep)));
+                nat.rule(chain, format!("{}{stat}-j {}", arrow(ep), sep_of(ep)));
             }
         }
-        // One chain per endpoint that some traffic can reach from this node.
-        let reachable: BTreeMap<String, &Endpoint> = cat
-            .cluster
-            .iter()
-            .filter(|_| uses_cluster)
-            .chain(cat.local.iter().filter(|_| uses_local))
-            .map(|e| (e.addr_string(), e))
-            .collect();
-        for ep in reachable.values() {
-            let sep = sep_chain(spn, ep);
-            nat.chain(&sep);
-            let c = ep_comment(&name);
-            nat.rule(&sep, format!("{c}-s {} -j {KUBE_MARK_MASQ}", ep.ip));
+        // One chain per reachable endpoint.
+        let c = ep_comment(&name);
+        for (addr, (ep, sep)) in &reachable {
+            nat.chain(sep);
+            nat.rule(sep, format!("{c}-s {} -j {KUBE_MARK_MASQ}", ep.ip));
             let recent = if sp.session_affinity_timeout.is_some() {
                 format!("-m recent --name {sep} --set ")
             } else {
                 String::new()
             };
-            nat.rule(&sep, format!("{c}{recent}{pm} -j DNAT --to-destination {}", ep.addr_string()));
+            nat.rule(sep, format!("{c}{recent}{pm} -j DNAT --to-destination {addr}"));
         }
     }
 
@@ -752,22 +763,22 @@ pub fn restore_input(desired: &IptRuleset, previous: Option<&IptRuleset>) -> Str
                     .collect()
             })
             .unwrap_or_default();
-        out.push('*');
-        out.push_str(table.name);
-        out.push('\n');
-        for c in table.chains.iter().filter(|c| write(c)) {
-            out.push_str(&format!(":{} - [0:0]\n", c.name));
+        let written: Vec<&IptChain> = table.chains.iter().filter(|c| write(c)).collect();
+        out.reserve(written.iter().flat_map(|c| &c.rules).map(|r| r.len() + 40).sum());
+        let _ = writeln!(out, "*{}", table.name);
+        for c in &written {
+            let _ = writeln!(out, ":{} - [0:0]", c.name);
         }
         for s in &stale {
-            out.push_str(&format!(":{s} - [0:0]\n"));
+            let _ = writeln!(out, ":{s} - [0:0]");
         }
-        for c in table.chains.iter().filter(|c| write(c)) {
+        for c in &written {
             for r in &c.rules {
-                out.push_str(&format!("-A {} {r}\n", c.name));
+                let _ = writeln!(out, "-A {} {r}", c.name);
             }
         }
         for s in &stale {
-            out.push_str(&format!("-X {s}\n"));
+            let _ = writeln!(out, "-X {s}");
         }
         out.push_str("COMMIT\n");
     }
