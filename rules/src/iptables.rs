@@ -810,6 +810,384 @@ mod tests {
         assert!(is_service_chain("KUBE-SEP-C6EBXVWJJZMIWKLZ") && !is_service_chain(KUBE_SERVICES));
     }
 
+    /// A packet-flow tracer over the ruleset, in the spirit of upstream's `iptablesTracer`: one
+    /// new connection through nat (PREROUTING, or OUTPUT from a local source) → KUBE-SERVICES,
+    /// then the filter hooks (INPUT or FORWARD, or OUTPUT) in the order the jump rules give, then
+    /// POSTROUTING. `-m statistic` forks (both the match and the fall-through are followed), so a
+    /// flow ends in the set of every endpoint it can reach; `-m recent --rcheck` never matches (a
+    /// first connection).
+    mod trace {
+        use super::*;
+
+        pub struct Node<'a> {
+            pub rs: &'a IptRuleset,
+            /// The node's local addresses (`addrtype LOCAL`), loopback included.
+            pub local: Vec<IpAddr>,
+        }
+
+        #[derive(Clone, Debug)]
+        struct Pkt {
+            src: IpAddr,
+            dst: IpAddr,
+            proto: String,
+            dport: u16,
+            iif: String,
+            mark: u32,
+            dnat: Option<String>,
+        }
+
+        #[derive(Debug)]
+        enum End {
+            /// Fell off the end of the chain, or RETURN.
+            Continue(Pkt),
+            Dnat(Pkt),
+            Accept(Pkt),
+            Drop,
+            Reject,
+        }
+
+        fn parse_ip(s: &str) -> Cidr {
+            Cidr::parse(s).unwrap_or_else(|_| {
+                let ip: IpAddr = s.parse().unwrap_or_else(|_| panic!("bad address {s}"));
+                Cidr { addr: ip, len: if ip.is_ipv4() { 32 } else { 128 } }
+            })
+        }
+
+        fn mark_of(s: &str) -> u32 {
+            let v = s.split('/').next().unwrap().trim_start_matches("0x");
+            u32::from_str_radix(v, 16).unwrap()
+        }
+
+        impl Node<'_> {
+            fn table(&self, t: &str) -> &IptTable {
+                if t == "nat" {
+                    &self.rs.nat
+                } else {
+                    &self.rs.filter
+                }
+            }
+            fn is_local(&self, ip: &IpAddr) -> bool {
+                self.local.contains(ip) || ip.is_loopback()
+            }
+
+            /// Runs `chain` of `table` on `p`; every way through it.
+            fn run(&self, table: &str, chain: &str, p: Pkt) -> Vec<End> {
+                let rules = &self.table(table).chain(chain).unwrap_or_else(|| panic!("no {table} {chain}")).rules;
+                self.run_from(table, rules, 0, p)
+            }
+
+            fn run_from(&self, table: &str, rules: &[String], i: usize, mut p: Pkt) -> Vec<End> {
+                let Some(rule) = rules.get(i) else { return vec![End::Continue(p)] };
+                let args = split_args(rule);
+                let mut k = 0;
+                let mut fork = false;
+                let mut target: Option<&str> = None;
+                while k < args.len() {
+                    let not = args[k] == "!";
+                    if not {
+                        k += 1;
+                    }
+                    let a = args[k].as_str();
+                    let v = args.get(k + 1).map(|s| s.as_str()).unwrap_or("");
+                    let hit = match a {
+                        "-m" => match v {
+                            "statistic" => {
+                                fork = true;
+                                k += 6; // -m statistic --mode random --probability P
+                                continue;
+                            }
+                            "recent" if rule.contains("--rcheck") => return self.run_from(table, rules, i + 1, p),
+                            "recent" => {
+                                // --set: remember nothing; skip `-m recent --name N --set`.
+                                k += 5;
+                                continue;
+                            }
+                            "nfacct" => {
+                                k += 4;
+                                continue;
+                            }
+                            _ => {
+                                k += 2;
+                                continue;
+                            }
+                        },
+                        "--comment" => true,
+                        "-p" => p.proto == v,
+                        "-d" => parse_ip(v).contains(&p.dst),
+                        "-s" => parse_ip(v).contains(&p.src),
+                        "--dport" => p.dport.to_string() == v,
+                        "-i" => match v.strip_suffix('+') {
+                            Some(prefix) => p.iif.starts_with(prefix),
+                            None => p.iif == v,
+                        },
+                        "--src-type" => self.is_local(&p.src) == (v == "LOCAL"),
+                        "--dst-type" => self.is_local(&p.dst) == (v == "LOCAL"),
+                        // A new connection, DNATed or not.
+                        "--ctstate" => v.split(',').any(|st| st == "NEW" || (st == "DNAT" && p.dnat.is_some())),
+                        "--mark" => {
+                            let m = mark_of(v);
+                            p.mark & m == m
+                        }
+                        "-j" => {
+                            target = Some(v);
+                            k = args.len();
+                            continue;
+                        }
+                        other => panic!("tracer: unknown match {other} in {rule}"),
+                    };
+                    if hit == not {
+                        return self.run_from(table, rules, i + 1, p);
+                    }
+                    k += 2;
+                }
+                let mut out = Vec::new();
+                if fork {
+                    out.extend(self.run_from(table, rules, i + 1, p.clone()));
+                }
+                let Some(target) = target else {
+                    // A rule without a target (KUBE-FW's last comment rule) only counts.
+                    out.extend(self.run_from(table, rules, i + 1, p));
+                    return out;
+                };
+                let after = |v: &str| args.iter().position(|a| a == v).map(|n| args[n + 1].clone());
+                match target {
+                    "RETURN" => out.push(End::Continue(p)),
+                    "ACCEPT" => out.push(End::Accept(p)),
+                    "DROP" => out.push(End::Drop),
+                    "REJECT" => out.push(End::Reject),
+                    "MASQUERADE" => out.push(End::Accept(p)),
+                    "MARK" => {
+                        if let Some(m) = after("--or-mark") {
+                            p.mark |= mark_of(&m);
+                        } else if let Some(m) = after("--xor-mark") {
+                            p.mark ^= mark_of(&m);
+                        }
+                        out.extend(self.run_from(table, rules, i + 1, p));
+                    }
+                    "DNAT" => {
+                        p.dnat = after("--to-destination");
+                        out.push(End::Dnat(p));
+                    }
+                    chain => {
+                        for end in self.run(table, chain, p) {
+                            match end {
+                                End::Continue(p) => out.extend(self.run_from(table, rules, i + 1, p)),
+                                end => out.push(end),
+                            }
+                        }
+                    }
+                }
+                out
+            }
+
+            /// Traces a new connection; returns every outcome: `DNAT <ip:port> +M|-M`,
+            /// `UNTOUCHED +M|-M`, `DROP` or `REJECT`.
+            pub fn trace(&self, src: &str, dst: &str, proto: &str, dport: u16, iif: &str) -> BTreeSet<String> {
+                let p = Pkt {
+                    src: src.parse().unwrap(),
+                    dst: dst.parse().unwrap(),
+                    proto: proto.into(),
+                    dport,
+                    iif: iif.into(),
+                    mark: 0,
+                    dnat: None,
+                };
+                let from_node = self.is_local(&p.src);
+                let mut outcomes = BTreeSet::new();
+                for end in self.run("nat", KUBE_SERVICES, p) {
+                    let mut p = match end {
+                        End::Continue(p) | End::Dnat(p) | End::Accept(p) => p,
+                        End::Drop => {
+                            outcomes.insert("DROP".to_string());
+                            continue;
+                        }
+                        End::Reject => {
+                            outcomes.insert("REJECT".to_string());
+                            continue;
+                        }
+                    };
+                    if let Some(d) = &p.dnat {
+                        let ip = d.rsplit_once(':').unwrap().0.trim_matches(|c| c == '[' || c == ']');
+                        p.dst = ip.parse().unwrap();
+                    }
+                    // Filter hooks, each in the order the prepended jump rules end up in.
+                    let to_node = self.is_local(&p.dst);
+                    let hook = if from_node {
+                        "OUTPUT"
+                    } else if to_node {
+                        "INPUT"
+                    } else {
+                        "FORWARD"
+                    };
+                    // The jump rules' own matches (ct state NEW) hold for a new connection.
+                    let mut targets: Vec<String> = Vec::new();
+                    for (table, chain, rule) in jump_rules(self.rs.family) {
+                        if table == "filter" && chain == hook {
+                            targets.insert(0, split_args(&rule).last().unwrap().clone());
+                        }
+                    }
+                    let mut verdict: Option<&str> = None;
+                    for target in targets.iter().filter(|t| self.table("filter").chain(t).is_some()) {
+                        for end in self.run("filter", target, p.clone()) {
+                            match end {
+                                End::Drop => verdict = verdict.or(Some("DROP")),
+                                End::Reject => verdict = verdict.or(Some("REJECT")),
+                                End::Accept(_) => verdict = verdict.or(Some("ACCEPT")),
+                                _ => {}
+                            }
+                        }
+                        if verdict.is_some() {
+                            break;
+                        }
+                    }
+                    match verdict {
+                        Some("DROP") => {
+                            outcomes.insert("DROP".to_string());
+                            continue;
+                        }
+                        Some("REJECT") => {
+                            outcomes.insert("REJECT".to_string());
+                            continue;
+                        }
+                        _ => {}
+                    }
+                    // POSTROUTING: KUBE-POSTROUTING masquerades marked packets.
+                    let mut masq = false;
+                    for end in self.run("nat", KUBE_POSTROUTING, p.clone()) {
+                        masq |= matches!(end, End::Accept(_));
+                    }
+                    let m = if masq { "+M" } else { "-M" };
+                    outcomes.insert(match &p.dnat {
+                        Some(d) => format!("DNAT {d} {m}"),
+                        None => format!("UNTOUCHED {m}"),
+                    });
+                }
+                outcomes
+            }
+        }
+    }
+
+    fn set(items: &[&str]) -> BTreeSet<String> {
+        items.iter().map(|s| s.to_string()).collect()
+    }
+
+    /// Upstream's packet-flow cases (section 2 of the behaviour catalogue) through the tracer,
+    /// on the fixture of its TestOverallIPTablesRules plus the ranges of TestLoadBalancer.
+    #[test]
+    #[allow(clippy::type_complexity)] // the case table
+    fn packet_flows_follow_upstream_cases() {
+        let mut st = ClusterState::default();
+        // Two endpoints, one here, one elsewhere, for every service below.
+        let eps = |st: &mut ClusterState, sp: &ServicePort| {
+            st.add_endpoint(&sp.name, Endpoint::ready("10.180.0.1", 80));
+            st.add_endpoint(&sp.name, Endpoint::ready("10.180.2.1", 80).on_node("test-node"));
+        };
+        let cluster = ServicePort::cluster_ip("ns", "c", "p80", Protocol::Tcp, "172.30.0.41", 80)
+            .with_node_port(3001)
+            .with_load_balancer_ip("1.2.3.4")
+            .with_external_ip("192.168.99.11")
+            .with_source_range("203.0.113.0/25")
+            .with_source_range("192.168.0.0/24");
+        let local = ServicePort::cluster_ip("ns", "l", "p80", Protocol::Tcp, "172.30.0.42", 80)
+            .with_node_port(3002)
+            .with_load_balancer_ip("5.6.7.8")
+            .with_external_traffic_policy_local()
+            .with_health_check_node_port(30000);
+        let itp = ServicePort::cluster_ip("ns", "i", "p80", Protocol::Tcp, "172.30.0.43", 80)
+            .with_node_port(3003)
+            .with_internal_traffic_policy_local();
+        let remote_only = ServicePort::cluster_ip("ns", "r", "p80", Protocol::Tcp, "172.30.0.44", 80)
+            .with_node_port(3004)
+            .with_load_balancer_ip("9.10.11.12")
+            .with_external_traffic_policy_local();
+        let empty = ServicePort::cluster_ip("ns", "e", "p80", Protocol::Tcp, "172.30.0.45", 80).with_node_port(3005);
+        for sp in [&cluster, &local, &itp] {
+            st.add_service(sp.clone());
+            eps(&mut st, sp);
+        }
+        st.add_service(remote_only.clone());
+        st.add_endpoint(&remote_only.name, Endpoint::ready("10.180.0.1", 80));
+        st.add_service(empty);
+        let rs = build(&st, &[], &ipt_cfg(Family::V4), true).ruleset;
+        check_jumps(&rs);
+        let node =
+            trace::Node { rs: &rs, local: ["192.168.0.2", "192.168.1.2"].iter().map(|s| s.parse().unwrap()).collect() };
+        let both_m = set(&["DNAT 10.180.0.1:80 +M", "DNAT 10.180.2.1:80 +M"]);
+        let both = set(&["DNAT 10.180.0.1:80 -M", "DNAT 10.180.2.1:80 -M"]);
+        let here = set(&["DNAT 10.180.2.1:80 -M"]);
+        let (pod, remote_pod, host, ext, ext_blocked) =
+            ("10.0.0.2", "10.0.5.7", "192.168.0.2", "203.0.113.2", "203.0.113.130");
+        #[rustfmt::skip]
+        let cases: Vec<(&str, &str, &str, &str, u16, BTreeSet<String>)> = vec![
+            ("1/3 pod to cluster IP", pod, "172.30.0.41", "tcp", 80, both.clone()),
+            ("2 hairpin", "10.180.0.1", "172.30.0.41", "tcp", 80,
+                set(&["DNAT 10.180.0.1:80 +M", "DNAT 10.180.2.1:80 -M"])),
+            ("6 protocol mismatch: no rule", pod, "172.30.0.41", "udp", 80, set(&["UNTOUCHED -M"])),
+            ("9 node to cluster IP", host, "172.30.0.41", "tcp", 80, both_m.clone()),
+            ("10 external to cluster IP", ext, "172.30.0.41", "tcp", 80, both_m.clone()),
+            ("36 no endpoints: cluster IP", pod, "172.30.0.45", "tcp", 80, set(&["REJECT"])),
+            ("38 no endpoints: node port", ext, "192.168.0.2", "tcp", 3005, set(&["REJECT"])),
+            ("44 external to node port", ext, "192.168.0.2", "tcp", 3001, both_m.clone()),
+            ("45 node to node port", host, "192.168.0.2", "tcp", 3001, both_m.clone()),
+            ("46 pod to node port", pod, "192.168.1.2", "tcp", 3001, both_m.clone()),
+            ("51 localhost node port", host, "127.0.0.1", "tcp", 3001, both_m.clone()),
+            ("52 node port ignores source ranges", ext_blocked, "192.168.0.2", "tcp", 3001, both_m.clone()),
+            ("53 LB, source in range", ext, "1.2.3.4", "tcp", 80, both_m.clone()),
+            ("54 LB, source outside the ranges", ext_blocked, "1.2.3.4", "tcp", 80, set(&["DROP"])),
+            ("55 pod outside the ranges", pod, "1.2.3.4", "tcp", 80, set(&["DROP"])),
+            ("56 node inside a range", host, "1.2.3.4", "tcp", 80, both_m.clone()),
+            ("56 VIP held locally, sourced from the VIP", "1.2.3.4", "1.2.3.4", "tcp", 80, both_m.clone()),
+            ("60 external IP", pod, "192.168.99.11", "tcp", 80, both_m.clone()),
+            ("63 eTP Local: external to node port", ext, "192.168.0.2", "tcp", 3002, here.clone()),
+            ("64 eTP Local: external to LB", ext, "5.6.7.8", "tcp", 80, here.clone()),
+            ("65 eTP Local: pod to LB", pod, "5.6.7.8", "tcp", 80, both.clone()),
+            ("66 eTP Local: node to node port", host, "192.168.0.2", "tcp", 3002, both_m.clone()),
+            ("67 eTP Local: remote pod", remote_pod, "5.6.7.8", "tcp", 80, both.clone()),
+            ("69 eTP Local: external to cluster IP", ext, "172.30.0.42", "tcp", 80, both_m.clone()),
+            ("70 eTP Local, no local endpoint: external", ext, "9.10.11.12", "tcp", 80, set(&["DROP"])),
+            ("70 eTP Local, no local endpoint: node port", ext, "192.168.0.2", "tcp", 3004, set(&["DROP"])),
+            ("71 eTP Local, no local endpoint: pod", pod, "9.10.11.12", "tcp", 80, set(&["DNAT 10.180.0.1:80 -M"])),
+            ("71 eTP Local, no local endpoint: node", host, "9.10.11.12", "tcp", 80, set(&["DNAT 10.180.0.1:80 +M"])),
+            ("82 iTP Local: pod to cluster IP", pod, "172.30.0.43", "tcp", 80, here.clone()),
+            ("86 iTP Local: node to cluster IP", host, "172.30.0.43", "tcp", 80, set(&["DNAT 10.180.2.1:80 +M"])),
+            ("87 iTP Local does not affect node ports", ext, "192.168.0.2", "tcp", 3003, both_m.clone()),
+        ];
+        let mut failures = Vec::new();
+        for (what, src, dst, proto, port, want) in &cases {
+            let got = node.trace(src, dst, proto, *port, "eth0");
+            if got != *want {
+                failures.push(format!("case {what}: {src} -> {dst}:{port}/{proto}: got {got:?}, want {want:?}"));
+            }
+        }
+        assert!(failures.is_empty(), "{}", failures.join("\n"));
+
+        // Case 11: no local traffic detector: no masquerade for internal traffic from off-node.
+        let mut cfg = ipt_cfg(Family::V4);
+        cfg.cluster_cidr = None;
+        let rs = build(&st, &[], &cfg, true).ruleset;
+        let node = trace::Node { rs: &rs, local: node.local.clone() };
+        assert_eq!(node.trace(ext, "172.30.0.41", "tcp", 80, "eth0"), both);
+        // Case 68: no pod short-circuit for eTP Local.
+        assert_eq!(node.trace(pod, "5.6.7.8", "tcp", 80, "eth0"), here);
+        // Case 12: --masquerade-all masquerades pods too.
+        cfg.masquerade_all = true;
+        let rs = build(&st, &[], &cfg, true).ruleset;
+        let node = trace::Node { rs: &rs, local: node.local.clone() };
+        assert_eq!(node.trace(pod, "172.30.0.41", "tcp", 80, "eth0"), both_m);
+        // Interface detectors: a pod is what comes in on the bridge or a prefixed interface.
+        cfg.masquerade_all = false;
+        cfg.local_detector = LocalDetector::InterfacePrefix("veth".into());
+        let rs = build(&st, &[], &cfg, true).ruleset;
+        let node = trace::Node { rs: &rs, local: node.local.clone() };
+        assert_eq!(node.trace(pod, "5.6.7.8", "tcp", 80, "veth12ab"), both);
+        assert_eq!(node.trace(pod, "5.6.7.8", "tcp", 80, "eth0"), here);
+        assert_eq!(node.trace(pod, "172.30.0.41", "tcp", 80, "eth0"), both_m);
+        // Localhost node ports off: 127.0.0.1 is not a node port address.
+        let rs = build(&st, &[], &ipt_cfg(Family::V4), false).ruleset;
+        let node = trace::Node { rs: &rs, local: node.local.clone() };
+        assert_eq!(node.trace(host, "127.0.0.1", "tcp", 3001, "lo"), set(&["UNTOUCHED -M"]));
+    }
+
     #[test]
     fn probabilities_are_one_over_remaining() {
         assert_eq!(probability(2), "0.5000000000");
