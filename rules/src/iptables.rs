@@ -29,6 +29,16 @@
 //! [`restore_input`] with the applied ruleset writes only the fixed chains and the per-service
 //! chains whose rules changed, and deletes (`-X`) the per-service chains that are gone: the
 //! shape of upstream's partial sync, decided by comparing rules instead of tracking changes.
+//!
+//! # Differences from upstream
+//!
+//! - The mark is printed as real kube-proxy prints it (`%#08x`: `0x00004000`); upstream's tests
+//!   use a fake that prints `0x4000`. The kernel stores the same value.
+//! - What upstream probes on the host is an [`IptOptions`] field: `--random-fully` (on by
+//!   default), nfacct counters (off), `nf_conntrack_tcp_be_liberal` (off).
+//! - Two service ports with the same frontend (which the API server never allows) are resolved
+//!   as the nftables build does and reported in [`BuiltIpt::skipped`]; upstream writes both
+//!   rules and the first one wins.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
