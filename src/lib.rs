@@ -6,6 +6,7 @@ pub mod config_file;
 pub mod daemon;
 pub mod http;
 pub mod localaddrs;
+pub mod memory;
 pub mod metrics;
 pub mod model;
 pub mod source;

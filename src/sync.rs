@@ -227,6 +227,9 @@ pub struct Proxier<B: Backend> {
     last_full: BTreeMap<Family, Instant>,
     /// Family syncs built from the changed Services alone (for tests and logs).
     pub partial_syncs: u64,
+    /// A kept ruleset with at least this many elements forgets its per-endpoint elements
+    /// ([`Ruleset::strip_bulk`]); 0 strips always (tests).
+    pub strip_threshold: usize,
     pub udp: UdpCleanups,
 }
 
@@ -309,6 +312,7 @@ impl<B: Backend> Proxier<B> {
             applied: BTreeMap::new(),
             last_full: BTreeMap::new(),
             partial_syncs: 0,
+            strip_threshold: STRIP_THRESHOLD,
             udp: UdpCleanups::default(),
         }
     }
@@ -339,7 +343,7 @@ impl<B: Backend> Proxier<B> {
             let partial = match (previous, inputs.changes) {
                 (Some(prev), Some(ch)) if !ch.full && !full_due => {
                     let (node_ips, bc) = build_inputs(&self.cfg, family, inputs);
-                    rules::build::build_partial(prev, ch.old(family), ch.new(family), &node_ips, &bc)
+                    rules::build::build_partial(prev, ch.before(family), ch.after(family), &node_ips, &bc)
                 }
                 _ => None,
             };
@@ -374,6 +378,7 @@ impl<B: Backend> Proxier<B> {
                 iptables: None,
             };
             let mut result = Ok(ApplyStats::default());
+            let mut trim = false;
             if tx_ref.is_empty() {
                 debug!(family = family.label(), "no changes");
             } else {
@@ -394,14 +399,26 @@ impl<B: Backend> Proxier<B> {
                         }
                         (Plan::Full(_), Some((built, _))) => {
                             self.last_full.insert(family, Instant::now());
-                            if let Some(old) = self.applied.insert(family, built.ruleset) {
+                            let mut rs = built.ruleset;
+                            fr.counts = counts(state, &rs);
+                            let big = rs.element_count() >= self.strip_threshold;
+                            if big {
+                                rs.strip_bulk();
+                            }
+                            if let Some(old) = self.applied.insert(family, rs) {
                                 drop_later(old);
                             }
+                            trim = big;
                         }
                         (Plan::Full(_), None) => unreachable!("a full plan has a build"),
                     }
-                    if let Some(rs) = self.applied.get(&family) {
+                    if let (Some(rs), true) = (self.applied.get(&family), fr.counts == RulesetCounts::default()) {
                         fr.counts = counts(state, rs);
+                    }
+                    if trim {
+                        // The build, the transaction and the batch were transient (some 150 MiB
+                        // at 10k services); give that memory back rather than keep it as heap.
+                        crate::memory::release_free_memory();
                     }
                     self.udp.synced(family, state);
                 }
@@ -429,6 +446,9 @@ impl<B: Backend> Proxier<B> {
         }
     }
 }
+
+/// See [`Proxier::strip_threshold`]: small rulesets keep everything, so a full diff stays minimal.
+pub const STRIP_THRESHOLD: usize = 10_000;
 
 /// How often a sync is full at the latest (rebuilds and diffs everything), as upstream's
 /// `FullSyncPeriod`; syncs in between build only what changed.
@@ -720,8 +740,6 @@ mod tests {
             )))
             .unwrap()
         };
-        let mut t = ChangeTracker::new("test-node");
-        let mut p = Proxier::new(cfg(), FakeBackend::default());
         let node = NodeInfo { name: "test-node".into(), ..Default::default() };
         let sync = |t: &mut ChangeTracker, p: &mut Proxier<FakeBackend>| {
             let changes = t.take_changes();
@@ -734,34 +752,40 @@ mod tests {
             fresh.apply(&rules::diff(None, &full.ruleset)).unwrap();
             assert_eq!(p.backend.kernels[&Family::V4].dump(Family::V4), fresh.dump(Family::V4));
         };
-        t.upsert_service(&svc("a", "172.30.0.11")).unwrap();
-        t.upsert_service(&svc("b", "172.30.0.12")).unwrap();
-        t.upsert_slice(&slice("a-1", "a", &["10.1.0.1", "10.1.0.2"])).unwrap();
-        t.upsert_slice(&slice("b-1", "b", &["10.1.0.2"])).unwrap();
-        sync(&mut t, &mut p);
-        assert_eq!(p.partial_syncs, 0, "the first sync is full");
-        t.upsert_slice(&slice("a-1", "a", &["10.1.0.1", "10.1.0.3"])).unwrap();
-        sync(&mut t, &mut p);
-        assert_eq!(p.partial_syncs, 1);
-        let sent = p.backend.transactions.last().unwrap().to_string();
-        assert!(sent.contains("10.1.0.3") && !sent.contains("172.30.0.12"), "only a's change is sent:\n{sent}");
-        t.upsert_service(&svc("c", "172.30.0.13")).unwrap();
-        t.delete_service("ns", "b");
-        sync(&mut t, &mut p);
-        assert_eq!(p.partial_syncs, 2);
-        let n = p.backend.transactions.len();
-        sync(&mut t, &mut p);
-        assert_eq!(p.backend.transactions.len(), n, "nothing changed, nothing sent");
-        t.delete_slice("ns", "a-1");
-        sync(&mut t, &mut p);
-        assert_eq!(p.partial_syncs, 4);
-        // The node changed: everything is rebuilt (and diffed).
-        t.set_node(
-            &serde_yaml::from_value(yaml("metadata: {name: test-node, labels: {topology.kubernetes.io/zone: z}}"))
-                .unwrap(),
-        )
-        .unwrap();
-        sync(&mut t, &mut p);
-        assert_eq!(p.partial_syncs, 4);
+        // Kept whole, and stripped of its per-endpoint elements as large rulesets are.
+        for threshold in [usize::MAX, 0] {
+            let mut t = ChangeTracker::new("test-node");
+            let mut p = Proxier::new(cfg(), FakeBackend::default());
+            p.strip_threshold = threshold;
+            t.upsert_service(&svc("a", "172.30.0.11")).unwrap();
+            t.upsert_service(&svc("b", "172.30.0.12")).unwrap();
+            t.upsert_slice(&slice("a-1", "a", &["10.1.0.1", "10.1.0.2"])).unwrap();
+            t.upsert_slice(&slice("b-1", "b", &["10.1.0.2"])).unwrap();
+            sync(&mut t, &mut p);
+            assert_eq!(p.partial_syncs, 0, "the first sync is full");
+            t.upsert_slice(&slice("a-1", "a", &["10.1.0.1", "10.1.0.3"])).unwrap();
+            sync(&mut t, &mut p);
+            assert_eq!(p.partial_syncs, 1);
+            let sent = p.backend.transactions.last().unwrap().to_string();
+            assert!(sent.contains("10.1.0.3") && !sent.contains("172.30.0.12"), "only a's change is sent:\n{sent}");
+            t.upsert_service(&svc("c", "172.30.0.13")).unwrap();
+            t.delete_service("ns", "b");
+            sync(&mut t, &mut p);
+            assert_eq!(p.partial_syncs, 2);
+            let n = p.backend.transactions.len();
+            sync(&mut t, &mut p);
+            assert_eq!(p.backend.transactions.len(), n, "nothing changed, nothing sent");
+            t.delete_slice("ns", "a-1");
+            sync(&mut t, &mut p);
+            assert_eq!(p.partial_syncs, 4);
+            // The node changed: everything is rebuilt (and diffed).
+            t.set_node(
+                &serde_yaml::from_value(yaml("metadata: {name: test-node, labels: {topology.kubernetes.io/zone: z}}"))
+                    .unwrap(),
+            )
+            .unwrap();
+            sync(&mut t, &mut p);
+            assert_eq!(p.partial_syncs, 4);
+        }
     }
 }

@@ -740,6 +740,72 @@ fn incremental_changes_match_full_rulesets() {
     assert_eq!(x.ruleset(), before);
 }
 
+/// The daemon's path: partial builds applied over netlink to a kept ruleset stripped of its
+/// per-endpoint elements, then a full diff from that stripped ruleset (which flushes and refills
+/// the endpoint maps): after each step the kernel lists exactly what `nft -f` of the full
+/// ruleset gives, and the flush's text form is valid `nft` input too.
+#[test]
+fn partial_builds_and_stripped_rulesets_match_full_rulesets() {
+    let mut cfg = v4_cfg();
+    cfg.cluster_cidr = Some(Cidr::parse("10.0.0.0/8").unwrap());
+    let node_ips = [ip("192.168.0.2")];
+    let base = external();
+    let np = ServicePortName::new("ns1", "np", "http", Protocol::Tcp);
+    let udp = ServicePortName::new("ns1", "np-udp", "", Protocol::Udp);
+    let mut steps: Vec<(&str, ClusterState)> = Vec::new();
+    let mut s = base.clone();
+    s.add_endpoint(&np, Endpoint::ready("10.180.1.9", 8080));
+    steps.push(("endpoint added", s.clone()));
+    s.endpoints.remove(&np);
+    steps.push(("all endpoints removed", s.clone()));
+    s.add_service(svc("ns4", "new", "p", Protocol::Udp, "172.30.4.1", 1234).with_node_port(31234));
+    s.add_endpoint(&ServicePortName::new("ns4", "new", "p", Protocol::Udp), Endpoint::ready("10.180.4.1", 1234));
+    steps.push(("service added", s.clone()));
+    s.services.remove(&udp);
+    s.endpoints.remove(&udp);
+    steps.push(("service deleted", s.clone()));
+
+    let x = Netns::new();
+    let mut be = x.backend().expect("backend");
+    let mut applied = build(&base, &node_ips, &cfg, None).ruleset;
+    be.apply(&diff(None, &applied)).expect("full");
+    applied.strip_bulk();
+    assert!(!applied.stripped.is_empty());
+    let mut prev = base;
+    for (what, state) in steps {
+        let keys = ClusterState::changed_services(&prev, &state);
+        let p = rules::build::build_partial(&applied, &prev.restrict(&keys), &state.restrict(&keys), &node_ips, &cfg)
+            .unwrap_or_else(|| panic!("{what}: a partial build"));
+        dump(&format!("partial-{}", what.replace(' ', "-")), &p.tx);
+        be.apply(&p.tx).unwrap_or_else(|e| panic!("{what}: partial apply failed: {e}\n{}", p.tx));
+        applied.commit_partial(&p);
+        let full = build(&state, &node_ips, &cfg, Some(&applied)).ruleset;
+        let y = Netns::new();
+        y.nft_script(&diff(None, &full).to_string()).unwrap_or_else(|e| panic!("{what}: nft -f: {e}"));
+        assert_same_listing(&x.list_table("ip"), &y.list_table("ip"), what);
+        prev = state;
+    }
+
+    // A full diff from the stripped ruleset: the endpoint maps and the hairpin set are flushed
+    // and refilled, in one transaction, through netlink and as nft text alike.
+    let mut cfg_all = cfg.clone();
+    cfg_all.nodeport_addresses = NodePortAddresses::All;
+    let full = build(&prev, &[], &cfg_all, Some(&applied)).ruleset;
+    let delta = diff(Some(&applied), &full);
+    assert!(delta.ops.iter().any(|o| matches!(o, Op::FlushSet { map: true, .. })), "{delta}");
+    assert!(delta.ops.iter().any(|o| matches!(o, Op::FlushSet { map: false, .. })), "{delta}");
+    dump("stripped-full-diff", &delta);
+    let before = build(&prev, &node_ips, &cfg, Some(&applied)).ruleset;
+    let z = Netns::new();
+    z.nft_script(&diff(None, &before).to_string()).expect("nft -f before");
+    z.nft_script(&delta.to_string()).unwrap_or_else(|e| panic!("nft -f of the flushing diff: {e}\n{delta}"));
+    be.apply(&delta).unwrap_or_else(|e| panic!("flushing diff over netlink: {e}\n{delta}"));
+    let y = Netns::new();
+    y.nft_script(&diff(None, &full).to_string()).expect("nft -f full");
+    assert_same_listing(&x.list_table("ip"), &y.list_table("ip"), "full diff from a stripped ruleset");
+    assert_same_listing(&z.list_table("ip"), &y.list_table("ip"), "the same diff as nft text");
+}
+
 // ---------------------------------------------------------------------------------------------
 // 3. atomicity and errors
 

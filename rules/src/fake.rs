@@ -111,6 +111,9 @@ impl FakeKernel {
                         s.insert(e.clone());
                     }
                 }
+                Op::FlushSet { name, .. } => {
+                    tab.sets.get_mut(name).ok_or_else(|| err(format!("set {name} missing")))?.1.clear();
+                }
                 Op::DeleteElements { set, elements } => {
                     let s = &mut tab.sets.get_mut(set).ok_or_else(|| err(format!("set {set} missing")))?.1;
                     for e in elements {

@@ -556,6 +556,15 @@ pub struct Ruleset {
     pub local_slots: BTreeMap<ServicePortName, u32>,
     /// What partial builds need to know (see `build::build_partial`).
     pub book: crate::build::Book,
+    /// Sets whose elements this copy does not keep, with their element count (see
+    /// [`Ruleset::strip_bulk`]).
+    pub stripped: BTreeMap<String, usize>,
+}
+
+/// Whether a set holds per-endpoint data (the endpoint slot maps and the hairpin set): the bulk of
+/// a large ruleset, which partial builds never need to read back.
+pub fn is_bulk_set(def: &SetDef) -> bool {
+    matches!(def.set_type, SetType::EndpointSlots { .. }) || def.name == crate::names::HAIRPIN_SET
 }
 
 impl Ruleset {
@@ -570,6 +579,22 @@ impl Ruleset {
             slots: BTreeMap::new(),
             local_slots: BTreeMap::new(),
             book: Default::default(),
+            stripped: BTreeMap::new(),
+        }
+    }
+
+    /// Forgets the elements of the bulk sets ([`is_bulk_set`]), keeping their count: a ruleset
+    /// kept as "what the kernel holds" needs them only for a full diff, which then flushes and
+    /// refills those sets instead (at 10k services x 10 endpoints they are 200k of 220k elements,
+    /// some 60 MiB). Sets added later by [`Ruleset::apply_ops`] are stripped too.
+    pub fn strip_bulk(&mut self) {
+        for (name, def) in &self.sets {
+            if is_bulk_set(def) {
+                if let Some(e) = self.elements.get_mut(name) {
+                    self.stripped.insert(name.clone(), e.len());
+                    *e = Default::default();
+                }
+            }
         }
     }
     pub fn add_set(&mut self, def: SetDef) {
@@ -598,12 +623,24 @@ impl Ruleset {
                 Op::AddSet(def) => {
                     if !self.sets.contains_key(&def.name) {
                         self.add_set(def.clone());
+                        if !self.stripped.is_empty() && is_bulk_set(def) {
+                            self.stripped.insert(def.name.clone(), 0);
+                        }
                     }
                 }
                 Op::DeleteSet(name) => {
                     self.sets.remove(name);
                     self.elements.remove(name);
+                    self.stripped.remove(name);
                     self.set_order.retain(|n| n != name);
+                }
+                Op::FlushSet { name, .. } => {
+                    if let Some(n) = self.stripped.get_mut(name) {
+                        *n = 0;
+                    }
+                    if let Some(e) = self.elements.get_mut(name) {
+                        e.clear();
+                    }
                 }
                 Op::AddChain { name, base } => {
                     if !self.chains.contains_key(name) {
@@ -625,12 +662,16 @@ impl Ruleset {
                     }
                 }
                 Op::AddElements { set, elements } => {
-                    if let Some(s) = self.elements.get_mut(set) {
+                    if let Some(n) = self.stripped.get_mut(set) {
+                        *n += elements.len();
+                    } else if let Some(s) = self.elements.get_mut(set) {
                         s.extend(elements.iter().cloned());
                     }
                 }
                 Op::DeleteElements { set, elements } => {
-                    if let Some(s) = self.elements.get_mut(set) {
+                    if let Some(n) = self.stripped.get_mut(set) {
+                        *n = n.saturating_sub(elements.len());
+                    } else if let Some(s) = self.elements.get_mut(set) {
                         for e in elements {
                             s.remove(e);
                         }
@@ -642,7 +683,7 @@ impl Ruleset {
 
     /// Number of set/map elements over all sets.
     pub fn element_count(&self) -> usize {
-        self.elements.values().map(|s| s.len()).sum()
+        self.elements.values().map(|s| s.len()).sum::<usize>() + self.stripped.values().sum::<usize>()
     }
 }
 

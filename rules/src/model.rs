@@ -4,7 +4,7 @@
 //! edge (`src/model/`) and dropped. Everything here is plain data with a total order so that a
 //! build is deterministic.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::IpAddr;
 
@@ -329,6 +329,31 @@ impl ClusterState {
     pub fn add_endpoint(&mut self, name: &ServicePortName, ep: Endpoint) -> &mut Self {
         self.endpoints.entry(name.clone()).or_default().push(ep);
         self
+    }
+
+    /// The Services (namespace, name) whose ports or endpoints differ between two states.
+    pub fn changed_services(a: &ClusterState, b: &ClusterState) -> BTreeSet<(String, String)> {
+        let mut out = BTreeSet::new();
+        for n in a.services.keys().chain(b.services.keys()) {
+            if a.services.get(n) != b.services.get(n) || a.endpoints.get(n) != b.endpoints.get(n) {
+                out.insert((n.namespace.clone(), n.name.clone()));
+            }
+        }
+        out
+    }
+
+    /// The ports and endpoints of the Services in `keys` (namespace, name), without the CIDRs.
+    pub fn restrict(&self, keys: &BTreeSet<(String, String)>) -> ClusterState {
+        let mut out = ClusterState::default();
+        for (n, sp) in &self.services {
+            if keys.contains(&(n.namespace.clone(), n.name.clone())) {
+                out.add_service(sp.clone());
+                if let Some(eps) = self.endpoints.get(n) {
+                    out.endpoints.insert(n.clone(), eps.clone());
+                }
+            }
+        }
+        out
     }
 }
 

@@ -32,6 +32,11 @@ pub enum Op {
         set: String,
         elements: Vec<Element>,
     },
+    /// Deletes every element of a set or map (`map` says which, for the text form).
+    FlushSet {
+        name: String,
+        map: bool,
+    },
     DeleteElements {
         set: String,
         elements: Vec<Element>,
@@ -99,6 +104,9 @@ impl fmt::Display for Transaction {
                         writeln!(f, "add element {fam} {TABLE} {set} {{ {e} }}")?;
                     }
                 }
+                Op::FlushSet { name, map } => {
+                    writeln!(f, "flush {} {fam} {TABLE} {name}", if *map { "map" } else { "set" })?
+                }
                 Op::DeleteElements { set, elements } => {
                     for e in elements {
                         // Deletion needs only the key (and the interval end).
@@ -151,9 +159,14 @@ pub fn diff(applied: Option<&Ruleset>, desired: &Ruleset) -> Transaction {
             tx.ops.push(Op::AddSet(desired.sets[name].clone()));
         }
     }
-    // 3. Element deletions (before chains they point at go away).
+    // 3. Element deletions (before chains they point at go away). A set whose elements `old` did
+    // not keep (see `Ruleset::strip_bulk`) is flushed and refilled.
     for name in &old.set_order {
         if !desired.sets.contains_key(name) || recreated.contains(name) {
+            continue;
+        }
+        if old.stripped.contains_key(name) {
+            tx.ops.push(Op::FlushSet { name: name.clone(), map: desired.sets[name].is_map() });
             continue;
         }
         let gone: Vec<Element> = old.elements[name].difference(&desired.elements[name]).cloned().collect();
@@ -196,7 +209,9 @@ pub fn diff(applied: Option<&Ruleset>, desired: &Ruleset) -> Transaction {
     // 5. Element additions.
     for name in &desired.set_order {
         let new_elems: Vec<Element> = match old.elements.get(name) {
-            Some(o) if !recreated.contains(name) => desired.elements[name].difference(o).cloned().collect(),
+            Some(o) if !recreated.contains(name) && !old.stripped.contains_key(name) => {
+                desired.elements[name].difference(o).cloned().collect()
+            }
             _ => desired.elements[name].iter().cloned().collect(),
         };
         if !new_elems.is_empty() {

@@ -170,32 +170,6 @@ fn random_state(rng: &mut Lcg) -> ClusterState {
     s
 }
 
-/// The ports and endpoints of `st` that belong to the Services in `keys`.
-fn restrict(st: &ClusterState, keys: &std::collections::BTreeSet<(String, String)>) -> ClusterState {
-    let mut out = ClusterState::default();
-    for (n, sp) in &st.services {
-        if keys.contains(&(n.namespace.clone(), n.name.clone())) {
-            out.add_service(sp.clone());
-            if let Some(eps) = st.endpoints.get(n) {
-                out.endpoints.insert(n.clone(), eps.clone());
-            }
-        }
-    }
-    out
-}
-
-/// The Services (namespace, name) whose ports or endpoints differ between two states.
-fn changed_services(a: &ClusterState, b: &ClusterState) -> std::collections::BTreeSet<(String, String)> {
-    let key = |n: &ServicePortName| (n.namespace.clone(), n.name.clone());
-    let mut out = std::collections::BTreeSet::new();
-    for n in a.services.keys().chain(b.services.keys()) {
-        if a.services.get(n) != b.services.get(n) || a.endpoints.get(n) != b.endpoints.get(n) {
-            out.insert(key(n));
-        }
-    }
-    out
-}
-
 /// A ruleset without its creation order, for comparing a partially updated one with a fresh build.
 fn unordered(r: &rules::ir::Ruleset) -> rules::ir::Ruleset {
     rules::ir::Ruleset { set_order: Vec::new(), chain_order: Vec::new(), ..r.clone() }
@@ -203,6 +177,16 @@ fn unordered(r: &rules::ir::Ruleset) -> rules::ir::Ruleset {
 
 #[test]
 fn partial_builds_reach_the_same_table_as_full_builds() {
+    walk_partial_builds(false);
+}
+
+/// The same walk with the applied ruleset's bulk elements stripped, as the daemon keeps it.
+#[test]
+fn partial_builds_on_a_stripped_ruleset_reach_the_same_table() {
+    walk_partial_builds(true);
+}
+
+fn walk_partial_builds(strip: bool) {
     let mut cfg = BuildConfig::new(Family::V4);
     cfg.cluster_cidr = Some(Cidr::parse("10.0.0.0/8").unwrap());
     cfg.node_name = "test-node".into();
@@ -212,6 +196,9 @@ fn partial_builds_reach_the_same_table_as_full_builds() {
     let mut applied = build(&prev, &node_ips, &cfg, None).ruleset;
     let mut kernel = FakeKernel::new();
     kernel.apply(&diff(None, &applied)).unwrap();
+    if strip {
+        applied.strip_bulk();
+    }
     let mut nonempty = 0;
     for step in 0..400 {
         // Mostly small changes (one or two Services), sometimes a big jump.
@@ -231,16 +218,30 @@ fn partial_builds_reach_the_same_table_as_full_builds() {
             }
             n
         };
-        let keys = changed_services(&prev, &next);
-        let (old, new) = (restrict(&prev, &keys), restrict(&next, &keys));
+        let keys = ClusterState::changed_services(&prev, &next);
+        let (old, new) = (prev.restrict(&keys), next.restrict(&keys));
         let p = rules::build::build_partial(&applied, &old, &new, &node_ips, &cfg).expect("no conflicts here");
         nonempty += usize::from(!p.tx.is_empty());
         kernel.apply(&p.tx).unwrap_or_else(|e| panic!("step {step}: kernel refused {e:?}\n{}", p.tx));
         applied.commit_partial(&p);
 
         let full = build(&next, &node_ips, &cfg, Some(&applied)).ruleset;
-        assert_eq!(unordered(&applied), unordered(&full), "step {step}: partial != full\n{}", p.tx);
-        assert!(diff(Some(&applied), &full).is_empty(), "step {step}");
+        let mut expect = full.clone();
+        if strip {
+            expect.strip_bulk();
+            assert_eq!(applied.element_count(), full.element_count(), "step {step}: counts of stripped sets");
+        } else {
+            assert!(diff(Some(&applied), &full).is_empty(), "step {step}");
+        }
+        assert_eq!(unordered(&applied), unordered(&expect), "step {step}: partial != full\n{}", p.tx);
+        if step % 50 == 0 {
+            // A full diff from what the daemon keeps converges too (stripped sets are flushed).
+            let mut k = kernel.clone();
+            k.apply(&diff(Some(&applied), &full)).unwrap_or_else(|e| panic!("step {step}: full diff: {e:?}"));
+            let mut fresh = FakeKernel::new();
+            fresh.apply(&diff(None, &full)).unwrap();
+            assert_eq!(k.dump(Family::V4), fresh.dump(Family::V4), "step {step}: full diff");
+        }
         let mut fresh = FakeKernel::new();
         fresh.apply(&diff(None, &full)).unwrap();
         assert_eq!(kernel.dump(Family::V4), fresh.dump(Family::V4), "step {step}\n{}", p.tx);

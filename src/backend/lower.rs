@@ -196,6 +196,18 @@ impl<'a> Lowerer<'a> {
                 one(Msg::NewRule { family: fam, table, chain: chain.clone(), exprs })
             }
             Op::AddElements { set, elements } => self.elements(set, elements, false),
+            // A DELSETELEM without elements flushes the set (nf_tables_delsetelem).
+            Op::FlushSet { name, .. } => {
+                check_name(name)?;
+                one(Msg::Elems {
+                    delete: true,
+                    family: fam,
+                    table,
+                    set: name.clone(),
+                    set_id: self.set_id(name),
+                    elems: Vec::new(),
+                })
+            }
             Op::DeleteElements { set, elements } => self.elements(set, elements, true),
         }
     }

@@ -69,11 +69,11 @@ pub struct Changes {
 
 impl Changes {
     /// The changed ports of `family` before the change.
-    pub fn old(&self, family: Family) -> &ClusterState {
+    pub fn before(&self, family: Family) -> &ClusterState {
         self.old.get(&family).unwrap_or(&EMPTY_STATE)
     }
     /// The changed ports of `family` after the change.
-    pub fn new(&self, family: Family) -> &ClusterState {
+    pub fn after(&self, family: Family) -> &ClusterState {
         self.new.get(&family).unwrap_or(&EMPTY_STATE)
     }
 }
@@ -868,9 +868,9 @@ spec: {clusterIP: 172.30.0.42, ipFamilies: [IPv4, IPv6], clusterIPs: [172.30.0.4
         let c = t.take_changes();
         let names = |st: &ClusterState| st.endpoints.keys().map(|n| n.name.clone()).collect::<Vec<_>>();
         assert_eq!(c.services.len(), 2);
-        assert_eq!(names(c.old(Family::V4)), vec!["svc1", "svc2"]);
-        assert_eq!(names(c.new(Family::V4)), vec!["svc2"], "svc1 has no endpoints any more");
-        assert_eq!(c.new(Family::V6).services.len(), 1, "svc2's IPv6 port is part of the change");
+        assert_eq!(names(c.before(Family::V4)), vec!["svc1", "svc2"]);
+        assert_eq!(names(c.after(Family::V4)), vec!["svc2"], "svc1 has no endpoints any more");
+        assert_eq!(c.after(Family::V6).services.len(), 1, "svc2's IPv6 port is part of the change");
         assert!(!c.full);
         // A no-op changes nothing; deletions and the node do.
         t.upsert_service(&svc(svc2)).unwrap();
@@ -881,7 +881,7 @@ spec: {clusterIP: 172.30.0.42, ipFamilies: [IPv4, IPv6], clusterIPs: [172.30.0.4
         check(&t, "slice deleted");
         let c = t.take_changes();
         assert_eq!(c.services.len(), 1);
-        assert!(c.new(Family::V4).services.is_empty() && c.old(Family::V4).services.len() == 1);
+        assert!(c.after(Family::V4).services.is_empty() && c.before(Family::V4).services.len() == 1);
         assert!(t.set_service_cidrs([Cidr::parse("172.30.0.0/16").unwrap()]));
         check(&t, "service CIDRs");
         assert!(t.take_changes().full);
