@@ -766,7 +766,10 @@ impl Drop for V6Topo {
 /// ```
 fn ipv6_cluster_ip_and_node_port(mode: Mode) {
     static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let id = format!("kpp6{}-{}", std::process::id(), SEQ.fetch_add(1, std::sync::atomic::Ordering::SeqCst));
+    // `kpp<pid>-`, as topo.rs names its own: its sweep of dead test processes' namespaces parses
+    // the pid there (with `kpp6<pid>` it read 6<pid>, found no such process and deleted this
+    // test's namespaces under it when another test started first).
+    let id = format!("kpp{}-v6-{}", std::process::id(), SEQ.fetch_add(1, std::sync::atomic::Ordering::SeqCst));
     let dir = std::env::temp_dir().join(&id);
     std::fs::create_dir_all(dir.join("manifests")).unwrap();
     let mut t = V6Topo { id, dir, children: vec![] };
