@@ -364,3 +364,101 @@ pub fn run(o: &Opts) {
         let _ = fs::remove_dir_all(&dir);
     }
 }
+
+// ---- the daemon from manifests: cold start, RSS, CPU ---------------------------------------------
+
+/// The plain synthetic cluster (`service`, `slice` above) as `kproxy --manifests` input: JSON
+/// `kind: List` files of 500 services each (kproxy refuses files over 16 MiB), plus this node and
+/// the ServiceCIDR. The policy mix is not written (the API objects above carry none).
+pub fn write_manifests(dir: &Path, services: usize, endpoints: usize, policies: bool) {
+    assert!(!policies, "manifests: only the plain mix is written as API objects");
+    fs::create_dir_all(dir).expect("manifest dir");
+    let node = json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": NODE},
+        "status": {"addresses": [{"type": "InternalIP", "address": "192.168.0.2"}]}});
+    let cidr = json!({"apiVersion": "networking.k8s.io/v1", "kind": "ServiceCIDR",
+        "metadata": {"name": "kubernetes"}, "spec": {"cidrs": ["172.16.0.0/12"]}});
+    fs::write(dir.join("node.json"), json!({"apiVersion": "v1", "kind": "List", "items": [node, cidr]}).to_string())
+        .expect("node.json");
+    for chunk in 0..services.div_ceil(500) {
+        let mut items = Vec::new();
+        for i in chunk * 500..((chunk + 1) * 500).min(services) {
+            let mut s = serde_json::to_value(service(i)).expect("service");
+            s["apiVersion"] = json!("v1");
+            s["kind"] = json!("Service");
+            items.push(s);
+            let ips: Vec<String> = (0..endpoints).map(|e| endpoint_ip(i * endpoints + e)).collect();
+            let mut e = serde_json::to_value(slice(i, &ips)).expect("slice");
+            e["apiVersion"] = json!("discovery.k8s.io/v1");
+            e["kind"] = json!("EndpointSlice");
+            items.push(e);
+        }
+        let list = json!({"apiVersion": "v1", "kind": "List", "items": items});
+        fs::write(dir.join(format!("services-{chunk:04}.json")), list.to_string()).expect("manifest");
+    }
+}
+
+/// CPU seconds (user + system) of a process so far, from /proc/PID/stat (USER_HZ = 100).
+fn cpu_s(pid: u32) -> f64 {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let t = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(f64::NAN);
+    (t(11) + t(12)) / 100.0
+}
+
+/// Starts `kproxy --manifests dir [extra args]` in the current namespace and waits for its first
+/// sync that changed something (the whole ruleset committed): process start → that log line,
+/// the sync's own time, VmHWM and CPU seconds at that point. Prints one `daemon ...` line.
+pub fn daemon_cold(kproxy: &Path, dir: &Path, extra: &[String], limit: Duration) {
+    let log = std::env::temp_dir().join(format!("kpxb-daemon-{}.log", std::process::id()));
+    let log_file = fs::File::create(&log).expect("log");
+    let started = Instant::now();
+    let mut child = Proc(
+        Command::new(kproxy)
+            .args(["--manifests", dir.to_str().expect("utf-8 path")])
+            .args(["--hostname-override", NODE, "--cluster-cidr", "10.0.0.0/8", "-v", "2"])
+            .args(extra)
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone().expect("log"))
+            .stderr(log_file)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", kproxy.display())),
+    );
+    let pid = child.0.id();
+    let mut first = None;
+    let mut exited = None;
+    while started.elapsed() < limit {
+        if let Some(f) = syncs(&log).into_iter().next() {
+            first = Some(f);
+            break;
+        }
+        if let Ok(Some(status)) = child.0.try_wait() {
+            exited = Some(status);
+            break;
+        }
+        thread::sleep(Duration::from_millis(2));
+    }
+    let elapsed = started.elapsed();
+    let (rss_now, hwm) = rss(pid);
+    let cpu = cpu_s(pid);
+    drop(child);
+    match first {
+        Some(f) => println!(
+            "daemon cold_s={:.3} first_sync_ms={} rss_mib={rss_now:.1} hwm_mib={hwm:.1} cpu_s={cpu:.2}",
+            elapsed.as_secs_f64(),
+            f.get("elapsed_ms").map_or("n/a", String::as_str),
+        ),
+        None => {
+            let tail: String =
+                fs::read_to_string(&log).unwrap_or_default().lines().rev().take(5).collect::<Vec<_>>().join(" | ");
+            match exited {
+                Some(status) => println!("daemon exited={status:?} log_tail={tail:?}"),
+                None => {
+                    println!("daemon timed_out_s={} hwm_mib={hwm:.1} cpu_s={cpu:.2} log_tail={tail:?}", limit.as_secs())
+                }
+            }
+        }
+    }
+    let _ = fs::remove_file(&log);
+}

@@ -10,12 +10,24 @@
 //!   changes; prints timings.
 //! - `kube`:   the kproxy daemon against the fake API server in the current netns: event → kernel
 //!   latency over `--changes N` endpoint changes, and RSS (`bench/run-kube.sh`; see kube.rs).
+//! - `svc-add` / `svc-del`: kproxy's transaction adding / deleting one more service (`svc-new`)
+//!   against `text`'s table;
+//! - `upstream-text`, `upstream-delta`, `upstream-undelta`, `upstream-svc-add`, `upstream-svc-del`:
+//!   the same five scripts in upstream kube-proxy's nftables layout (see upstream_nft.rs);
+//! - `ipt-text`, `ipt-delta`, `ipt-undelta`: upstream's iptables-mode `iptables-restore` input
+//!   (rules::iptables) for the cluster and the one-endpoint change; `ipt-jumps`: its jump rules;
+//! - `load`: kproxy's cold start alone; `daemon-cold`: the daemon from `--manifests` (kube.rs);
+//! - `manifests --dir D`: the cluster as Service and EndpointSlice YAML for `kproxy --manifests`;
+//! - `serve --port P` / `connect --target IP:PORT --count N`: the data-plane listener and the
+//!   first-packet (TCP connect) latency client (see dataplane.rs).
 
 use std::time::{Duration, Instant};
 
 use rules::model::*;
 
+mod dataplane;
 mod kube;
+mod upstream_nft;
 
 struct Args {
     cmd: String,
@@ -25,6 +37,10 @@ struct Args {
     changes: usize,
     kproxy: Option<std::path::PathBuf>,
     policies: bool,
+    dir: Option<std::path::PathBuf>,
+    port: u16,
+    target: Option<String>,
+    count: usize,
 }
 
 fn args() -> Args {
@@ -36,16 +52,26 @@ fn args() -> Args {
         changes: 100,
         kproxy: None,
         policies: false,
+        dir: None,
+        port: 8080,
+        target: None,
+        count: 2000,
     };
     let mut it = std::env::args().skip(1);
     while let Some(x) = it.next() {
         match x.as_str() {
+            // Everything after `--` is for the program the bench starts (`daemon-cold`).
+            "--" => break,
             "--services" => a.services = it.next().and_then(|v| v.parse().ok()).expect("--services N"),
             "--endpoints" => a.endpoints = it.next().and_then(|v| v.parse().ok()).expect("--endpoints M"),
             "--repeats" => a.repeats = it.next().and_then(|v| v.parse().ok()).expect("--repeats R"),
             "--changes" => a.changes = it.next().and_then(|v| v.parse().ok()).expect("--changes N"),
             "--policies" => a.policies = true,
             "--kproxy" => a.kproxy = Some(it.next().expect("--kproxy PATH").into()),
+            "--dir" => a.dir = Some(it.next().expect("--dir PATH").into()),
+            "--port" => a.port = it.next().and_then(|v| v.parse().ok()).expect("--port P"),
+            "--target" => a.target = Some(it.next().expect("--target IP:PORT")),
+            "--count" => a.count = it.next().and_then(|v| v.parse().ok()).expect("--count N"),
             c if a.cmd.is_empty() => a.cmd = c.to_string(),
             other => panic!("unknown argument {other}"),
         }
@@ -63,6 +89,9 @@ fn args() -> Args {
 /// `cfg`) and zone-b. Endpoints are on this node ("node-x"), so the local policies have endpoints.
 fn cluster(services: usize, endpoints: usize, policies: bool) -> ClusterState {
     let mut st = ClusterState::default();
+    // The API's default ServiceCIDR (kube.rs serves the same one): both layouts drop traffic to
+    // unallocated addresses in it.
+    st.service_cidrs = vec![Cidr::parse("172.16.0.0/12").expect("constant")];
     for i in 0..services {
         let cip = format!("172.{}.{}.{}", 16 + (i >> 16), (i >> 8) & 255, i & 255);
         let mut ports = vec![("http", 80u16)];
@@ -146,20 +175,93 @@ fn pct(v: &mut [Duration], p: f64) -> f64 {
     v[i].as_secs_f64() * 1e3
 }
 
+/// The service `svc-add` / `svc-del` add and remove: one ClusterIP port with `endpoints` endpoints,
+/// outside every range `cluster()` uses.
+fn plus_service(st: &ClusterState, endpoints: usize) -> (ClusterState, ServicePortName) {
+    let mut s = st.clone();
+    let sp = ServicePort::cluster_ip("bench", "svc-new", "http", Protocol::Tcp, "172.31.255.254", 80);
+    let name = sp.name.clone();
+    s.add_service(sp);
+    for e in 0..endpoints.max(1) {
+        s.add_endpoint(&name, Endpoint::ready(&format!("10.251.0.{}", e + 1), 8080).on_node("node-x"));
+    }
+    (s, name)
+}
+
+fn upstream_cfg<'a>(
+    st: &'a ClusterState,
+    c: &'a BuildConfig,
+    ips: &'a [std::net::IpAddr],
+) -> upstream_nft::Upstream<'a> {
+    upstream_nft::Upstream {
+        cluster_cidr: c.cluster_cidr,
+        node_name: &c.node_name,
+        node_zone: c.node_zone.as_deref(),
+        nodeport_ips: ips,
+        service_cidrs: &st.service_cidrs,
+        masquerade_all: c.masquerade_all,
+    }
+}
+
+/// Peak RSS (VmHWM, MiB) and CPU seconds (user + system) of this process so far.
+fn self_usage() -> (f64, f64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let hwm = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<f64>().ok())
+        .map_or(f64::NAN, |k| k / 1024.0);
+    // Fields 14 and 15 of /proc/self/stat (after the parenthesised command name), in clock ticks;
+    // USER_HZ is 100 on every Linux ABI.
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(f64::NAN);
+    (hwm, (ticks(11) + ticks(12)) / 100.0)
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
 fn main() {
     let a = args();
-    if a.cmd == "kube" {
-        // The daemon next to this binary unless told otherwise (both in target/release).
-        let kproxy = a.kproxy.unwrap_or_else(|| std::env::current_exe().expect("own path").with_file_name("kproxy"));
-        kube::run(&kube::Opts { services: a.services, endpoints: a.endpoints, changes: a.changes, kproxy });
-        return;
+    match a.cmd.as_str() {
+        "kube" => {
+            // The daemon next to this binary unless told otherwise (both in target/release).
+            let kproxy =
+                a.kproxy.unwrap_or_else(|| std::env::current_exe().expect("own path").with_file_name("kproxy"));
+            kube::run(&kube::Opts { services: a.services, endpoints: a.endpoints, changes: a.changes, kproxy });
+            return;
+        }
+        "serve" => return dataplane::serve(a.port),
+        "connect" => {
+            let target = a.target.expect("--target IP:PORT").parse().expect("--target IP:PORT");
+            return dataplane::connect(target, a.count);
+        }
+        "daemon-cold" => {
+            // `--kproxy PATH --dir MANIFESTS [--count LIMIT_S] [-- extra kproxy args]`.
+            let kproxy =
+                a.kproxy.unwrap_or_else(|| std::env::current_exe().expect("own path").with_file_name("kproxy"));
+            let extra: Vec<String> = std::env::args().skip_while(|x| x != "--").skip(1).collect();
+            let limit = Duration::from_secs(if a.count == 2000 { 300 } else { a.count as u64 });
+            return kube::daemon_cold(&kproxy, &a.dir.expect("--dir DIR"), &extra, limit);
+        }
+        "manifests" => {
+            let dir = a.dir.expect("--dir DIR");
+            return kube::write_manifests(&dir, a.services, a.endpoints, a.policies);
+        }
+        _ => {}
     }
     let st = cluster(a.services, a.endpoints, a.policies);
     let ips = node_ips();
+    let c = cfg();
+    let u = upstream_cfg(&st, &c, &ips);
     match a.cmd.as_str() {
         "pure" => {
             let t0 = Instant::now();
-            let built = rules::build(&st, &ips, &cfg(), None).ruleset;
+            let built = rules::build(&st, &ips, &c, None).ruleset;
             let t1 = Instant::now();
             let tx = rules::diff(None, &built);
             let t2 = Instant::now();
@@ -169,81 +271,197 @@ fn main() {
             let mut change = Vec::new();
             for _ in 0..a.repeats {
                 let s = Instant::now();
-                let b2 = rules::build(&st2, &ips, &cfg(), Some(&built)).ruleset;
+                let b2 = rules::build(&st2, &ips, &c, Some(&built)).ruleset;
                 let d = rules::diff(Some(&built), &b2);
                 assert!(!d.is_empty());
                 change.push(s.elapsed());
             }
+            let t4 = Instant::now();
+            let up = upstream_nft::script(&u, &st);
+            let t5 = Instant::now();
             println!(
-                "pure services={} endpoints={} policies={} build_ms={:.1} diff_full_ms={:.1} render_ms={:.1} text_mb={:.1} ops={} change_build_diff_p50_ms={:.1}",
+                "pure services={} endpoints={} policies={} build_ms={:.1} diff_full_ms={:.1} render_ms={:.1} text_mb={:.1} ops={} change_build_diff_p50_ms={:.1} upstream_text_mb={:.1} upstream_render_ms={:.1} upstream_lines={}",
                 a.services,
                 a.endpoints,
                 a.policies,
-                (t1 - t0).as_secs_f64() * 1e3,
-                (t2 - t1).as_secs_f64() * 1e3,
-                (t3 - t2).as_secs_f64() * 1e3,
+                ms(t1 - t0),
+                ms(t2 - t1),
+                ms(t3 - t2),
                 text.len() as f64 / 1e6,
                 tx.ops.len(),
-                pct(&mut change, 0.5)
+                pct(&mut change, 0.5),
+                up.len() as f64 / 1e6,
+                ms(t5 - t4),
+                up.lines().count(),
             );
         }
         "text" => {
-            let built = rules::build(&st, &ips, &cfg(), None).ruleset;
+            let built = rules::build(&st, &ips, &c, None).ruleset;
             print!("{}", rules::diff(None, &built));
         }
-        "delta" => {
-            let built = rules::build(&st, &ips, &cfg(), None).ruleset;
-            let b2 = rules::build(&plus_one(&st, a.policies), &ips, &cfg(), Some(&built)).ruleset;
-            print!("{}", rules::diff(Some(&built), &b2));
+        "delta" | "undelta" => {
+            let built = rules::build(&st, &ips, &c, None).ruleset;
+            let b2 = rules::build(&plus_one(&st, a.policies), &ips, &c, Some(&built)).ruleset;
+            if a.cmd == "delta" {
+                print!("{}", rules::diff(Some(&built), &b2));
+            } else {
+                print!("{}", rules::diff(Some(&b2), &built));
+            }
         }
-        "undelta" => {
-            let built = rules::build(&st, &ips, &cfg(), None).ruleset;
-            let b2 = rules::build(&plus_one(&st, a.policies), &ips, &cfg(), Some(&built)).ruleset;
-            print!("{}", rules::diff(Some(&b2), &built));
+        "svc-add" | "svc-del" => {
+            let built = rules::build(&st, &ips, &c, None).ruleset;
+            let (st2, _) = plus_service(&st, a.endpoints);
+            let b2 = rules::build(&st2, &ips, &c, Some(&built)).ruleset;
+            if a.cmd == "svc-add" {
+                print!("{}", rules::diff(Some(&built), &b2));
+            } else {
+                print!("{}", rules::diff(Some(&b2), &built));
+            }
         }
-        "apply" => {
+        "upstream-text" => print!("{}", upstream_nft::script(&u, &st)),
+        "upstream-delta" => {
+            let st2 = plus_one(&st, a.policies);
+            print!("{}", upstream_nft::endpoint_change_script(&u, &st, &st2, &changed_port(&st, &st2)));
+        }
+        "upstream-undelta" => {
+            let st2 = plus_one(&st, a.policies);
+            print!("{}", upstream_nft::endpoint_change_script(&u, &st2, &st, &changed_port(&st, &st2)));
+        }
+        "upstream-svc-add" => {
+            let (st2, name) = plus_service(&st, a.endpoints);
+            print!("{}", upstream_nft::service_port_script(&u, &st2, &name));
+        }
+        "upstream-svc-del" => {
+            let (st2, name) = plus_service(&st, a.endpoints);
+            print!("{}", upstream_nft::delete_service_port_script(&u, &st2, &name));
+        }
+        "ipt-text" => {
+            let r = rules::iptables::build(&st, &ips, &c, false).ruleset;
+            print!("{}", rules::iptables::restore_input(&r, None));
+        }
+        "ipt-delta" | "ipt-undelta" => {
+            // Upstream's partial restore for the one-endpoint change (and back).
+            let r = rules::iptables::build(&st, &ips, &c, false).ruleset;
+            let r2 = rules::iptables::build(&plus_one(&st, a.policies), &ips, &c, false).ruleset;
+            let (from, to) = if a.cmd == "ipt-delta" { (&r, &r2) } else { (&r2, &r) };
+            print!("{}", rules::iptables::restore_input(to, Some(from)));
+        }
+        "ipt-jumps" => {
+            // The jump rules upstream ensures in the built-in chains, as iptables-restore input
+            // (appended; the data-plane bench needs them, the control-plane timing does not).
+            for table in ["filter", "nat"] {
+                println!("*{table}");
+                for (t, chain, rule) in rules::iptables::jump_rules(Family::V4) {
+                    if t == table {
+                        println!("-A {chain} {rule}");
+                    }
+                }
+                println!("COMMIT");
+            }
+        }
+        "apply" => apply(&a, &st, &ips, &c),
+        "load" => {
+            // Cold start only (the data-plane bench's kproxy table).
             let mut be = kproxy::backend::nftables::NftablesBackend::new().expect("netlink socket");
             let t0 = Instant::now();
-            let built = rules::build(&st, &ips, &cfg(), None).ruleset;
-            let tx = rules::diff(None, &built);
-            let t1 = Instant::now();
-            be.apply(&tx).expect("cold start apply");
-            let t2 = Instant::now();
-            let st2 = plus_one(&st, a.policies);
-            let b2 = rules::build(&st2, &ips, &cfg(), Some(&built)).ruleset;
-            let fwd = rules::diff(Some(&built), &b2);
-            let back = rules::diff(Some(&b2), &built);
-            let mut kernel = Vec::new();
-            let mut total = Vec::new();
-            for i in 0..a.repeats {
-                let s = Instant::now();
-                // Alternate adding and removing the extra endpoint; time build+diff+apply.
-                let (from, to_state) = if i % 2 == 0 { (&built, &st2) } else { (&b2, &st) };
-                let desired = rules::build(to_state, &ips, &cfg(), Some(from)).ruleset;
-                let d = rules::diff(Some(from), &desired);
-                let k = Instant::now();
-                be.apply(&d).expect("endpoint change apply");
-                kernel.push(k.elapsed());
-                total.push(s.elapsed());
-            }
-            let _ = (fwd, back);
-            println!(
-                "apply services={} endpoints={} policies={} cold_build_diff_ms={:.1} cold_kernel_ms={:.1} cold_total_ms={:.1} change_kernel_p50_ms={:.2} change_kernel_p99_ms={:.2} change_total_p50_ms={:.2} change_total_p99_ms={:.2}",
-                a.services,
-                a.endpoints,
-                a.policies,
-                (t1 - t0).as_secs_f64() * 1e3,
-                (t2 - t1).as_secs_f64() * 1e3,
-                (t2 - t0).as_secs_f64() * 1e3,
-                pct(&mut kernel.clone(), 0.5),
-                pct(&mut kernel, 0.99),
-                pct(&mut total.clone(), 0.5),
-                pct(&mut total, 0.99),
-            );
+            let built = rules::build(&st, &ips, &c, None).ruleset;
+            be.apply(&rules::diff(None, &built)).expect("cold start apply");
+            println!("load services={} endpoints={} cold_total_ms={:.1}", a.services, a.endpoints, ms(t0.elapsed()));
         }
         other => {
-            eprintln!("unknown command {other:?}: use pure | text | delta | undelta | apply | kube");
+            eprintln!(
+                "unknown command {other:?}: use pure | text | delta | undelta | svc-add | svc-del | upstream-text | \
+                 upstream-delta | upstream-undelta | upstream-svc-add | upstream-svc-del | ipt-text | ipt-delta | ipt-undelta | ipt-jumps | apply | load | kube | manifests | \
+                 daemon-cold | serve | connect"
+            );
             std::process::exit(2);
         }
     }
+}
+
+/// The service port whose endpoints differ between two states (`plus_one`'s target).
+fn changed_port(a: &ClusterState, b: &ClusterState) -> ServicePortName {
+    b.endpoints.iter().find(|(k, v)| a.endpoints.get(*k) != Some(*v)).map(|(k, _)| k.clone()).expect("a changed port")
+}
+
+/// kproxy's control plane through its netlink backend, in the current (throwaway) namespace:
+/// cold start, one-endpoint changes, one-service add and delete, no-op resyncs. Each repeated
+/// operation is timed whole (build + diff + apply, what a sync does) and kernel-only (apply).
+fn apply(a: &Args, st: &ClusterState, ips: &[std::net::IpAddr], c: &BuildConfig) {
+    let mut be = kproxy::backend::nftables::NftablesBackend::new().expect("netlink socket");
+    let (_, cpu0) = self_usage();
+    let t0 = Instant::now();
+    let built = rules::build(st, ips, c, None).ruleset;
+    let tx = rules::diff(None, &built);
+    let t1 = Instant::now();
+    be.apply(&tx).expect("cold start apply");
+    let t2 = Instant::now();
+    drop(tx);
+    let (hwm_cold, cpu1) = self_usage();
+
+    // Alternately add and remove one endpoint (or service); time build+diff+apply and the apply.
+    let cycle = |be: &mut kproxy::backend::nftables::NftablesBackend, other: &ClusterState, what: &str| {
+        let mut kernel = Vec::new();
+        let mut total = Vec::new();
+        let mut cur = built.clone();
+        for i in 0..a.repeats {
+            let to_state = if i % 2 == 0 { other } else { st };
+            let s = Instant::now();
+            let desired = rules::build(to_state, ips, c, Some(&cur)).ruleset;
+            let d = rules::diff(Some(&cur), &desired);
+            assert!(!d.is_empty(), "{what}: an empty transaction");
+            let k = Instant::now();
+            be.apply(&d).unwrap_or_else(|e| panic!("{what} apply: {e}"));
+            kernel.push(k.elapsed());
+            total.push(s.elapsed());
+            cur = desired;
+        }
+        if a.repeats % 2 == 1 {
+            // Back to `st`, so the next cycle starts from the cold-start table.
+            let desired = rules::build(st, ips, c, Some(&cur)).ruleset;
+            be.apply(&rules::diff(Some(&cur), &desired)).expect("restore");
+        }
+        (kernel, total)
+    };
+    let (mut ep_k, mut ep_t) = cycle(&mut be, &plus_one(st, a.policies), "endpoint change");
+    let (mut sv_k, mut sv_t) = cycle(&mut be, &plus_service(st, a.endpoints).0, "service add/delete");
+    let mut noop = Vec::new();
+    for _ in 0..a.repeats {
+        let s = Instant::now();
+        let desired = rules::build(st, ips, c, Some(&built)).ruleset;
+        let d = rules::diff(Some(&built), &desired);
+        if !d.is_empty() {
+            be.apply(&d).expect("no-op apply");
+        }
+        noop.push(s.elapsed());
+        assert!(d.is_empty(), "a no-op resync changed {} things", d.ops.len());
+    }
+    let (hwm_end, cpu2) = self_usage();
+    println!(
+        "apply services={} endpoints={} policies={} cold_build_diff_ms={:.1} cold_kernel_ms={:.1} cold_total_ms={:.1} \
+         cold_cpu_s={:.2} cold_hwm_mib={:.1} \
+         change_kernel_p50_ms={:.2} change_kernel_p99_ms={:.2} change_total_p50_ms={:.2} change_total_p99_ms={:.2} \
+         svc_kernel_p50_ms={:.2} svc_kernel_p99_ms={:.2} svc_total_p50_ms={:.2} svc_total_p99_ms={:.2} \
+         noop_p50_ms={:.2} noop_p99_ms={:.2} hwm_mib={:.1} cpu_s={:.2}",
+        a.services,
+        a.endpoints,
+        a.policies,
+        ms(t1 - t0),
+        ms(t2 - t1),
+        ms(t2 - t0),
+        cpu1 - cpu0,
+        hwm_cold,
+        pct(&mut ep_k, 0.5),
+        pct(&mut ep_k, 0.99),
+        pct(&mut ep_t, 0.5),
+        pct(&mut ep_t, 0.99),
+        pct(&mut sv_k, 0.5),
+        pct(&mut sv_k, 0.99),
+        pct(&mut sv_t, 0.5),
+        pct(&mut sv_t, 0.99),
+        pct(&mut noop.clone(), 0.5),
+        pct(&mut noop, 0.99),
+        hwm_end,
+        cpu2 - cpu0,
+    );
 }
