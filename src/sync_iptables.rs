@@ -75,14 +75,19 @@ impl IptablesProxier {
 
     /// As [`IptablesProxier::new`] with the flavour given.
     pub fn with_flavour(cfg: Config, flavour: Flavour) -> Result<Self, IptError> {
-        let localhost_nodeports = cfg.localhost_nodeports && nodeports_cover_ipv4_loopback(&cfg.nodeport);
+        let mut localhost_nodeports = cfg.localhost_nodeports && nodeports_cover_ipv4_loopback(&cfg.nodeport);
         if localhost_nodeports {
             info!(
                 "setting route_localnet=1 to allow node ports on localhost; to change this either disable \
                  iptables.localhostNodePorts (--iptables-localhost-nodeports) or set nodePortAddresses \
                  (--nodeport-addresses) to filter loopback addresses"
             );
-            ensure_route_localnet()?;
+            // Upstream exits here; a container without a writable /proc/sys (not privileged)
+            // would then crash-loop, so kproxy goes on without localhost node ports instead.
+            if let Err(e) = ensure_route_localnet() {
+                warn!("{e}; node ports will not answer on localhost");
+                localhost_nodeports = false;
+            }
         }
         let tcp_be_liberal = std::fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_tcp_be_liberal")
             .is_ok_and(|v| v.trim().parse::<u32>().is_ok_and(|v| v != 0));
