@@ -96,12 +96,19 @@ fn dry_run_iptables(cfg: &Config, family: Family, inputs: &Inputs<'_>) -> String
 /// `--cleanup`: delete the `kube-proxy` table of both families, and iptables mode's chains and
 /// jump rules (ours and upstream's).
 pub fn cleanup() -> Result<(), CleanupError> {
-    let mut b = NftablesBackend::new()?;
-    for f in [Family::V4, Family::V6] {
-        b.apply(&rules::transaction::cleanup(f))?;
-        info!(family = f.label(), "deleted table {} {}", f.nft(), rules::ir::TABLE);
-    }
-    crate::backend::iptables::remove_leftovers()?;
+    // Both halves run even when the first fails (a kernel without nf_tables still has iptables
+    // leftovers to remove); the first error is returned.
+    let nft = (|| {
+        let mut b = NftablesBackend::new()?;
+        for f in [Family::V4, Family::V6] {
+            b.apply(&rules::transaction::cleanup(f))?;
+            info!(family = f.label(), "deleted table {} {}", f.nft(), rules::ir::TABLE);
+        }
+        Ok::<(), crate::backend::nftables::NftError>(())
+    })();
+    let ipt = crate::backend::iptables::remove_leftovers();
+    nft?;
+    ipt?;
     Ok(())
 }
 
