@@ -43,8 +43,18 @@ demo: build
 
 test: deps
 	$(CARGO) build --workspace --all-targets
+	$(CARGO) bench --workspace --no-run
 	$(CARGO) test --workspace --no-fail-fast 2>&1 | tee target/test.log; exit $${PIPESTATUS[0]}
 
+# The scale benchmark of issue 6 (bench/README.md): appends a dated section to bench/RESULTS.md
+# and writes bench/results.png and bench/results-raw.txt. Sizes: SIZES, DP_SIZES (see bench/run.sh).
 bench: deps
-	$(CARGO) build --release --workspace
-	bench/run.sh
+	@python3 -c 'import matplotlib' 2>/dev/null || { \
+	  echo "installing matplotlib (PyPI): bench/report.py plots bench/results.png"; \
+	  python3 -m pip install --quiet matplotlib 2>/dev/null || \
+	  python3 -m pip install --quiet --break-system-packages matplotlib; }
+	$(CARGO) build --release -p kproxy -p kproxy-bench
+	OUT=bench/out bench/run.sh
+	cp bench/out/raw.txt bench/results-raw.txt
+	python3 bench/report.py bench/results-raw.txt bench/results.png > bench/out/section.md
+	{ echo; cat bench/out/section.md; } >> bench/RESULTS.md

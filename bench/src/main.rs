@@ -88,10 +88,10 @@ fn args() -> Args {
 /// (from the 3rd) zone hints on all its endpoints, alternating zone-a (this node's zone, see
 /// `cfg`) and zone-b. Endpoints are on this node ("node-x"), so the local policies have endpoints.
 fn cluster(services: usize, endpoints: usize, policies: bool) -> ClusterState {
-    let mut st = ClusterState::default();
     // The API's default ServiceCIDR (kube.rs serves the same one): both layouts drop traffic to
     // unallocated addresses in it.
-    st.service_cidrs = vec![Cidr::parse("172.16.0.0/12").expect("constant")];
+    let mut st =
+        ClusterState { service_cidrs: vec![Cidr::parse("172.16.0.0/12").expect("constant")], ..Default::default() };
     for i in 0..services {
         let cip = format!("172.{}.{}.{}", 16 + (i >> 16), (i >> 8) & 255, i & 255);
         let mut ports = vec![("http", 80u16)];

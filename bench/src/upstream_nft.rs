@@ -385,8 +385,8 @@ mod tests {
     /// endpoints), which this generator must reproduce for the same Services.
     #[test]
     fn matches_upstream_overall_rules_test() {
-        let mut st = ClusterState::default();
-        st.service_cidrs = vec![Cidr::parse("172.30.0.0/16").expect("constant")];
+        let mut st =
+            ClusterState { service_cidrs: vec![Cidr::parse("172.30.0.0/16").expect("constant")], ..Default::default() };
         let svc1 = ServicePort::cluster_ip("ns1", "svc1", "p80", Protocol::Tcp, "172.30.0.41", 80);
         let svc3 = ServicePort::cluster_ip("ns3", "svc3", "p80", Protocol::Tcp, "172.30.0.43", 80).with_node_port(3003);
         let svc6 = ServicePort::cluster_ip("ns6", "svc6", "p80", Protocol::Tcp, "172.30.0.46", 80);
@@ -427,8 +427,8 @@ mod tests {
         let root = std::fs::read_to_string("/proc/self/status")
             .map(|s| s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0")))
             .unwrap_or(false);
-        let have = |c: &str| Command::new(c).arg("--version").output().is_ok_and(|o| o.status.success());
-        if !root || !have("nft") || !have("ip") {
+        let have = |c: &str, v: &str| Command::new(c).arg(v).output().is_ok_and(|o| o.status.success());
+        if !root || !have("nft", "--version") || !have("ip", "-V") {
             eprintln!("skipped: needs root, nft and ip");
             return;
         }
