@@ -35,6 +35,8 @@ struct FamilyState {
     /// What the kernel holds from our last successful restore; `None` = unknown (next is full).
     applied: Option<IptRuleset>,
     last_full: Option<Instant>,
+    /// When the canaries of all three tables were last checked (see `sync_family`).
+    last_canary_sweep: Option<Instant>,
 }
 
 /// The iptables-mode [`Engine`].
@@ -113,7 +115,7 @@ impl IptablesProxier {
                     self.flavour.name()
                 )
             })?;
-            self.families.insert(family, FamilyState { bins, applied: None, last_full: None });
+            self.families.insert(family, FamilyState { bins, applied: None, last_full: None, last_canary_sweep: None });
         }
         Ok(self.families.get_mut(&family).expect("inserted above"))
     }
@@ -170,11 +172,23 @@ impl IptablesProxier {
             error: None,
             iptables: None,
         };
+        let sweep_period = self.cfg.sync_period;
         let fs = match self.family(family) {
             Ok(fs) => fs,
             Err(e) => return (fr, Err(e)),
         };
-        let canaries = CANARY_TABLES.iter().all(|t| fs.bins.chain_exists(t, CANARY_CHAIN));
+        // The mangle canary before every sync, as upstream's monitor polls it (mangle is small,
+        // so that costs ~10 ms however big the ruleset); all three at most every half sync
+        // period (so every periodic resync checks them),
+        // since with the nft-backed binaries asking about a chain of a big nat table fetches the
+        // table (~80 ms at 1k services, seconds at 10k). Upstream never notices a flush of nat
+        // alone; we do, within a sync period.
+        let sweep = fs.last_canary_sweep.is_none_or(|t| t.elapsed() >= sweep_period / 2);
+        let tables = if sweep { &CANARY_TABLES[..] } else { &CANARY_TABLES[..1] };
+        let canaries = tables.iter().all(|t| fs.bins.chain_exists(t, CANARY_CHAIN));
+        if sweep {
+            fs.last_canary_sweep = Some(Instant::now());
+        }
         if !canaries && fs.applied.is_some() {
             warn!(family = family.label(), "a {CANARY_CHAIN} chain is gone (the tables were flushed?): full resync");
         }
