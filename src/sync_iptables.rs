@@ -179,10 +179,9 @@ impl IptablesProxier {
         };
         // The mangle canary before every sync, as upstream's monitor polls it (mangle is small,
         // so that costs ~10 ms however big the ruleset); all three at most every half sync
-        // period (so every periodic resync checks them),
-        // since with the nft-backed binaries asking about a chain of a big nat table fetches the
-        // table (~80 ms at 1k services, seconds at 10k). Upstream never notices a flush of nat
-        // alone; we do, within a sync period.
+        // period, so every periodic resync checks them: with the nft-backed binaries, asking
+        // about a chain of a big nat table fetches the table (~80 ms at 1k services, seconds at
+        // 10k). Upstream never notices a flush of nat alone; we do, within a sync period.
         let sweep = fs.last_canary_sweep.is_none_or(|t| t.elapsed() >= sweep_period / 2);
         let tables = if sweep { &CANARY_TABLES[..] } else { &CANARY_TABLES[..1] };
         let canaries = tables.iter().all(|t| fs.bins.chain_exists(t, CANARY_CHAIN));
