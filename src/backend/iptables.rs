@@ -488,9 +488,16 @@ pub fn remove_nftables_tables() -> Result<(), crate::backend::nftables::NftError
     Ok(())
 }
 
-/// [`remove_leftovers`] at a mode switch: failures are logged (each one already was), not fatal.
+/// [`remove_leftovers`] at a mode switch, on a thread of its own: on a node with many iptables
+/// rules of others, iptables-save alone can take seconds, which must not hold up the next sync
+/// (nftables mode does not touch iptables, so nothing races). Failures are logged, not fatal.
 pub fn remove_leftovers_logged() {
-    let _ = remove_leftovers();
+    let spawned = std::thread::Builder::new().name("kproxy-ipt-cleanup".into()).spawn(|| {
+        let _ = remove_leftovers();
+    });
+    if spawned.is_err() {
+        let _ = remove_leftovers();
+    }
 }
 
 /// [`remove_nftables_tables`] at a mode switch: a failure is logged, not fatal.
