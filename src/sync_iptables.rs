@@ -18,8 +18,8 @@ use rules::transaction::TxStats;
 use tracing::{debug, info, warn};
 
 use crate::backend::iptables::{
-    detect_flavour, ensure_route_localnet, is_own_chain, Binaries, Flavour, IptError, SavedTable, CANARY_CHAIN,
-    CANARY_TABLES,
+    detect_flavour, ensure_route_localnet, is_own_chain, Binaries, Flavour, IptError, IptRunner, SavedTable,
+    CANARY_CHAIN, CANARY_TABLES,
 };
 use crate::backend::nftables::ApplyStats;
 use crate::config::{Config, NodePortSpec};
@@ -29,9 +29,12 @@ use crate::sync::{families, Engine, FamilyReport, Inputs, IptablesReport, SyncEr
 /// A full restore at least this often, as upstream (`proxyutil.FullSyncPeriod`).
 pub const FULL_SYNC_PERIOD: Duration = Duration::from_secs(3600);
 
+/// Opens one family's iptables, or says why it cannot.
+type RunnerFactory = Box<dyn FnMut(Family) -> Result<Box<dyn IptRunner>, String> + Send>;
+
 /// What the engine knows about one family.
 struct FamilyState {
-    bins: Binaries,
+    bins: Box<dyn IptRunner>,
     /// What the kernel holds from our last successful restore; `None` = unknown (next is full).
     applied: Option<IptRuleset>,
     last_full: Option<Instant>,
@@ -42,7 +45,8 @@ struct FamilyState {
 /// The iptables-mode [`Engine`].
 pub struct IptablesProxier {
     cfg: Config,
-    flavour: Flavour,
+    /// Opens a family's iptables (the binaries of the flavour in use).
+    runner: RunnerFactory,
     families: BTreeMap<Family, FamilyState>,
     udp: UdpCleanups,
     /// Whether IPv4 NodePorts answer on 127.0.0.1 (upstream `localhostNodePorts` and the
@@ -98,7 +102,15 @@ impl IptablesProxier {
         }
         Ok(IptablesProxier {
             cfg,
-            flavour,
+            runner: Box::new(move |family| {
+                Binaries::find(flavour, family).map(|b| Box::new(b) as Box<dyn IptRunner>).ok_or_else(|| {
+                    format!(
+                        "no {} {} binaries (iptables-restore, iptables-save) installed",
+                        family.label(),
+                        flavour.name()
+                    )
+                })
+            }),
             families: BTreeMap::new(),
             udp: UdpCleanups::default(),
             localhost_nodeports,
@@ -106,15 +118,22 @@ impl IptablesProxier {
         })
     }
 
+    /// An engine on the given iptables (tests): no flavour detection, no sysctls.
+    #[cfg(test)]
+    fn with_runner(cfg: Config, runner: RunnerFactory) -> Self {
+        IptablesProxier {
+            cfg,
+            runner,
+            families: BTreeMap::new(),
+            udp: UdpCleanups::default(),
+            localhost_nodeports: false,
+            tcp_be_liberal: false,
+        }
+    }
+
     fn family(&mut self, family: Family) -> Result<&mut FamilyState, String> {
         if !self.families.contains_key(&family) {
-            let bins = Binaries::find(self.flavour, family).ok_or_else(|| {
-                format!(
-                    "no {} {} binaries (iptables-restore, iptables-save) installed",
-                    family.label(),
-                    self.flavour.name()
-                )
-            })?;
+            let bins = (self.runner)(family)?;
             self.families.insert(family, FamilyState { bins, applied: None, last_full: None, last_canary_sweep: None });
         }
         Ok(self.families.get_mut(&family).expect("inserted above"))
@@ -429,6 +448,166 @@ impl<E: Engine> Engine for CleanupAfterFirstSync<E> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rules::model::{Endpoint, Protocol, ServicePort};
+    use std::sync::{Arc, Mutex};
+
+    /// A fake family's iptables: chain names per table, the restores it was fed, an injectable
+    /// restore failure. Restores apply `:CHAIN` (create) and `-X CHAIN` (delete) lines.
+    #[derive(Default)]
+    struct FakeIpt {
+        chains: BTreeMap<String, BTreeSet<String>>,
+        restores: Vec<String>,
+        fail_next: bool,
+        rules_inserted: usize,
+    }
+
+    struct FakeRunner(Arc<Mutex<FakeIpt>>);
+
+    impl IptRunner for FakeRunner {
+        fn chain_exists(&self, table: &str, chain: &str) -> bool {
+            self.0.lock().unwrap().chains.get(table).is_some_and(|c| c.contains(chain))
+        }
+        fn ensure_chain(&self, table: &str, chain: &str) -> Result<(), IptError> {
+            self.0.lock().unwrap().chains.entry(table.into()).or_default().insert(chain.into());
+            Ok(())
+        }
+        fn ensure_rule(&self, _table: &str, _chain: &str, _rule: &str) -> Result<bool, IptError> {
+            self.0.lock().unwrap().rules_inserted += 1;
+            Ok(true)
+        }
+        fn save(&self, table: &str) -> Result<String, IptError> {
+            let f = self.0.lock().unwrap();
+            let chains = f.chains.get(table).cloned().unwrap_or_default();
+            Ok(format!("*{table}\n{}COMMIT\n", chains.iter().map(|c| format!(":{c} - [0:0]\n")).collect::<String>()))
+        }
+        fn restore(&self, input: &str) -> Result<(), IptError> {
+            let mut f = self.0.lock().unwrap();
+            f.restores.push(input.to_string());
+            if std::mem::take(&mut f.fail_next) {
+                return Err(IptError::Restore {
+                    program: "fake".into(),
+                    status: "exit status: 1".into(),
+                    stderr: "iptables-restore: line 3 failed".into(),
+                    line: Some(3),
+                    context: format!("\n{}", crate::backend::iptables::line_context(input, 3)),
+                });
+            }
+            let mut table = String::new();
+            for l in input.lines() {
+                if let Some(t) = l.strip_prefix('*') {
+                    table = t.to_string();
+                } else if let Some(c) = l.strip_prefix(':') {
+                    let name = c.split_whitespace().next().unwrap().to_string();
+                    f.chains.entry(table.clone()).or_default().insert(name);
+                } else if let Some(c) = l.strip_prefix("-X ") {
+                    f.chains.entry(table.clone()).or_default().remove(c.trim());
+                }
+            }
+            Ok(())
+        }
+    }
+
+    fn engine(fake: &Arc<Mutex<FakeIpt>>) -> IptablesProxier {
+        use clap::Parser;
+        let cfg = crate::config::Flags::try_parse_from([
+            "kproxy",
+            "--manifests",
+            "/nonexistent",
+            "--hostname-override",
+            "test-node",
+            "--cluster-cidr",
+            "10.0.0.0/8",
+            "--proxy-mode",
+            "iptables",
+        ])
+        .unwrap()
+        .into_config()
+        .unwrap();
+        let f = fake.clone();
+        IptablesProxier::with_runner(
+            cfg,
+            Box::new(move |family| match family {
+                Family::V4 => Ok(Box::new(FakeRunner(f.clone())) as Box<dyn IptRunner>),
+                Family::V6 => Err("no IPv6 here".into()),
+            }),
+        )
+    }
+
+    fn state(endpoints: &[&str]) -> ClusterState {
+        let mut s = ClusterState::default();
+        let sp = ServicePort::cluster_ip("ns", "a", "", Protocol::Tcp, "172.30.0.1", 80);
+        s.add_service(sp.clone());
+        for ip in endpoints {
+            s.add_endpoint(&sp.name, Endpoint::ready(ip, 80));
+        }
+        s
+    }
+
+    fn sync(e: &mut IptablesProxier, st: &ClusterState) -> Result<SyncReport, SyncError> {
+        let node = rules::model::NodeInfo {
+            name: "test-node".into(),
+            primary_ips: vec!["192.168.0.2".parse().unwrap()],
+            ..Default::default()
+        };
+        let empty = ClusterState::default();
+        let f = |fam: Family| if fam == Family::V4 { st } else { &empty };
+        e.sync(&Inputs { state: &f, node: &node, local_ips: &[], changes: None })
+    }
+
+    #[test]
+    fn full_then_partial_then_full_after_a_failure_or_a_lost_canary() {
+        let fake = Arc::new(Mutex::new(FakeIpt::default()));
+        // A chain of an earlier run, which the first (full) sync deletes.
+        fake.lock().unwrap().chains.entry("nat".into()).or_default().insert("KUBE-SEP-OLDOLDOLDOLDOLDO".into());
+        let mut e = engine(&fake);
+        let r = sync(&mut e, &state(&["10.1.0.1", "10.1.0.2"])).unwrap();
+        let f = &r.families[0];
+        assert!(f.full && !f.iptables.as_ref().unwrap().partial);
+        let first = fake.lock().unwrap().restores.last().unwrap().clone();
+        assert!(
+            first.contains(":KUBE-SEP-OLDOLDOLDOLDOLDO - [0:0]\n") && first.contains("-X KUBE-SEP-OLDOLDOLDOLDOLDO\n")
+        );
+        assert!(fake.lock().unwrap().rules_inserted > 0, "the jump rules are ensured on a full sync");
+        for t in CANARY_TABLES {
+            assert!(fake.lock().unwrap().chains[t].contains(CANARY_CHAIN), "canary in {t}");
+        }
+        let nat_total = f.iptables.as_ref().unwrap().rules_total.iter().find(|(t, _)| *t == "nat").unwrap().1;
+        assert!(nat_total > 0);
+        assert_eq!(f.applied.messages, first.lines().count());
+        assert_eq!(f.applied.bytes, first.len());
+
+        // One endpoint goes: partial, its chain deleted, fewer lines than the full restore.
+        let inserted = fake.lock().unwrap().rules_inserted;
+        let r = sync(&mut e, &state(&["10.1.0.1"])).unwrap();
+        let f = &r.families[0];
+        assert!(!f.full && f.iptables.as_ref().unwrap().partial, "{f:?}");
+        let partial = fake.lock().unwrap().restores.last().unwrap().clone();
+        assert!(partial.lines().count() < first.lines().count());
+        assert!(partial.contains("-X KUBE-SEP-"), "{partial}");
+        assert_eq!(fake.lock().unwrap().rules_inserted, inserted, "partial syncs leave the jump rules alone");
+
+        // A failed restore: the error names the line; the next sync is full.
+        fake.lock().unwrap().fail_next = true;
+        let err = sync(&mut e, &state(&["10.1.0.1", "10.1.0.3"])).unwrap_err();
+        let msg = err.report.families[0].error.clone().unwrap();
+        assert!(msg.contains("line 3 failed") && msg.contains(">     3: "), "{msg}");
+        assert!(!err.report.families[0].full);
+        let r = sync(&mut e, &state(&["10.1.0.1", "10.1.0.3"])).unwrap();
+        assert!(r.families[0].full, "the sync after a failed restore is full");
+        assert!(!sync(&mut e, &state(&["10.1.0.1", "10.1.0.3"])).unwrap().families[0].full);
+
+        // Someone flushes the tables: the mangle canary is gone, the next sync is full and
+        // puts the canaries back.
+        fake.lock().unwrap().chains.clear();
+        let r = sync(&mut e, &state(&["10.1.0.1", "10.1.0.3"])).unwrap();
+        assert!(r.families[0].full, "a missing canary makes the sync full");
+        assert!(fake.lock().unwrap().chains["mangle"].contains(CANARY_CHAIN));
+        assert!(!sync(&mut e, &state(&["10.1.0.1", "10.1.0.3"])).unwrap().families[0].full);
+
+        // force_full (node labels changed) also means full.
+        e.force_full();
+        assert!(sync(&mut e, &state(&["10.1.0.1", "10.1.0.3"])).unwrap().families[0].full);
+    }
 
     #[test]
     fn stale_chains_are_flushed_then_deleted_before_their_tables_commit() {

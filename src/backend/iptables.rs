@@ -228,6 +228,34 @@ impl Binaries {
     }
 }
 
+/// What the iptables-mode engine needs of one family's iptables: [`Binaries`] in the daemon, a
+/// fake in the engine's tests.
+pub trait IptRunner: Send {
+    fn chain_exists(&self, table: &str, chain: &str) -> bool;
+    fn ensure_chain(&self, table: &str, chain: &str) -> Result<(), IptError>;
+    fn ensure_rule(&self, table: &str, chain: &str, rule: &str) -> Result<bool, IptError>;
+    fn save(&self, table: &str) -> Result<String, IptError>;
+    fn restore(&self, input: &str) -> Result<(), IptError>;
+}
+
+impl IptRunner for Binaries {
+    fn chain_exists(&self, table: &str, chain: &str) -> bool {
+        Binaries::chain_exists(self, table, chain)
+    }
+    fn ensure_chain(&self, table: &str, chain: &str) -> Result<(), IptError> {
+        Binaries::ensure_chain(self, table, chain)
+    }
+    fn ensure_rule(&self, table: &str, chain: &str, rule: &str) -> Result<bool, IptError> {
+        Binaries::ensure_rule(self, table, chain, rule)
+    }
+    fn save(&self, table: &str) -> Result<String, IptError> {
+        Binaries::save(self, table)
+    }
+    fn restore(&self, input: &str) -> Result<(), IptError> {
+        Binaries::restore(self, input)
+    }
+}
+
 /// The line number iptables-restore says failed: `line N failed` (legacy, and nft on a bad
 /// rule), `line N: CHAIN_DEL failed (...)` (nft on a commit error) or `Error occurred at line: N`
 /// (parse errors).
