@@ -607,6 +607,13 @@ mod tests {
         // force_full (node labels changed) also means full.
         e.force_full();
         assert!(sync(&mut e, &state(&["10.1.0.1", "10.1.0.3"])).unwrap().families[0].full);
+
+        // An hour after the last full sync, the next one is full again (upstream FullSyncPeriod).
+        assert!(!sync(&mut e, &state(&["10.1.0.1", "10.1.0.3"])).unwrap().families[0].full);
+        if let Some(long_ago) = Instant::now().checked_sub(FULL_SYNC_PERIOD) {
+            e.families.get_mut(&Family::V4).unwrap().last_full = Some(long_ago);
+            assert!(sync(&mut e, &state(&["10.1.0.1", "10.1.0.3"])).unwrap().families[0].full);
+        }
     }
 
     #[test]
