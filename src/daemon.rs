@@ -299,6 +299,16 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 };
                 pending = false;
                 obs.sync_done(&result, started, taken);
+                if result.as_ref().is_ok_and(|r| r.big_full) {
+                    // Lay out what is kept densely and give the rest back (see crate::memory).
+                    crate::memory::release_free_memory();
+                    let mut t = tracker.lock().expect("tracker lock");
+                    let fresh = t.clone();
+                    *t = fresh;
+                    drop(t);
+                    proxier.compact();
+                    crate::memory::release_free_memory();
+                }
                 match result {
                     Ok(report) => {
                         log_report(&report, started.elapsed());

@@ -937,7 +937,7 @@ mod tests {
             error: error.map(String::from),
             iptables: None,
         };
-        SyncReport { full, build: fr.build, diff: fr.diff, apply: fr.apply, families: vec![fr] }
+        SyncReport { full, build: fr.build, diff: fr.diff, apply: fr.apply, families: vec![fr], ..Default::default() }
     }
 
     /// `name{labels} value` lines of one metric in the exposition text.

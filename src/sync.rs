@@ -146,6 +146,9 @@ pub struct IptablesReport {
 #[derive(Debug, Default)]
 pub struct SyncReport {
     pub full: bool,
+    /// A large ruleset was built in full: the caller may compact what it keeps (see
+    /// [`crate::memory`]).
+    pub big_full: bool,
     pub families: Vec<FamilyReport>,
     pub build: Duration,
     pub diff: Duration,
@@ -227,9 +230,9 @@ pub struct Proxier<B: Backend> {
     last_full: BTreeMap<Family, Instant>,
     /// Family syncs built from the changed Services alone (for tests and logs).
     pub partial_syncs: u64,
-    /// A kept ruleset with at least this many elements forgets its per-endpoint elements
-    /// ([`Ruleset::strip_bulk`]); 0 strips always (tests).
-    pub strip_threshold: usize,
+    /// Whether kept rulesets forget their per-endpoint elements ([`Ruleset::strip_bulk`]): on,
+    /// except in tests of the unstripped diff.
+    pub strip: bool,
     pub udp: UdpCleanups,
 }
 
@@ -241,6 +244,8 @@ pub trait Engine {
     fn force_full(&mut self);
     /// The UDP conntrack cleanups the syncs asked for.
     fn udp(&mut self) -> &mut UdpCleanups;
+    /// Re-allocates what the engine keeps, densely (see [`crate::memory`]); the default keeps it.
+    fn compact(&mut self) {}
 }
 
 impl<B: Backend> Engine for Proxier<B> {
@@ -252,6 +257,11 @@ impl<B: Backend> Engine for Proxier<B> {
     }
     fn udp(&mut self) -> &mut UdpCleanups {
         &mut self.udp
+    }
+    fn compact(&mut self) {
+        for rs in self.applied.values_mut() {
+            *rs = rs.clone();
+        }
     }
 }
 
@@ -312,7 +322,7 @@ impl<B: Backend> Proxier<B> {
             applied: BTreeMap::new(),
             last_full: BTreeMap::new(),
             partial_syncs: 0,
-            strip_threshold: STRIP_THRESHOLD,
+            strip: true,
             udp: UdpCleanups::default(),
         }
     }
@@ -401,25 +411,20 @@ impl<B: Backend> Proxier<B> {
                             self.last_full.insert(family, Instant::now());
                             let mut rs = built.ruleset;
                             fr.counts = counts(state, &rs);
-                            let big = rs.element_count() >= self.strip_threshold;
-                            if big {
+                            trim = rs.element_count() >= COMPACT_THRESHOLD;
+                            if self.strip {
                                 rs.strip_bulk();
                             }
                             if let Some(old) = self.applied.insert(family, rs) {
                                 drop_later(old);
                             }
-                            trim = big;
                         }
                         (Plan::Full(_), None) => unreachable!("a full plan has a build"),
                     }
                     if let (Some(rs), true) = (self.applied.get(&family), fr.counts == RulesetCounts::default()) {
                         fr.counts = counts(state, rs);
                     }
-                    if trim {
-                        // The build, the transaction and the batch were transient (some 150 MiB
-                        // at 10k services); give that memory back rather than keep it as heap.
-                        crate::memory::release_free_memory();
-                    }
+                    report.big_full |= trim;
                     self.udp.synced(family, state);
                 }
                 Err(e) => {
@@ -447,8 +452,9 @@ impl<B: Backend> Proxier<B> {
     }
 }
 
-/// See [`Proxier::strip_threshold`]: small rulesets keep everything, so a full diff stays minimal.
-pub const STRIP_THRESHOLD: usize = 10_000;
+/// A full sync of a ruleset with this many elements asks the caller to compact its memory
+/// ([`SyncReport::big_full`]).
+pub const COMPACT_THRESHOLD: usize = 10_000;
 
 /// How often a sync is full at the latest (rebuilds and diffs everything), as upstream's
 /// `FullSyncPeriod`; syncs in between build only what changed.
@@ -569,6 +575,8 @@ mod tests {
     #[test]
     fn unchanged_sync_sends_nothing_and_failure_makes_next_full() {
         let mut p = Proxier::new(cfg(), FakeBackend::default());
+        // Without changes from a tracker every sync is a full diff; unstripped, it is minimal.
+        p.strip = false;
         let r = sync_with(&mut p, &state(1)).unwrap();
         assert!(r.full);
         assert_eq!(p.backend.transactions.len(), 1);
@@ -592,6 +600,8 @@ mod tests {
     #[test]
     fn the_report_says_per_family_what_was_built_sent_and_why_it_failed() {
         let mut p = Proxier::new(cfg(), FakeBackend::default());
+        // Without changes from a tracker every sync is a full diff; unstripped, it is minimal.
+        p.strip = false;
         let r = sync_with(&mut p, &state(2)).unwrap();
         let f = &r.families[0];
         assert_eq!((f.family, f.full, f.error.as_deref()), (Family::V4, true, None));
@@ -753,10 +763,10 @@ mod tests {
             assert_eq!(p.backend.kernels[&Family::V4].dump(Family::V4), fresh.dump(Family::V4));
         };
         // Kept whole, and stripped of its per-endpoint elements as large rulesets are.
-        for threshold in [usize::MAX, 0] {
+        for strip in [false, true] {
             let mut t = ChangeTracker::new("test-node");
             let mut p = Proxier::new(cfg(), FakeBackend::default());
-            p.strip_threshold = threshold;
+            p.strip = strip;
             t.upsert_service(&svc("a", "172.30.0.11")).unwrap();
             t.upsert_service(&svc("b", "172.30.0.12")).unwrap();
             t.upsert_slice(&slice("a-1", "a", &["10.1.0.1", "10.1.0.2"])).unwrap();
