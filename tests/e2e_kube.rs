@@ -566,6 +566,13 @@ fn api_outage_keeps_traffic_and_changes_made_meanwhile_converge() {
     follows(&mut client, gone, Expect::Backends(&[Pod::B3]), Instant::now(), T1);
     follows(&mut client, new, Expect::NoAnswer, Instant::now(), T1);
     k.assert_running();
+    // Health tells the truth: the rules are those of the last known state and no change is
+    // waiting, so the node is healthy (as upstream: an API outage alone is not a proxy failure).
+    for path in ["/healthz", "/livez"] {
+        let (code, body) = health(&t, path);
+        assert_eq!(code, 200, "{path} while the API server is down: {body}");
+        assert!(body.contains("\"healthy\": true") || body.contains("\"healthy\":true"), "{path}: {body}");
+    }
 
     let from = api.requests().len();
     let up = Instant::now();
@@ -606,6 +613,18 @@ fn api_outage_keeps_traffic_and_changes_made_meanwhile_converge() {
     eprintln!("{} connections to keep: {counts:?}", results.len());
     assert!(failed.is_empty(), "{} of {} connections failed: {failed:?}", failed.len(), results.len());
     api.save_requests("api_outage_keeps_traffic_and_changes_made_meanwhile_converge");
+}
+
+/// `GET path` on kproxy's health port in the node namespace: (status, body).
+fn health(t: &Topo, path: &str) -> (u16, String) {
+    let out = t
+        .cmd(Host::Node, "curl")
+        .args(["-s", "-m", "5", "-w", "\n%{http_code}", &format!("http://127.0.0.1:10256{path}")])
+        .output()
+        .expect("curl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+    (code.trim().parse().unwrap_or(0), body.to_string())
 }
 
 /// A forced 410 makes every watcher relist; when nothing changed, kproxy commits nothing. The
