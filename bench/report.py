@@ -39,12 +39,13 @@ def fmt(v, nd=1):
     return f"{x:.{nd}f}"
 
 
-def ratio(k, peer):
-    """kproxy / peer, with the peer's slowdown factor."""
+def ratio(k, peer, limit_s=None):
+    """kproxy / peer, with the peer's slowdown factor; a bound when the peer timed out."""
     a, b = num(k), num(peer)
+    if peer == "timeout" and a and limit_s:
+        b = float(limit_s) * 1e3
+        return f"< {a / b:.3f} (> {b / a:.0f}x)"
     if a is None or b is None or a == 0:
-        if isinstance(peer, str) and peer == "timeout":
-            return "peer timed out"
         return "n/a"
     r = a / b
     return f"{r:.3f} ({b / a:.1f}x)" if r < 1 else f"{r:.2f} ({b / a:.2f}x)"
@@ -111,14 +112,21 @@ def main():
         colds_p50[s] = c50
         cs = f"{c50:.0f} / {max(runs):.0f} ({len(runs)})" if runs else "n/a"
         d = dmn.get(s, {})
-        ds = fmt(d.get("cold_s"), 2) if "cold_s" in d else ("timed out" if "timed_out_s" in d else "n/a")
+        ds = fmt(d.get("cold_s"), 2) if "cold_s" in d else (f"timed out after {d['timed_out_s']} s" if "timed_out_s" in d else "n/a")
         k, u, i = nftk.get(s, {}), nftu.get(s, {}), ipt.get(s, {})
         uc = u.get("cold_ms")
         uc_s = f"timed out after {u.get('limit_s')} s" if uc == "timeout" else fmt(uc, 0)
-        ic = i.get("cold_ms") if "not_available" not in i else "not measured: iptables mode not available"
+        if "not_available" in i:
+            ic = "not measured: iptables mode not available"
+        elif "skipped" in i:
+            ic = f"not run ({i['skipped']}, for time)"
+        elif i.get("cold_ms") == "timeout":
+            ic = f"timed out after {i.get('limit_s')} s"
+        else:
+            ic = i.get("cold_ms")
         p(f"| {s} | {fmt(a.get('cold_build_diff_ms'), 0)} | {fmt(a.get('cold_kernel_ms'), 0)} | {cs} | {ds} | "
-          f"{fmt(k.get('cold_ms'), 0)} | {ratio(c50, k.get('cold_ms'))} | {uc_s} | {ratio(c50, uc)} | "
-          f"{fmt(ic, 0)} | {ratio(c50, ic)} |")
+          f"{fmt(k.get('cold_ms'), 0)} | {ratio(c50, k.get('cold_ms'))} | {uc_s} | {ratio(c50, uc, u.get('limit_s'))} | "
+          f"{fmt(ic, 0)} | {ratio(c50, i.get('cold_ms'), i.get('limit_s'))} |")
     p()
 
     p("### One endpoint change, one service add/delete, no-op resync (p50 / p99)")
@@ -128,7 +136,7 @@ def main():
       "holds the cluster (the change and its reverse, alternately; both directions pooled).")
     p()
     p("| services x eps | kproxy 1-ep kernel | kproxy 1-ep sync | `nft -f` kproxy delta | `nft -f` upstream delta | "
-      "ratio (kernel / upstream) | `iptables-restore` delta | kproxy svc add/del kernel | kproxy svc add/del sync | "
+      "ratio kernel / upstream; sync / upstream (p50) | `iptables-restore` delta | kproxy svc add/del kernel | kproxy svc add/del sync | "
       "`nft -f` kproxy svc add/del | `nft -f` upstream svc add/del | kproxy no-op resync |")
     p("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for s in sizes:
@@ -136,9 +144,10 @@ def main():
         pair = lambda r, x: f"{fmt(r.get(x + '_p50_ms'))} / {fmt(r.get(x + '_p99_ms'))}" if r else "n/a"
         up_delta = pair(u, "delta") if u.get("cold_ms") not in ("timeout", "error") else "not measured (cold start timed out)"
         up_svc = pair(u, "svc") if u.get("cold_ms") not in ("timeout", "error") else "not measured (cold start timed out)"
-        ipt_d = pair(i, "delta") if "not_available" not in i else "not measured"
+        ipt_d = pair(i, "delta") if "cold_ms" in i and i["cold_ms"] not in ("timeout", "error") else "not measured"
         p(f"| {s} | {pair(a, 'change_kernel')} | {pair(a, 'change_total')} | {pair(k, 'delta')} | {up_delta} | "
-          f"{ratio(a.get('change_kernel_p50_ms'), u.get('delta_p50_ms'))} | {ipt_d} | {pair(a, 'svc_kernel')} | "
+          f"{ratio(a.get('change_kernel_p50_ms'), u.get('delta_p50_ms'))}; "
+          f"{ratio(a.get('change_total_p50_ms'), u.get('delta_p50_ms'))} | {ipt_d} | {pair(a, 'svc_kernel')} | "
           f"{pair(a, 'svc_total')} | {pair(k, 'svc')} | {up_svc} | {pair(a, 'noop')} |")
     p()
     failed = [s for s in sizes if nftk.get(s, {}).get("svc_p50_ms") == "error"]
@@ -159,7 +168,8 @@ def main():
     for s in sizes:
         a, d, di = apply.get(s, {}), dmn.get(s, {}), dmi.get(s, {})
         if di:
-            di_s = fmt(di.get("cold_s"), 2) if "cold_s" in di else ("timed out" if "timed_out_s" in di else "failed")
+            di_s = fmt(di.get("cold_s"), 2) if "cold_s" in di else (
+                f"timed out after {di['timed_out_s']} s" if "timed_out_s" in di else "failed")
             di_h = fmt(di.get("hwm_mib"))
         else:
             di_s = di_h = "not measured" if n_of(s)[0] <= 10000 else "not run (> 10k)"
@@ -178,6 +188,7 @@ def main():
               f"{r['count']} (+{r.get('failures', '0')} failed) | {fmt(r['p50_us'])} | {fmt(r['p90_us'])} | {fmt(r['p99_us'])} |")
         else:
             why = ("not measured: iptables mode not available" if "not_available" in r else
+                   f"not run ({r['skipped']}, for time)" if "skipped" in r else
                    f"not measured: loading the rules {'timed out after ' + r.get('limit_s', '?') + ' s' if r.get('load') == 'timeout' else 'failed'}")
             p(f"| {r['services']} | {r['layout']} | {why} | | | | |")
     p()
@@ -233,6 +244,7 @@ def main():
             ax2.plot(x, [b for _, b, _ in pts], style, label=lab + " p50")
             ax2.plot(x, [c for _, _, c in pts], style, alpha=0.4, label=lab + " p99")
     ax2.set_xscale("log")
+    ax2.set_yscale("log")
     ax2.set_xlabel("services")
     ax2.set_ylabel("µs (TCP connect)")
     ax2.set_title("first-packet latency")

@@ -15,21 +15,26 @@
 # Knobs (environment): SIZES ("1000x10 10000x10"), POLICIES (1: the issue-4 policy mix),
 # DP_SIZES ("100 10000 50000"), DP_EPS (endpoints per service in the data-plane clusters),
 # DP_COUNT (connections per point), UPSTREAM_TIMEOUT / NFT_TIMEOUT (s, per `nft -f`), DELTA_RUNS,
-# REPEATS (in-process repetitions), OUT (raw results dir). bench/report.py turns $OUT/raw.txt
+# REPEATS (in-process repetitions), IPT_MAX / DP_UPSTREAM_MAX (largest service count a slow peer
+# is run at), OUT (raw results dir). bench/report.py turns $OUT/raw.txt
 # into the markdown tables and bench/results.png.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 BIN=${BIN:-target/release/kproxy-bench}
 KPROXY=${KPROXY:-target/release/kproxy}
-SIZES=${SIZES:-"1000x1 1000x10 10000x1 10000x10 50000x5 5000x50"}
+SIZES=${SIZES-"1000x10 10000x10 1000x1 10000x1 50000x5 5000x50"}
 POLICIES=${POLICIES:-1}
-DP_SIZES=${DP_SIZES:-"100 10000 50000"}
+DP_SIZES=${DP_SIZES-"100 10000 50000"}
 DP_EPS=${DP_EPS:-1}
 DP_COUNT=${DP_COUNT:-3000}
 UPSTREAM_TIMEOUT=${UPSTREAM_TIMEOUT:-300}
 NFT_TIMEOUT=${NFT_TIMEOUT:-300}
 DELTA_TIMEOUT=${DELTA_TIMEOUT:-120}
 DELTA_RUNS=${DELTA_RUNS:-5}
+# Above these service counts a peer is not run (recorded as skipped): iptables-restore and the
+# iptables-mode daemon (IPT_MAX), upstream's nftables layout in the data plane (DP_UPSTREAM_MAX).
+IPT_MAX=${IPT_MAX:-50000}
+DP_UPSTREAM_MAX=${DP_UPSTREAM_MAX:-50000}
 OUT=${OUT:-bench/out}
 if [ ! -x "$BIN" ] || [ ! -x "$KPROXY" ]; then cargo build --release -p kproxy -p kproxy-bench; fi
 mkdir -p "$OUT"
@@ -148,7 +153,9 @@ for size in $SIZES; do
   delns d
 
   # iptables: upstream's iptables-mode text through iptables-restore, and kproxy's iptables mode.
-  if [ $has_ipt = 1 ]; then
+  if [ $has_ipt = 1 ] && [ "$N" -gt "$IPT_MAX" ]; then
+    rec "ipt_restore size=$size skipped=IPT_MAX=$IPT_MAX"
+  elif [ $has_ipt = 1 ]; then
     for s in ipt-text ipt-delta ipt-undelta; do timeout 900 "$BIN" "$s" "${F[@]}" >"$W/$s.txt"; done
     newns i
     cold=$(ms "$UPSTREAM_TIMEOUT" i iptables-restore --noflush "$W/ipt-text.txt")
@@ -193,15 +200,21 @@ for N in $DP_SIZES; do
   if [ -n "$l" ]; then rec "dp services=$N layout=kproxy load_ms=$l target=$cip:80 $(probe "$cip:80")"
   else rec "dp services=$N layout=kproxy load=failed"; fi
   ip netns exec "${P}c" nft delete table ip kube-proxy 2>/dev/null
-  timeout 900 "$BIN" upstream-text "${G[@]}" >"$W/up.nft"
-  l=$(ms "$UPSTREAM_TIMEOUT" c nft -f "$W/up.nft")
-  if [ "$l" != timeout ] && [ "$l" != error ]; then rec "dp services=$N layout=upstream load_ms=$l target=$cip:80 $(probe "$cip:80")"
-  else rec "dp services=$N layout=upstream load=$l limit_s=$UPSTREAM_TIMEOUT"; fi
-  ip netns exec "${P}c" nft delete table ip kube-proxy 2>/dev/null
-  rm -f "$W/up.nft"
-  if [ $has_ipt = 1 ]; then
+  if [ "$N" -gt "$DP_UPSTREAM_MAX" ]; then
+    rec "dp services=$N layout=upstream skipped=DP_UPSTREAM_MAX=$DP_UPSTREAM_MAX"
+  else
+    timeout 900 "$BIN" upstream-text "${G[@]}" >"$W/up.nft"
+    l=$(ms "$UPSTREAM_TIMEOUT" c nft -f "$W/up.nft")
+    if [ "$l" != timeout ] && [ "$l" != error ]; then rec "dp services=$N layout=upstream load_ms=$l target=$cip:80 $(probe "$cip:80")"
+    else rec "dp services=$N layout=upstream load=$l limit_s=$UPSTREAM_TIMEOUT"; fi
+    ip netns exec "${P}c" nft delete table ip kube-proxy 2>/dev/null
+    rm -f "$W/up.nft"
+  fi
+  if [ $has_ipt = 1 ] && [ "$N" -gt "$IPT_MAX" ]; then
+    rec "dp services=$N layout=iptables skipped=IPT_MAX=$IPT_MAX"
+  elif [ $has_ipt = 1 ]; then
     timeout 900 "$BIN" ipt-text "${G[@]}" >"$W/ipt.txt"
-    "$BIN" ipt-jumps >>"$W/ipt.txt"
+    "$BIN" ipt-jumps "${G[@]}" >>"$W/ipt.txt"
     l=$(ms "$UPSTREAM_TIMEOUT" c iptables-restore --noflush "$W/ipt.txt")
     if [ "$l" != timeout ] && [ "$l" != error ]; then rec "dp services=$N layout=iptables load_ms=$l target=$cip:80 $(probe "$cip:80")"
     else rec "dp services=$N layout=iptables load=$l limit_s=$UPSTREAM_TIMEOUT"; fi

@@ -349,10 +349,14 @@ fn main() {
         "ipt-jumps" => {
             // The jump rules upstream ensures in the built-in chains, as iptables-restore input
             // (appended; the data-plane bench needs them, the control-plane timing does not).
-            for table in ["filter", "nat"] {
+            // Only jumps to chains the ruleset has (KUBE-FIREWALL exists with localhost node
+            // ports only).
+            let r = rules::iptables::build(&st, &ips, &c, false).ruleset;
+            for (table, t) in [("filter", &r.filter), ("nat", &r.nat)] {
                 println!("*{table}");
-                for (t, chain, rule) in rules::iptables::jump_rules(Family::V4) {
-                    if t == table {
+                for (tn, chain, rule) in rules::iptables::jump_rules(Family::V4) {
+                    let target = rule.rsplit("-j ").next().unwrap_or("").trim();
+                    if tn == table && t.chain(target).is_some() {
                         println!("-A {chain} {rule}");
                     }
                 }
