@@ -443,6 +443,11 @@ impl<E: Engine> Engine for CleanupAfterFirstSync<E> {
     fn udp(&mut self) -> &mut UdpCleanups {
         self.inner.udp()
     }
+    // Every method forwarded, defaults included: the trait's default would silently skip the
+    // inner engine's own.
+    fn compact(&mut self) {
+        self.inner.compact()
+    }
 }
 
 #[cfg(test)]
