@@ -515,8 +515,9 @@ pub fn log_report(r: &SyncReport, elapsed: Duration) {
     let added: usize = r.families.iter().map(|f| f.stats.elements_added).sum();
     let removed: usize = r.families.iter().map(|f| f.stats.elements_removed).sum();
     let bytes: usize = r.families.iter().map(|f| f.applied.bytes).sum();
+    let mode = if r.families.iter().any(|f| f.iptables.is_some()) { "iptables" } else { "nftables" };
     info!(
-        mode = "nftables",
+        mode,
         full = r.full,
         ops,
         bytes,
