@@ -43,7 +43,7 @@ demo: build
 
 test: deps
 	$(CARGO) build --workspace --all-targets
-	$(CARGO) bench --workspace --no-run
+	$(CARGO) bench -p rules --no-run
 	$(CARGO) test --workspace --no-fail-fast 2>&1 | tee target/test.log; exit $${PIPESTATUS[0]}
 
 # The scale benchmark of issue 6 (bench/README.md): appends a dated section to bench/RESULTS.md
