@@ -1085,7 +1085,13 @@ pub fn build_partial(
 
     // Both fragments declare the shared sets, so the diff neither creates nor deletes them, except
     // an endpoint map that gains its first block or loses its last one.
-    let shards: BTreeSet<u32> = used.iter().map(|b| b / ENDPOINT_MAP_SHARD).collect();
+    let shards: BTreeSet<String> = used
+        .iter()
+        .map(|b| b / ENDPOINT_MAP_SHARD)
+        .collect::<BTreeSet<u32>>()
+        .into_iter()
+        .map(service_endpoints_map)
+        .collect();
     let mut old_frag = Ruleset::new(fam);
     let mut new_frag = Ruleset::new(fam);
     // (Every set but the per-endpoint affinity sets is shared.)
@@ -1095,17 +1101,17 @@ pub fn build_partial(
             continue;
         }
         old_frag.add_set(def.clone());
-        let empty_shard = matches!(def.set_type, SetType::EndpointSlots { .. })
-            && !shards.iter().any(|s| service_endpoints_map(*s) == *name);
+        let empty_shard = matches!(def.set_type, SetType::EndpointSlots { .. }) && !shards.contains(name);
         if !empty_shard {
             new_frag.add_set(def.clone());
         }
     }
-    for s in &shards {
-        let name = service_endpoints_map(*s);
-        if !applied.sets.contains_key(&name) {
-            new_frag.add_set(SetDef { name, set_type: SetType::EndpointSlots { family: fam }, interval: true });
-        }
+    for name in shards.iter().filter(|n| !applied.sets.contains_key(*n)) {
+        new_frag.add_set(SetDef {
+            name: name.clone(),
+            set_type: SetType::EndpointSlots { family: fam },
+            interval: true,
+        });
     }
 
     let ctx = PortCtx { cfg, detector: cfg.detector() };
