@@ -390,7 +390,8 @@ fn changed_port(a: &ClusterState, b: &ClusterState) -> ServicePortName {
 
 /// kproxy's control plane through its netlink backend, in the current (throwaway) namespace:
 /// cold start, one-endpoint changes, one-service add and delete, no-op resyncs. Each repeated
-/// operation is timed whole (build + diff + apply, what a sync does) and kernel-only (apply).
+/// operation is timed whole (partial build + diff + apply, what a sync does) and kernel-only
+/// (apply).
 fn apply(a: &Args, st: &ClusterState, ips: &[std::net::IpAddr], c: &BuildConfig) {
     let mut be = kproxy::backend::nftables::NftablesBackend::new().expect("netlink socket");
     let (_, cpu0) = self_usage();
@@ -403,27 +404,44 @@ fn apply(a: &Args, st: &ClusterState, ips: &[std::net::IpAddr], c: &BuildConfig)
     drop(tx);
     let (hwm_cold, cpu1) = self_usage();
 
-    // Alternately add and remove one endpoint (or service); time build+diff+apply and the apply.
-    let cycle = |be: &mut kproxy::backend::nftables::NftablesBackend, other: &ClusterState, what: &str| {
+    // Alternately add and remove one endpoint (or service), as the daemon syncs a change: the
+    // tracker hands over the changed Services before and after (computed here outside the timed
+    // part, since the tracker has them at hand), `build_partial` builds and diffs just those
+    // against the kept (stripped) ruleset, the backend applies, the ruleset records it.
+    let mut kept = built.clone();
+    kept.strip_bulk();
+    let sync = |be: &mut kproxy::backend::nftables::NftablesBackend,
+                kept: &mut rules::ir::Ruleset,
+                from: &ClusterState,
+                to: &ClusterState,
+                what: &str|
+     -> (Duration, Duration, usize) {
+        let keys = ClusterState::changed_services(from, to);
+        let (before, after) = (from.restrict(&keys), to.restrict(&keys));
+        let s = Instant::now();
+        let p = rules::build::build_partial(kept, &before, &after, ips, c)
+            .unwrap_or_else(|| panic!("{what}: no partial build"));
+        let k = Instant::now();
+        if !p.tx.is_empty() {
+            be.apply(&p.tx).unwrap_or_else(|e| panic!("{what} apply: {e}"));
+        }
+        let kernel = k.elapsed();
+        kept.commit_partial(&p);
+        (kernel, s.elapsed(), p.tx.ops.len())
+    };
+    let mut cycle = |be: &mut kproxy::backend::nftables::NftablesBackend, other: &ClusterState, what: &str| {
         let mut kernel = Vec::new();
         let mut total = Vec::new();
-        let mut cur = built.clone();
         for i in 0..a.repeats {
-            let to_state = if i % 2 == 0 { other } else { st };
-            let s = Instant::now();
-            let desired = rules::build(to_state, ips, c, Some(&cur)).ruleset;
-            let d = rules::diff(Some(&cur), &desired);
-            assert!(!d.is_empty(), "{what}: an empty transaction");
-            let k = Instant::now();
-            be.apply(&d).unwrap_or_else(|e| panic!("{what} apply: {e}"));
-            kernel.push(k.elapsed());
-            total.push(s.elapsed());
-            cur = desired;
+            let (from, to) = if i % 2 == 0 { (st, other) } else { (other, st) };
+            let (k, t, ops) = sync(be, &mut kept, from, to, what);
+            assert!(ops > 0, "{what}: an empty transaction");
+            kernel.push(k);
+            total.push(t);
         }
         if a.repeats % 2 == 1 {
             // Back to `st`, so the next cycle starts from the cold-start table.
-            let desired = rules::build(st, ips, c, Some(&cur)).ruleset;
-            be.apply(&rules::diff(Some(&cur), &desired)).expect("restore");
+            sync(be, &mut kept, other, st, "restore");
         }
         (kernel, total)
     };
@@ -431,14 +449,9 @@ fn apply(a: &Args, st: &ClusterState, ips: &[std::net::IpAddr], c: &BuildConfig)
     let (mut sv_k, mut sv_t) = cycle(&mut be, &plus_service(st, a.endpoints).0, "service add/delete");
     let mut noop = Vec::new();
     for _ in 0..a.repeats {
-        let s = Instant::now();
-        let desired = rules::build(st, ips, c, Some(&built)).ruleset;
-        let d = rules::diff(Some(&built), &desired);
-        if !d.is_empty() {
-            be.apply(&d).expect("no-op apply");
-        }
-        noop.push(s.elapsed());
-        assert!(d.is_empty(), "a no-op resync changed {} things", d.ops.len());
+        let (_, t, ops) = sync(&mut be, &mut kept, st, st, "no-op");
+        assert_eq!(ops, 0, "a no-op resync changed {ops} things");
+        noop.push(t);
     }
     let (hwm_end, cpu2) = self_usage();
     println!(
