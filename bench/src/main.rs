@@ -144,6 +144,56 @@ fn cfg() -> BuildConfig {
     c
 }
 
+/// kproxy's iptables mode per sync, in the current (throwaway) namespace: what
+/// `IptablesProxier` does for a family, without the canary and leftover checks. Cold start: build
+/// the whole ruleset and `iptables-restore --noflush` the full text. One-endpoint change (and back,
+/// alternately): rebuild, render the partial restore (only the changed service chains) and
+/// restore it. Both timed whole and restore-only.
+fn ipt_apply(a: &Args, st: &ClusterState, ips: &[std::net::IpAddr], c: &BuildConfig) {
+    let restore = |text: &str| {
+        use std::io::Write;
+        let mut child = std::process::Command::new("iptables-restore")
+            .args(["-w", "5", "--noflush", "--counters"])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .expect("iptables-restore");
+        child.stdin.take().expect("stdin").write_all(text.as_bytes()).expect("write the restore input");
+        assert!(child.wait().expect("iptables-restore").success(), "iptables-restore failed");
+    };
+    let t0 = Instant::now();
+    let mut cur = rules::iptables::build(st, ips, c, false).ruleset;
+    let text = rules::iptables::restore_input(&cur, None);
+    let t1 = Instant::now();
+    restore(&text);
+    let t2 = Instant::now();
+    let other = plus_one(st, a.policies);
+    let (mut kernel, mut total) = (Vec::new(), Vec::new());
+    for i in 0..a.repeats {
+        let to = if i % 2 == 0 { &other } else { st };
+        let s = Instant::now();
+        let next = rules::iptables::build(to, ips, c, false).ruleset;
+        let text = rules::iptables::restore_input(&next, Some(&cur));
+        let k = Instant::now();
+        restore(&text);
+        kernel.push(k.elapsed());
+        total.push(s.elapsed());
+        cur = next;
+    }
+    println!(
+        "ipt_apply services={} endpoints={} policies={} cold_build_ms={:.1} cold_restore_ms={:.1} \
+         change_restore_p50_ms={:.1} change_restore_p99_ms={:.1} change_total_p50_ms={:.1} change_total_p99_ms={:.1}",
+        a.services,
+        a.endpoints,
+        a.policies,
+        ms(t1 - t0),
+        ms(t2 - t1),
+        pct(&mut kernel, 0.5),
+        pct(&mut kernel, 0.99),
+        pct(&mut total, 0.5),
+        pct(&mut total, 0.99),
+    );
+}
+
 /// The same cluster with one more endpoint on service 0, or with `policies` on svc-10 (eTP=Local,
 /// a health check node port and zone hints, but no affinity: an affinity service has a chain per
 /// endpoint, so adding one is not a data-only change). The new endpoint copies the node and hints
@@ -346,6 +396,7 @@ fn main() {
             let (from, to) = if a.cmd == "ipt-delta" { (&r, &r2) } else { (&r2, &r) };
             print!("{}", rules::iptables::restore_input(to, Some(from)));
         }
+        "ipt-apply" => ipt_apply(&a, &st, &ips, &c),
         "ipt-jumps" => {
             // The jump rules upstream ensures in the built-in chains, as iptables-restore input
             // (appended; the data-plane bench needs them, the control-plane timing does not).
@@ -375,7 +426,7 @@ fn main() {
         other => {
             eprintln!(
                 "unknown command {other:?}: use pure | text | delta | undelta | svc-add | svc-del | upstream-text | \
-                 upstream-delta | upstream-undelta | upstream-svc-add | upstream-svc-del | ipt-text | ipt-delta | ipt-undelta | ipt-jumps | apply | load | kube | manifests | \
+                 upstream-delta | upstream-undelta | upstream-svc-add | upstream-svc-del | ipt-text | ipt-delta | ipt-undelta | ipt-jumps | ipt-apply | apply | load | kube | manifests | \
                  daemon-cold | serve | connect"
             );
             std::process::exit(2);
