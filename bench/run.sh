@@ -164,6 +164,12 @@ for size in $SIZES; do
     else d50=skipped; d99=skipped; fi
     rec "ipt_restore size=$size cold_ms=$cold limit_s=$UPSTREAM_TIMEOUT delta_p50_ms=$d50 delta_p99_ms=$d99 mb=$(du -m "$W/ipt-text.txt" | cut -f1)"
     delns i
+    if [ "$cold" != timeout ] && [ "$cold" != error ]; then
+      # kproxy's iptables mode per sync: full restore, then partial restores of endpoint changes.
+      newns i
+      rec "$(timeout 900 ip netns exec "${P}i" "$BIN" ipt-apply "${F[@]}" --repeats 10 || echo "ipt_apply size=$size failed=1")"
+      delns i
+    fi
     if [ "$N" -le 10000 ]; then
       newns d
       rec "daemon size=$size mode=iptables $(timeout 900 ip netns exec "${P}d" "$BIN" daemon-cold --kproxy "$KPROXY" --dir "$W/m" --count 180 -- --proxy-mode iptables || echo failed=1)"
