@@ -23,7 +23,7 @@ use std::path::Path;
 
 #[path = "support/golden_run.rs"]
 mod golden_run;
-use golden_run::{is_root, scenario_names, skip_privileged, testdata, update_mode, Netns};
+use golden_run::{is_root, skip_privileged, testdata, update_mode, Netns};
 
 /// Flags the runner always passes; `args` adds to them.
 const FIXED_ARGS: [&str; 5] = ["--dry-run", "--proxy-mode", "iptables", "--hostname-override", "test-node"];
@@ -219,60 +219,7 @@ fn run_scenario(name: &str) {
     }
 }
 
-macro_rules! scenarios {
-    ($($test:ident => $dir:literal,)*) => {
-        $(
-            #[test]
-            fn $test() {
-                run_scenario($dir);
-            }
-        )*
-        const LISTED: &[&str] = &[$($dir),*];
-    };
-}
-
-scenarios! {
-    clusterip => "clusterip",
-    multi_endpoint => "multi-endpoint",
-    multi_port_named_ports => "multi-port-named-ports",
-    udp_sctp => "udp-sctp",
-    nodeport => "nodeport",
-    nodeport_addresses => "nodeport-addresses",
-    nodeport_addresses_all => "nodeport-addresses-all",
-    loadbalancer => "loadbalancer",
-    externalips => "externalips",
-    no_endpoints => "no-endpoints",
-    not_ready => "not-ready",
-    masquerade_all => "masquerade-all",
-    no_local_detector => "no-local-detector",
-    cluster_cidr_hairpin => "cluster-cidr-hairpin",
-    ignored_services => "ignored-services",
-    sloppy_ips => "sloppy-ips",
-    dual_stack => "dual-stack",
-    etp_local_63_71 => "etp-local-63-71",
-    detect_local_nodecidr => "detect-local-nodecidr",
-    detect_local_bridge => "detect-local-bridge",
-    detect_local_prefix => "detect-local-prefix",
-    etp_local_no_detector_68 => "etp-local-no-detector-68",
-    terminating_local_72_75 => "terminating-local-72-75",
-    itp_local_82_87 => "itp-local-82-87",
-    source_ranges_52_57_62 => "source-ranges-52-57-62",
-    affinity_88_90 => "affinity-88-90",
-    topology_91_98 => "topology-91-98",
-    dual_stack_policies_99_101 => "dual-stack-policies-99-101",
-    service_cidr_8_32 => "service-cidr-8-32",
-}
-
-#[test]
-fn every_scenario_has_a_test() {
-    let found = scenario_names();
-    let missing: Vec<&String> = found.iter().filter(|n| !LISTED.contains(&n.as_str())).collect();
-    let stale: Vec<&&str> = LISTED.iter().filter(|n| !found.iter().any(|f| f == *n)).collect();
-    assert!(
-        missing.is_empty() && stale.is_empty(),
-        "tests/golden_iptables.rs `scenarios!` is out of date: add {missing:?}, remove {stale:?}"
-    );
-}
+golden_scenarios!(run_scenario, "tests/golden_iptables.rs");
 
 #[test]
 fn parts_split_at_the_tool_lines_and_rules_are_counted_per_chain() {

@@ -212,3 +212,65 @@ impl Drop for Netns {
         }
     }
 }
+
+/// One `#[test]` per golden scenario, each calling `$run(dir)`, and `every_scenario_has_a_test`,
+/// which fails when a `testdata/` folder with an `args` file is missing from the list (or the list
+/// names a folder that is gone). Both golden runners expand it, so both cover every scenario.
+#[macro_export]
+macro_rules! golden_scenarios {
+    ($run:ident, $file:literal) => {
+        $crate::golden_scenarios!(@tests $run, $file,
+            clusterip => "clusterip",
+            multi_endpoint => "multi-endpoint",
+            multi_port_named_ports => "multi-port-named-ports",
+            udp_sctp => "udp-sctp",
+            nodeport => "nodeport",
+            nodeport_addresses => "nodeport-addresses",
+            nodeport_addresses_all => "nodeport-addresses-all",
+            loadbalancer => "loadbalancer",
+            externalips => "externalips",
+            no_endpoints => "no-endpoints",
+            not_ready => "not-ready",
+            masquerade_all => "masquerade-all",
+            no_local_detector => "no-local-detector",
+            cluster_cidr_hairpin => "cluster-cidr-hairpin",
+            ignored_services => "ignored-services",
+            sloppy_ips => "sloppy-ips",
+            dual_stack => "dual-stack",
+            etp_local_63_71 => "etp-local-63-71",
+            detect_local_nodecidr => "detect-local-nodecidr",
+            detect_local_bridge => "detect-local-bridge",
+            detect_local_prefix => "detect-local-prefix",
+            etp_local_no_detector_68 => "etp-local-no-detector-68",
+            terminating_local_72_75 => "terminating-local-72-75",
+            itp_local_82_87 => "itp-local-82-87",
+            source_ranges_52_57_62 => "source-ranges-52-57-62",
+            affinity_88_90 => "affinity-88-90",
+            topology_91_98 => "topology-91-98",
+            dual_stack_policies_99_101 => "dual-stack-policies-99-101",
+            service_cidr_8_32 => "service-cidr-8-32",
+        );
+    };
+    (@tests $run:ident, $file:literal, $($test:ident => $dir:literal,)*) => {
+        $(
+            #[test]
+            fn $test() {
+                $run($dir);
+            }
+        )*
+
+        #[test]
+        fn every_scenario_has_a_test() {
+            const LISTED: &[&str] = &[$($dir),*];
+            let found = golden_run::scenario_names();
+            let missing: Vec<&String> = found.iter().filter(|n| !LISTED.contains(&n.as_str())).collect();
+            let stale: Vec<&&str> = LISTED.iter().filter(|n| !found.iter().any(|f| f == *n)).collect();
+            assert!(
+                missing.is_empty() && stale.is_empty(),
+                "the golden_scenarios! list in tests/support/golden_run.rs (used by {}) is out of date: \
+                 add {missing:?}, remove {stale:?}",
+                $file
+            );
+        }
+    };
+}
