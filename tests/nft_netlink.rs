@@ -668,14 +668,9 @@ fn both_families_coexist() {
 // ---------------------------------------------------------------------------------------------
 // 2. incremental transactions
 
-#[test]
-fn incremental_changes_match_full_rulesets() {
-    let mut cfg = v4_cfg();
-    cfg.cluster_cidr = Some(Cidr::parse("10.0.0.0/8").unwrap());
-    let node_ips = [ip("192.168.0.2")];
-    let base = external();
-    let a_rs = build(&base, &node_ips, &cfg, None).ruleset;
-
+/// The changes both incremental tests walk through, from `external()`: endpoints added, removed
+/// and gone, a service added and deleted, a node port changed, endpoints back.
+fn change_steps(base: &ClusterState) -> Vec<(&'static str, ClusterState)> {
     let np = ServicePortName::new("ns1", "np", "http", Protocol::Tcp);
     let udp = ServicePortName::new("ns1", "np-udp", "", Protocol::Udp);
     let down = ServicePortName::new("ns3", "down", "p", Protocol::Tcp);
@@ -698,6 +693,19 @@ fn incremental_changes_match_full_rulesets() {
     s.add_endpoint(&down, Endpoint::ready("10.180.3.1", 8443));
     s.add_endpoint(&np, Endpoint::ready("10.180.1.1", 8080));
     steps.push(("endpoints back", s.clone()));
+    steps
+}
+
+#[test]
+fn incremental_changes_match_full_rulesets() {
+    let mut cfg = v4_cfg();
+    cfg.cluster_cidr = Some(Cidr::parse("10.0.0.0/8").unwrap());
+    let node_ips = [ip("192.168.0.2")];
+    let base = external();
+    let a_rs = build(&base, &node_ips, &cfg, None).ruleset;
+
+    let steps = change_steps(&base);
+    let s = steps.last().expect("steps").1.clone();
 
     let x = Netns::new();
     let mut be = x.backend().expect("backend");
@@ -750,20 +758,7 @@ fn partial_builds_and_stripped_rulesets_match_full_rulesets() {
     cfg.cluster_cidr = Some(Cidr::parse("10.0.0.0/8").unwrap());
     let node_ips = [ip("192.168.0.2")];
     let base = external();
-    let np = ServicePortName::new("ns1", "np", "http", Protocol::Tcp);
-    let udp = ServicePortName::new("ns1", "np-udp", "", Protocol::Udp);
-    let mut steps: Vec<(&str, ClusterState)> = Vec::new();
-    let mut s = base.clone();
-    s.add_endpoint(&np, Endpoint::ready("10.180.1.9", 8080));
-    steps.push(("endpoint added", s.clone()));
-    s.endpoints.remove(&np);
-    steps.push(("all endpoints removed", s.clone()));
-    s.add_service(svc("ns4", "new", "p", Protocol::Udp, "172.30.4.1", 1234).with_node_port(31234));
-    s.add_endpoint(&ServicePortName::new("ns4", "new", "p", Protocol::Udp), Endpoint::ready("10.180.4.1", 1234));
-    steps.push(("service added", s.clone()));
-    s.services.remove(&udp);
-    s.endpoints.remove(&udp);
-    steps.push(("service deleted", s.clone()));
+    let steps = change_steps(&base);
 
     let x = Netns::new();
     let mut be = x.backend().expect("backend");
