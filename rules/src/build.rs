@@ -360,7 +360,7 @@ fn assign_slots(wants: &[(&ServicePortName, Pool)], previous: Option<&Ruleset>) 
 /// The API server never allows these, but manifests can contain them, and one such object must not
 /// make the whole transaction fail with EEXIST.
 #[allow(clippy::type_complexity)]
-fn resolve_conflicts(
+pub(crate) fn resolve_conflicts(
     state: &ClusterState,
     fam: Family,
 ) -> (BTreeMap<ServicePortName, ServicePort>, Vec<Skipped>, Frontends, NodePorts) {

@@ -396,7 +396,8 @@ pub fn build_with(state: &ClusterState, node_ips: &[IpAddr], cfg: &BuildConfig, 
         }
     };
 
-    let (services, skipped) = resolve_conflicts(state, fam);
+    // Conflicting frontends (possible in manifests only) are resolved as in nftables mode.
+    let (services, skipped, _, _) = crate::build::resolve_conflicts(state, fam);
     let eps_of = |spn: &ServicePortName| state.endpoints.get(spn).map(|v| v.as_slice()).unwrap_or(&[]);
     let total_endpoints: usize = services
         .keys()
@@ -692,52 +693,6 @@ pub fn build_with(state: &ClusterState, node_ips: &[IpAddr], cfg: &BuildConfig, 
         skipped,
         no_local_endpoints: no_local,
     }
-}
-
-/// Drops what two service ports of one family cannot both have, as the nftables build does (its
-/// helper in `build.rs` is private and changing): the same cluster IP, protocol and port (the
-/// later port by name is skipped), the same external or LB IP and port (left out of the later
-/// port), the same node port (the later port loses it). The API server never allows these;
-/// manifests can hold them, and iptables would silently let the first rule win.
-fn resolve_conflicts(state: &ClusterState, fam: Family) -> (BTreeMap<ServicePortName, ServicePort>, Vec<Skipped>) {
-    let mut out = BTreeMap::new();
-    let mut skipped = Vec::new();
-    let mut frontends: BTreeMap<(IpAddr, Protocol, u16), ServicePortName> = BTreeMap::new();
-    let mut node_ports: BTreeMap<(Protocol, u16), ServicePortName> = BTreeMap::new();
-    for sp in state.services.values().filter(|sp| sp.family() == fam) {
-        let proto = sp.name.protocol;
-        if let Some(owner) = frontends.get(&(sp.cluster_ip, proto, sp.port)) {
-            let reason = format!("{} {proto}/{} is already used by {owner}", sp.cluster_ip, sp.port);
-            skipped.push(Skipped { service: sp.name.clone(), reason });
-            continue;
-        }
-        let mut sp = sp.clone();
-        frontends.insert((sp.cluster_ip, proto, sp.port), sp.name.clone());
-        let mut keep = |ip: &IpAddr, skipped: &mut Vec<Skipped>| match frontends.get(&(*ip, proto, sp.port)) {
-            Some(owner) if *owner != sp.name => {
-                let reason = format!("{ip} {proto}/{} is already used by {owner}; left out", sp.port);
-                skipped.push(Skipped { service: sp.name.clone(), reason });
-                false
-            }
-            _ => {
-                frontends.insert((*ip, proto, sp.port), sp.name.clone());
-                true
-            }
-        };
-        sp.external_ips.retain(|ip| keep(ip, &mut skipped));
-        sp.load_balancer_ips.retain(|ip| keep(ip, &mut skipped));
-        if sp.node_port != 0 {
-            if let Some(owner) = node_ports.get(&(proto, sp.node_port)) {
-                let reason = format!("node port {proto}/{} is already used by {owner}; left out", sp.node_port);
-                skipped.push(Skipped { service: sp.name.clone(), reason });
-                sp.node_port = 0;
-            } else {
-                node_ports.insert((proto, sp.node_port), sp.name.clone());
-            }
-        }
-        out.insert(sp.name.clone(), sp);
-    }
-    (out, skipped)
 }
 
 /// The nat chains upstream rewrites on every sync, partial or not.
