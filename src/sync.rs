@@ -467,6 +467,20 @@ enum Plan {
     Full(Transaction),
 }
 
+/// Test helper: one sync of `engine` with `st` as the IPv4 state (no IPv6, no tracker changes) on
+/// node `test-node` (primary IP 192.168.0.2).
+#[cfg(test)]
+pub(crate) fn sync_v4(engine: &mut dyn Engine, st: &ClusterState) -> Result<SyncReport, SyncError> {
+    let node = NodeInfo {
+        name: "test-node".into(),
+        primary_ips: vec!["192.168.0.2".parse().expect("constant")],
+        ..Default::default()
+    };
+    let empty = ClusterState::default();
+    let f = |fam: Family| if fam == Family::V4 { st } else { &empty };
+    engine.sync(&Inputs { state: &f, node: &node, local_ips: &[], changes: None })
+}
+
 /// A message to the sync loop.
 pub enum Event {
     /// The model changed (the source already updated the shared tracker).
@@ -563,14 +577,7 @@ mod tests {
     }
 
     fn sync_with(p: &mut Proxier<FakeBackend>, st: &ClusterState) -> Result<SyncReport, SyncError> {
-        let node = NodeInfo {
-            name: "test-node".into(),
-            primary_ips: vec!["192.168.0.2".parse().unwrap()],
-            ..Default::default()
-        };
-        let empty = ClusterState::default();
-        let f = |fam: Family| if fam == Family::V4 { st } else { &empty };
-        p.sync(&Inputs { state: &f, node: &node, local_ips: &[], changes: None })
+        sync_v4(p, st)
     }
 
     #[test]

@@ -549,14 +549,7 @@ mod tests {
     }
 
     fn sync(e: &mut IptablesProxier, st: &ClusterState) -> Result<SyncReport, SyncError> {
-        let node = rules::model::NodeInfo {
-            name: "test-node".into(),
-            primary_ips: vec!["192.168.0.2".parse().unwrap()],
-            ..Default::default()
-        };
-        let empty = ClusterState::default();
-        let f = |fam: Family| if fam == Family::V4 { st } else { &empty };
-        e.sync(&Inputs { state: &f, node: &node, local_ips: &[], changes: None })
+        crate::sync::sync_v4(e, st)
     }
 
     #[test]
