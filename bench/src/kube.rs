@@ -114,7 +114,7 @@ fn wait<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
     }
 }
 
-// ---- the synthetic cluster (the shape of `cluster()` in main.rs, as API objects) -----------------
+// ---- the synthetic cluster (the shape of `rules::synthetic::cluster`, as API objects) -----------------
 
 fn cluster_ip(i: usize) -> String {
     format!("172.{}.{}.{}", 16 + (i >> 16), (i >> 8) & 255, i & 255)

@@ -432,7 +432,7 @@ mod tests {
             eprintln!("skipped: needs root, nft and ip");
             return;
         }
-        let st = crate::cluster(60, 3, true);
+        let st = rules::synthetic::cluster(60, 3, true);
         let c = crate::cfg();
         let ips = crate::node_ips();
         let u = crate::upstream_cfg(&st, &c, &ips);

@@ -1,10 +1,9 @@
 //! Criterion micro-benchmarks of the pure pipeline: `rules::build` (model → ruleset),
 //! `rules::diff` (cold start and one endpoint change) and the nft text render (`Display` of a
-//! `Transaction`, the dry-run form). CI only compiles them (`cargo bench --workspace --no-run` in
+//! `Transaction`, the dry-run form). CI only compiles them (`cargo bench -p rules --no-run` in
 //! `make test`); run them with `cargo bench -p rules` (bench/README.md).
 //!
-//! The cluster is the plain shape of bench/src/main.rs's `cluster()`: ClusterIP services, every
-//! 10th a NodePort, every 50th with an LB IP, every 20th with a second port.
+//! The cluster is `rules::synthetic::cluster` without policies, as bench/ uses it.
 
 use std::hint::black_box;
 use std::net::IpAddr;
@@ -13,31 +12,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use rules::model::*;
 
 fn cluster(services: usize, endpoints: usize) -> ClusterState {
-    let mut st = ClusterState::default();
-    for i in 0..services {
-        let cip = format!("172.{}.{}.{}", 16 + (i >> 16), (i >> 8) & 255, i & 255);
-        let mut ports = vec![("http", 80u16)];
-        if i % 20 == 0 {
-            ports.push(("https", 443));
-        }
-        for (pn, port) in ports {
-            let mut sp = ServicePort::cluster_ip("bench", &format!("svc-{i}"), pn, Protocol::Tcp, &cip, port);
-            if i % 10 == 0 {
-                sp = sp.with_node_port(30000 + (i / 10) as u16 * 2 + (port == 443) as u16);
-            }
-            if i % 50 == 0 {
-                sp = sp.with_load_balancer_ip(&format!("198.51.{}.{}", (i >> 8) & 255, i & 255));
-            }
-            let name = sp.name.clone();
-            st.add_service(sp);
-            for e in 0..endpoints {
-                let n = i * endpoints + e;
-                let ip = format!("10.{}.{}.{}", 64 + (n >> 16), (n >> 8) & 255, n & 255);
-                st.add_endpoint(&name, Endpoint::ready(&ip, 8080).on_node("node-x"));
-            }
-        }
-    }
-    st
+    rules::synthetic::cluster(services, endpoints, false)
 }
 
 fn cfg() -> BuildConfig {

@@ -9,6 +9,7 @@ pub mod iptables;
 pub mod ir;
 pub mod model;
 pub mod names;
+pub mod synthetic;
 pub mod transaction;
 
 pub use build::{build, Built};
