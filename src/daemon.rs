@@ -214,16 +214,18 @@ fn merge_health_checks(
 
 /// Runs until SIGTERM/SIGINT: watch the source, sync on change, resync periodically.
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
+    let mut nfacct_counters = false;
     let mut proxier: Box<dyn Engine> = match cfg.mode {
         // The other mode's rules (ours or upstream's) go once this mode's are in place.
         ProxyMode::Nftables => Box::new(CleanupAfterFirstSync::new(
             Proxier::new(cfg.clone(), FaultHook::from_env(NftablesBackend::new()?)),
             crate::backend::iptables::remove_leftovers_logged,
         )),
-        ProxyMode::Iptables => Box::new(CleanupAfterFirstSync::new(
-            IptablesProxier::new(cfg.clone())?,
-            crate::backend::iptables::remove_nftables_tables_logged,
-        )),
+        ProxyMode::Iptables => {
+            let ipt = IptablesProxier::new(cfg.clone())?;
+            nfacct_counters = ipt.nfacct_counters();
+            Box::new(CleanupAfterFirstSync::new(ipt, crate::backend::iptables::remove_nftables_tables_logged))
+        }
     };
     // Stale UDP flows are deleted over ctnetlink after each sync; opened lazily (see
     // `clean_conntrack`), so a kernel without conntrack netlink does not stop the proxy.
@@ -231,6 +233,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let tracker = Arc::new(Mutex::new(ChangeTracker::new(&cfg.hostname)));
     let (tx, mut rx) = mpsc::channel::<Event>(16);
     let mut obs = Observer::new(&cfg)?;
+    if nfacct_counters {
+        obs.metrics.register_nfacct()?;
+    }
     obs.start_servers(&cfg)?;
 
     match &cfg.manifests {

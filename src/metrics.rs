@@ -306,6 +306,58 @@ fn upstream_iptables(r: &Registry) -> Result<UpstreamIptables, MetricsError> {
     })
 }
 
+/// upstream's nfacct packet counters (iptables mode, when nfacct works): metric name, help,
+/// and the nfacct object the packets are read from.
+pub const NFACCT_METRICS: [(&str, &str, &str); 2] = [
+    (
+        "kubeproxy_iptables_ct_state_invalid_dropped_packets_total",
+        "packets dropped by iptables to work around conntrack problems",
+        rules::iptables::NFACCT_CT_STATE_INVALID_DROPPED,
+    ),
+    (
+        "kubeproxy_iptables_localhost_nodeports_accepted_packets_total",
+        "Number of packets accepted on nodeports of loopback interface",
+        rules::iptables::NFACCT_LOCALHOST_NODEPORTS_ACCEPTED,
+    ),
+];
+
+/// Reads an nfacct object's packet count (the kernel's, or a fake in tests).
+type NfacctReader = fn(&str) -> std::io::Result<u64>;
+
+/// One nfacct counter, read at scrape time as upstream's `nfacctMetricCollector` does: an
+/// unlabelled counter, left out of the scrape (and logged) when reading fails.
+struct NfacctCollector {
+    desc: prometheus::core::Desc,
+    object: &'static str,
+    read: NfacctReader,
+}
+
+impl prometheus::core::Collector for NfacctCollector {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        vec![&self.desc]
+    }
+
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        let packets = match (self.read)(self.object) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(counter = self.object, "failed to collect nfacct counter: {e}");
+                return Vec::new();
+            }
+        };
+        let mut c = prometheus::proto::Counter::default();
+        c.set_value(packets as f64);
+        let mut m = prometheus::proto::Metric::default();
+        m.set_counter(c);
+        let mut mf = prometheus::proto::MetricFamily::default();
+        mf.set_name(self.desc.fq_name.clone());
+        mf.set_help(self.desc.help.clone());
+        mf.set_field_type(prometheus::proto::MetricType::COUNTER);
+        mf.set_metric(vec![m]);
+        vec![mf]
+    }
+}
+
 impl Metrics {
     /// Every metric of the proxy mode (`nftables` or `iptables`), registered with no observations. The families' children
     /// of the sync and network-programming histograms exist from the start (IPv4 here, IPv6 once
@@ -793,6 +845,24 @@ impl Metrics {
     }
 
     /// Refreshes the scrape-time metrics and renders the text exposition format.
+    /// Registers upstream's nfacct packet counters ([`NFACCT_METRICS`]), read from the kernel at
+    /// every scrape. iptables mode calls this once its nfacct objects exist (upstream registers
+    /// them in iptables mode and they are empty without nfacct; kproxy leaves them out).
+    pub fn register_nfacct(&self) -> Result<(), MetricsError> {
+        self.register_nfacct_with(crate::backend::nfacct::packets)
+    }
+
+    fn register_nfacct_with(&self, read: NfacctReader) -> Result<(), MetricsError> {
+        for (name, help, object) in NFACCT_METRICS {
+            let desc = prometheus::core::Desc::new(name.to_string(), alpha(help), Vec::new(), Default::default())
+                .map_err(|source| MetricsError::Register { name: name.to_string(), source })?;
+            self.registry
+                .register(Box::new(NfacctCollector { desc, object, read }))
+                .map_err(|source| MetricsError::Register { name: name.to_string(), source })?;
+        }
+        Ok(())
+    }
+
     pub fn encode(&self) -> Result<String, MetricsError> {
         self.refresh_process();
         let mut buf = Vec::new();
@@ -1107,6 +1177,35 @@ mod tests {
         assert!(t.contains("kubeproxy_sync_proxy_rules_iptables_total{ip_family=\"IPv4\",table=\"nat\"} 40\n"));
         assert!(t.contains("kubeproxy_sync_proxy_rules_iptables_last{ip_family=\"IPv4\",table=\"nat\"} 12\n"));
         assert_eq!(m.sync_totals(), (2, 2));
+    }
+
+    /// The nfacct counters are absent until registered, then read at every scrape (a counter
+    /// with upstream's name and help, no labels); one that cannot be read is left out.
+    #[test]
+    fn nfacct_counters_are_read_at_scrape_time() {
+        use std::sync::atomic::AtomicU64;
+        static SCRAPES: AtomicU64 = AtomicU64::new(0);
+        fn fake(object: &str) -> std::io::Result<u64> {
+            match object {
+                "ct_state_invalid_dropped_pkts" => Ok(40 + SCRAPES.fetch_add(1, Ordering::SeqCst)),
+                _ => Err(std::io::Error::from(std::io::ErrorKind::NotFound)),
+            }
+        }
+        let ct = "kubeproxy_iptables_ct_state_invalid_dropped_packets_total";
+        let lo = "kubeproxy_iptables_localhost_nodeports_accepted_packets_total";
+        let m = Metrics::new("iptables").unwrap();
+        assert!(!m.encode().unwrap().contains(ct));
+        m.register_nfacct_with(fake).unwrap();
+        let t = m.encode().unwrap();
+        assert!(
+            t.contains(&format!(
+                "# HELP {ct} [ALPHA] packets dropped by iptables to work around conntrack problems\n# TYPE {ct} counter\n{ct} 40\n"
+            )),
+            "{t}"
+        );
+        assert!(!t.contains(lo), "an unreadable counter is left out:\n{t}");
+        assert!(m.encode().unwrap().contains(&format!("\n{ct} 41\n")), "read again at the next scrape");
+        assert!(m.register_nfacct_with(fake).is_err(), "registering twice is a programming error");
     }
 
     #[test]

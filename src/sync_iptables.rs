@@ -55,6 +55,9 @@ pub struct IptablesProxier {
     /// `net.netfilter.nf_conntrack_tcp_be_liberal` is set: no DROP of INVALID packets in
     /// KUBE-FORWARD, as upstream (read once at start, as upstream).
     tcp_be_liberal: bool,
+    /// The nfacct objects of upstream's packet counters exist: the rules count packets with
+    /// `-m nfacct` and the counters are exported (see [`IptablesProxier::nfacct_counters`]).
+    nfacct: bool,
 }
 
 /// Whether `--nodeport-addresses` covers 127.0.0.1 (upstream `ContainsIPv4Loopback`): every
@@ -68,6 +71,22 @@ pub fn nodeports_cover_ipv4_loopback(spec: &NodePortSpec) -> bool {
             v4.is_empty() || v4.iter().any(|c| c.len == 0 || c.contains(&lo))
         }
     }
+}
+
+/// Creates the nfacct objects the rules count packets in (`ct_state_invalid_dropped_pkts`,
+/// `localhost_nps_accepted_pkts`), as upstream's NewProxier does; false (logged once) when
+/// nfacct does not work here, and the rules and metrics then leave them out, as upstream's.
+/// The renderer's nfacct option covers both objects, so both must exist.
+fn ensure_nfacct_objects() -> bool {
+    let objects =
+        [rules::iptables::NFACCT_CT_STATE_INVALID_DROPPED, rules::iptables::NFACCT_LOCALHOST_NODEPORTS_ACCEPTED];
+    for name in objects {
+        if let Err(e) = crate::backend::nfacct::ensure(name) {
+            info!("nfacct is not available ({e}); nfacct based metrics won't be available");
+            return false;
+        }
+    }
+    true
 }
 
 impl IptablesProxier {
@@ -100,6 +119,7 @@ impl IptablesProxier {
         if tcp_be_liberal {
             info!("nf_conntrack_tcp_be_liberal set, not installing DROP rules for INVALID packets");
         }
+        let nfacct = ensure_nfacct_objects();
         Ok(IptablesProxier {
             cfg,
             runner: Box::new(move |family| {
@@ -115,6 +135,7 @@ impl IptablesProxier {
             udp: UdpCleanups::default(),
             localhost_nodeports,
             tcp_be_liberal,
+            nfacct,
         })
     }
 
@@ -128,6 +149,7 @@ impl IptablesProxier {
             udp: UdpCleanups::default(),
             localhost_nodeports: false,
             tcp_be_liberal: false,
+            nfacct: false,
         }
     }
 
@@ -161,7 +183,14 @@ impl IptablesProxier {
         let bc = self.cfg.build_config(family, np, inputs.node);
         let mut opts = rules::iptables::IptOptions::new(localhost);
         opts.conntrack_tcp_be_liberal = self.tcp_be_liberal;
+        opts.nfacct = self.nfacct;
         rules::iptables::build_with(state, &node_ips, &bc, &opts)
+    }
+
+    /// Whether the nfacct objects exist, so that upstream's nfacct packet counters are to be
+    /// exported ([`crate::metrics::Metrics::register_nfacct`]).
+    pub fn nfacct_counters(&self) -> bool {
+        self.nfacct
     }
 
     /// Forces the next sync of every family to be full.

@@ -556,6 +556,29 @@ fn iptables_mode_exports_upstreams_iptables_metrics() {
     assert_eq!(v("kubeproxy_sync_full_proxy_rules_duration_seconds_count", &[v4]), 1.0);
     assert!(v("kubeproxy_sync_partial_proxy_rules_duration_seconds_count", &[v4]) >= 1.0);
     assert_eq!(v("kproxy_build_info", &[("mode", "iptables")]), 1.0);
+    // nfacct works in the namespace: upstream's nfacct counters are exported (read from the
+    // kernel's objects, unlabelled counters), and the INVALID drop rule counts into its object.
+    for name in [
+        "kubeproxy_iptables_ct_state_invalid_dropped_packets_total",
+        "kubeproxy_iptables_localhost_nodeports_accepted_packets_total",
+    ] {
+        assert_eq!(m.types.get(name).map(String::as_str), Some("counter"), "type of {name}\n{}", d.log());
+        assert!(m.help[name].starts_with("[ALPHA] "), "{name}: upstream marks ALPHA metrics in the help");
+        assert_eq!(m.label_names(name), Some(BTreeSet::new()), "{name} is one unlabelled sample");
+        assert!(v(name, &[]) >= 0.0, "{name}");
+    }
+    // Both flavours' tables (kproxy picked one of them; the other is empty).
+    let mut saved = String::new();
+    for save in ["iptables-nft-save", "iptables-legacy-save"] {
+        if let Ok(o) = Command::new("ip").args(["netns", "exec", &d.ns.name, save, "-t", "filter"]).output() {
+            saved.push_str(&String::from_utf8_lossy(&o.stdout));
+        }
+    }
+    let rule =
+        "-A KUBE-FORWARD -m conntrack --ctstate INVALID -m nfacct --nfacct-name ct_state_invalid_dropped_pkts -j DROP";
+    // (xt_nfacct's save prints two spaces after --nfacct-name.)
+    let norm = |l: &str| l.split_whitespace().collect::<Vec<_>>().join(" ");
+    assert!(saved.lines().any(|l| norm(l) == rule), "no {rule:?} in\n{saved}");
     let r = d.metrics_port("/proxyMode").unwrap();
     assert_eq!((r.status, r.body.as_str()), (200, "iptables"));
     let dbg: serde_json::Value = serde_json::from_str(&d.metrics_port("/debug/syncs").unwrap().body).unwrap();

@@ -6,4 +6,5 @@ pub mod conntrack;
 pub mod iptables;
 mod lower;
 mod netlink;
+pub mod nfacct;
 pub mod nftables;

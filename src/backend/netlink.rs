@@ -973,3 +973,158 @@ impl NlSocket {
         self.send_batch(buf)
     }
 }
+
+// ---- nfacct (linux/netfilter/nfnetlink_acct.h): named packet/byte counters for `-m nfacct`. ----
+
+pub(crate) const NFNL_SUBSYS_ACCT: u16 = 7;
+pub(crate) const NFNL_MSG_ACCT_NEW: u16 = 0;
+pub(crate) const NFNL_MSG_ACCT_GET: u16 = 1;
+const NFACCT_NAME: u16 = 1;
+const NFACCT_PKTS: u16 = 2;
+const NFACCT_BYTES: u16 = 3;
+/// NFACCT_NAME_MAX (32) including the terminating NUL.
+pub(crate) const NFACCT_NAME_MAX: usize = 32;
+
+/// One nfacct request (`NFNL_MSG_ACCT_NEW` or `_GET`) for the object `name`, with an ACK asked
+/// for. NEW carries `NLM_F_CREATE` and neither `NLM_F_EXCL` (which makes an existing object
+/// EEXIST) nor `NLM_F_REPLACE` (which would zero its counters): the kernel then answers EBUSY for
+/// an object that exists, and leaves its counters alone.
+pub(crate) fn nfacct_request(cmd: u16, seq: u32, name: &str) -> Vec<u8> {
+    let flags = NLM_F_REQUEST | NLM_F_ACK | if cmd == NFNL_MSG_ACCT_NEW { NLM_F_CREATE } else { 0 };
+    let attr_len = 4 + name.len() + 1;
+    let len = NFNL_HDRLEN + attr_len.next_multiple_of(4);
+    let mut b = Vec::with_capacity(len);
+    b.extend((len as u32).to_ne_bytes());
+    b.extend(((NFNL_SUBSYS_ACCT << 8) | cmd).to_ne_bytes());
+    b.extend(flags.to_ne_bytes());
+    b.extend(seq.to_ne_bytes());
+    b.extend(0u32.to_ne_bytes());
+    // nfgenmsg: AF_UNSPEC, NFNETLINK_V0, res_id 0.
+    b.extend([0u8, 0, 0, 0]);
+    b.extend((attr_len as u16).to_ne_bytes());
+    b.extend(NFACCT_NAME.to_ne_bytes());
+    b.extend(name.as_bytes());
+    b.push(0);
+    b.resize(len, 0);
+    b
+}
+
+/// What one reply datagram says about the request `seq`.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub(crate) struct NfacctReply {
+    /// (name, packets, bytes) of an object the kernel sent (the answer to GET).
+    pub counter: Option<(String, u64, u64)>,
+    /// The request's ACK (`Some(0)`) or error (`Some(errno)`): the last message for `seq`.
+    pub done: Option<i32>,
+}
+
+/// Parses one reply datagram (plain byte reads, any alignment), keeping what belongs to `seq`.
+pub(crate) fn parse_nfacct_replies(buf: &[u8], seq: u32, out: &mut NfacctReply) {
+    let rd16 = |b: &[u8], at: usize| b.get(at..at + 2).map(|x| u16::from_ne_bytes([x[0], x[1]]));
+    let rd32 = |b: &[u8], at: usize| b.get(at..at + 4).map(|x| u32::from_ne_bytes([x[0], x[1], x[2], x[3]]));
+    let mut off = 0;
+    while off + NLMSG_HDRLEN <= buf.len() {
+        let (Some(len), Some(ty), Some(s)) = (rd32(buf, off), rd16(buf, off + 4), rd32(buf, off + 8)) else {
+            return;
+        };
+        let len = len as usize;
+        if len < NLMSG_HDRLEN || off + len > buf.len() {
+            return;
+        }
+        let msg = &buf[off..off + len];
+        off += len.next_multiple_of(4);
+        if s != seq {
+            continue;
+        }
+        if ty == NLMSG_ERROR {
+            out.done = Some(-(rd32(msg, NLMSG_HDRLEN).unwrap_or(0) as i32));
+        } else if ty == (NFNL_SUBSYS_ACCT << 8) | NFNL_MSG_ACCT_NEW && msg.len() >= NFNL_HDRLEN {
+            let (mut name, mut pkts, mut bytes) = (None, None, None);
+            let mut a = NFNL_HDRLEN;
+            while let (Some(alen), Some(aty)) = (rd16(msg, a), rd16(msg, a + 2)) {
+                let alen = alen as usize;
+                if alen < 4 || a + alen > msg.len() {
+                    break;
+                }
+                let p = &msg[a + 4..a + alen];
+                let be64 = || <[u8; 8]>::try_from(p).ok().map(u64::from_be_bytes);
+                match aty & 0x3fff {
+                    NFACCT_NAME => name = Some(String::from_utf8_lossy(p).trim_end_matches('\0').to_string()),
+                    NFACCT_PKTS => pkts = be64(),
+                    NFACCT_BYTES => bytes = be64(),
+                    _ => {}
+                }
+                a += alen.next_multiple_of(4);
+            }
+            if let (Some(n), Some(p), Some(b)) = (name, pkts, bytes) {
+                out.counter = Some((n, p, b));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod nfacct_tests {
+    use super::*;
+
+    fn nlmsg(ty: u16, seq: u32, payload: &[u8]) -> Vec<u8> {
+        let mut b = Vec::new();
+        b.extend(((NLMSG_HDRLEN + payload.len()) as u32).to_ne_bytes());
+        b.extend(ty.to_ne_bytes());
+        b.extend(0u16.to_ne_bytes());
+        b.extend(seq.to_ne_bytes());
+        b.extend(0u32.to_ne_bytes());
+        b.extend(payload);
+        b.resize(b.len().next_multiple_of(4), 0);
+        b
+    }
+
+    fn attr(out: &mut Vec<u8>, ty: u16, p: &[u8]) {
+        out.extend(((4 + p.len()) as u16).to_ne_bytes());
+        out.extend(ty.to_ne_bytes());
+        out.extend(p);
+        out.resize(out.len().next_multiple_of(4), 0);
+    }
+
+    #[test]
+    fn requests_carry_the_name_and_the_flags() {
+        let m = nfacct_request(NFNL_MSG_ACCT_NEW, 7, "abcde");
+        // 20 bytes of headers, then a 10-byte NAME attribute padded to 12.
+        assert_eq!(m.len(), 32);
+        assert_eq!(u32::from_ne_bytes(m[0..4].try_into().unwrap()), 32);
+        assert_eq!(u16::from_ne_bytes(m[4..6].try_into().unwrap()), 0x0700);
+        assert_eq!(u16::from_ne_bytes(m[6..8].try_into().unwrap()), NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE);
+        assert_eq!(u32::from_ne_bytes(m[8..12].try_into().unwrap()), 7);
+        assert_eq!(u16::from_ne_bytes(m[20..22].try_into().unwrap()), 10);
+        assert_eq!(u16::from_ne_bytes(m[22..24].try_into().unwrap()), NFACCT_NAME);
+        assert_eq!(&m[24..30], b"abcde\0");
+        let g = nfacct_request(NFNL_MSG_ACCT_GET, 8, "abcd");
+        assert_eq!(g.len(), 32, "a 9-byte attribute padded to 12, {g:?}");
+        assert_eq!(u16::from_ne_bytes(g[4..6].try_into().unwrap()), 0x0701);
+        assert_eq!(u16::from_ne_bytes(g[6..8].try_into().unwrap()), NLM_F_REQUEST | NLM_F_ACK);
+    }
+
+    #[test]
+    fn a_get_reply_and_its_ack_are_parsed_for_our_seq_only() {
+        let mut p = vec![0u8, 0, 0, 0];
+        attr(&mut p, NFACCT_NAME, b"ct_state_invalid_dropped_pkts\0");
+        attr(&mut p, NFACCT_PKTS, &1234567u64.to_be_bytes());
+        attr(&mut p, NFACCT_BYTES, &99u64.to_be_bytes());
+        attr(&mut p, 4, &1u32.to_be_bytes()); // NFACCT_USE, ignored
+        let mut buf = nlmsg(0x0700, 5, &[0, 0, 0, 0]); // another seq: ignored
+        buf.extend(nlmsg(0x0700, 6, &p));
+        let mut r = NfacctReply::default();
+        parse_nfacct_replies(&buf, 6, &mut r);
+        assert_eq!(r.counter, Some(("ct_state_invalid_dropped_pkts".to_string(), 1234567, 99)));
+        assert_eq!(r.done, None);
+        let mut ack = 0i32.to_ne_bytes().to_vec();
+        ack.extend(nlmsg(0x0701, 6, &[])); // the capped original header
+        parse_nfacct_replies(&nlmsg(NLMSG_ERROR, 6, &ack), 6, &mut r);
+        assert_eq!(r.done, Some(0));
+        let mut err = (-libc::ENOENT).to_ne_bytes().to_vec();
+        err.extend(nlmsg(0x0701, 9, &[]));
+        let mut r = NfacctReply::default();
+        parse_nfacct_replies(&nlmsg(NLMSG_ERROR, 9, &err), 9, &mut r);
+        assert_eq!(r, NfacctReply { counter: None, done: Some(libc::ENOENT) });
+    }
+}
