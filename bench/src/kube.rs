@@ -172,6 +172,27 @@ fn slice(i: usize, ips: &[String]) -> EndpointSlice {
     .expect("slice")
 }
 
+/// kproxy's `kubeproxy_network_programming_duration_seconds` (count, mean in ms) from its metrics
+/// port (the default 127.0.0.1:10249, in this namespace): from the slices' trigger-time annotation
+/// to the kernel, as upstream computes it. The buckets are too coarse for percentiles at this scale.
+fn network_programming() -> (u64, f64) {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect("127.0.0.1:10249") else { return (0, f64::NAN) };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+    let _ = write!(s, "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+    let mut text = String::new();
+    let _ = s.read_to_string(&mut text);
+    let sum_of = |name: &str| -> f64 {
+        text.lines()
+            .filter(|l| l.starts_with(name) && (l[name.len()..].starts_with('{') || l[name.len()..].starts_with(' ')))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    let count = sum_of("kubeproxy_network_programming_duration_seconds_count");
+    let sum = sum_of("kubeproxy_network_programming_duration_seconds_sum");
+    (count as u64, if count > 0.0 { sum / count * 1e3 } else { f64::NAN })
+}
+
 // ---- kproxy's log -------------------------------------------------------------------------------
 
 /// The `key=value` fields of kproxy's "sync done" lines that changed something (ops > 0).
@@ -314,7 +335,13 @@ pub fn run(o: &Opts) {
         let i = (j * 7919 + 1) % o.services;
         let new_ip = format!("10.250.{}.{}", j / 250, j % 250 + 1);
         eps[i][0] = new_ip.clone();
-        let obj = slice(i, &eps[i]);
+        let mut obj = slice(i, &eps[i]);
+        // As the EndpointSlice controller does: when the change was triggered, so that kproxy's
+        // network-programming latency histogram sees it.
+        obj.metadata.annotations = Some(BTreeMap::from([(
+            kproxy::source::kube::TRIGGER_TIME_ANNOTATION.to_string(),
+            k8s_openapi::jiff::Timestamp::now().to_string(),
+        )]));
         let from = mon.lock().expect("lines").len();
         let syncs_before = syncs(&log).len();
         let t0 = Instant::now();
@@ -329,6 +356,7 @@ pub fn run(o: &Opts) {
         }
     }
     let (rss_end, hwm_end) = rss(pid);
+    let (np_count, np_mean_ms) = network_programming();
     let all = syncs(&log);
     let measured: Vec<_> = all.iter().skip(1 + WARMUP).collect();
     let of = |k: &str| -> Vec<f64> { measured.iter().filter_map(|f| field(f, k)).collect() };
@@ -338,7 +366,8 @@ pub fn run(o: &Opts) {
         "kube services={} endpoints={} changes={} startup_s={:.1} first_sync_ms={} \
          event_kernel_p50_ms={:.1} event_kernel_p99_ms={:.1} event_kernel_max_ms={:.1} \
          sync_build_p50_ms={} sync_diff_p50_ms={} sync_apply_p50_ms={} sync_elapsed_p50_ms={} sync_elapsed_p99_ms={} \
-         rss_synced_mib={:.1} hwm_synced_mib={:.1} rss_end_mib={:.1} hwm_end_mib={:.1}",
+         rss_synced_mib={:.1} hwm_synced_mib={:.1} rss_end_mib={:.1} hwm_end_mib={:.1} \
+         netprog_count={} netprog_mean_ms={:.1}",
         o.services,
         o.endpoints,
         lat.len(),
@@ -356,6 +385,8 @@ pub fn run(o: &Opts) {
         hwm_synced,
         rss_end,
         hwm_end,
+        np_count,
+        np_mean_ms,
     );
     drop(kproxy);
     if std::env::var_os("KPXK_KEEP").is_some() {
