@@ -13,57 +13,21 @@
 //! Each scenario is its own test (`cargo test --test golden -- clusterip`), and
 //! `every_scenario_has_a_test` makes sure no folder is forgotten.
 
-use std::fs;
 use std::path::Path;
 use std::process::Output;
 
 #[path = "support/golden_run.rs"]
 mod golden_run;
-use golden_run::{is_root, run_with_timeout, skip_privileged, testdata, update_mode, Netns, RUN_TIMEOUT};
+use golden_run::{is_root, run_with_timeout, skip_privileged, Netns, RUN_TIMEOUT};
 
 /// Flags the runner always passes; `args` adds to them.
 const FIXED_ARGS: [&str; 3] = ["--dry-run", "--hostname-override", "test-node"];
 /// Name prefix of the network namespaces this test creates; `<pid>-<n>` is appended.
 const NETNS_PREFIX: &str = "kpxgd-";
 
-/// Runs kproxy's dry run on a scenario and returns its stdout, or why it failed.
-fn dry_run(dir: &Path) -> Result<String, String> {
-    golden_run::dry_run(&FIXED_ARGS, dir)
-}
-
 /// A line diff of `expected` and `actual` (see [`golden_run::diff_labeled`]).
 fn diff(expected: &str, actual: &str) -> String {
     golden_run::diff_labeled(expected, actual, "expected.nft")
-}
-
-/// Step 1: the dry run prints exactly `expected.nft` (or rewrites it in update mode).
-fn check_text(name: &str, dir: &Path) -> Result<(), String> {
-    let actual = dry_run(dir)?;
-    let again = dry_run(dir)?;
-    if again != actual {
-        return Err(format!(
-            "scenario {name}: two dry runs printed different text (the output must be deterministic):\n{}",
-            diff(&actual, &again)
-        ));
-    }
-    let path = dir.join("expected.nft");
-    if update_mode() {
-        fs::write(&path, &actual).map_err(|e| format!("write {}: {e}", path.display()))?;
-        eprintln!("scenario {name}: wrote {}", path.display());
-        return Ok(());
-    }
-    let expected = fs::read_to_string(&path).map_err(|e| {
-        format!("scenario {name}: cannot read {}: {e} (run with UPDATE_GOLDEN=1 to create it)", path.display())
-    })?;
-    if expected != actual {
-        return Err(format!(
-            "scenario {name}: kproxy's dry run differs from {} (- expected, + actual; \
-             UPDATE_GOLDEN=1 rewrites it after you have checked the change):\n{}",
-            path.display(),
-            diff(&expected, &actual)
-        ));
-    }
-    Ok(())
 }
 
 impl Netns {
@@ -111,21 +75,7 @@ fn check_kernel(name: &str, dir: &Path) -> Result<(), String> {
 
 /// Runs both steps of one scenario and panics with every problem found.
 fn run_scenario(name: &str) {
-    let dir = testdata().join(name);
-    assert!(dir.join("args").is_file(), "testdata/{name}/args is missing");
-    let mut errors = Vec::new();
-    if let Err(e) = check_text(name, &dir) {
-        errors.push(e);
-    }
-    // The kernel check runs on expected.nft even when the text differs, so one run shows both.
-    if dir.join("expected.nft").is_file() {
-        if let Err(e) = check_kernel(name, &dir) {
-            errors.push(e);
-        }
-    }
-    if !errors.is_empty() {
-        panic!("{}", errors.join("\n\n"));
-    }
+    golden_run::run_scenario(name, &FIXED_ARGS, "expected.nft", check_kernel);
 }
 
 golden_scenarios!(run_scenario, "tests/golden.rs");

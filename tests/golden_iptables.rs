@@ -23,43 +23,13 @@ use std::path::Path;
 
 #[path = "support/golden_run.rs"]
 mod golden_run;
-use golden_run::{is_root, skip_privileged, testdata, update_mode, Netns};
+use golden_run::{is_root, skip_privileged, Netns};
 
 /// Flags the runner always passes; `args` adds to them.
 const FIXED_ARGS: [&str; 5] = ["--dry-run", "--proxy-mode", "iptables", "--hostname-override", "test-node"];
 /// Name prefix of the network namespaces this test creates; `<pid>-<n>` is appended.
 const NETNS_PREFIX: &str = "kpxgi-";
 const EXPECTED: &str = "expected.iptables";
-
-/// Step 1: the dry run prints exactly `expected.iptables` (or rewrites it in update mode).
-fn check_text(name: &str, dir: &Path) -> Result<(), String> {
-    let actual = golden_run::dry_run(&FIXED_ARGS, dir)?;
-    let again = golden_run::dry_run(&FIXED_ARGS, dir)?;
-    if again != actual {
-        return Err(format!(
-            "scenario {name}: two dry runs printed different text (the output must be deterministic):\n{}",
-            golden_run::diff_labeled(&actual, &again, EXPECTED)
-        ));
-    }
-    let path = dir.join(EXPECTED);
-    if update_mode() {
-        fs::write(&path, &actual).map_err(|e| format!("write {}: {e}", path.display()))?;
-        eprintln!("scenario {name}: wrote {}", path.display());
-        return Ok(());
-    }
-    let expected = fs::read_to_string(&path).map_err(|e| {
-        format!("scenario {name}: cannot read {}: {e} (run with UPDATE_GOLDEN=1 to create it)", path.display())
-    })?;
-    if expected != actual {
-        return Err(format!(
-            "scenario {name}: kproxy's dry run differs from {} (- expected, + actual; \
-             UPDATE_GOLDEN=1 rewrites it after you have checked the change):\n{}",
-            path.display(),
-            golden_run::diff_labeled(&expected, &actual, EXPECTED)
-        ));
-    }
-    Ok(())
-}
 
 /// One family's part of the file: which tools take it (`iptables` or `ip6tables`), and its text.
 struct Part {
@@ -202,21 +172,7 @@ fn check_part(ns: &Netns, part: &Part, flavour: &str) -> Result<(), String> {
 
 /// Runs both steps of one scenario and panics with every problem found.
 fn run_scenario(name: &str) {
-    let dir = testdata().join(name);
-    assert!(dir.join("args").is_file(), "testdata/{name}/args is missing");
-    let mut errors = Vec::new();
-    if let Err(e) = check_text(name, &dir) {
-        errors.push(e);
-    }
-    // The kernel check runs on expected.iptables even when the text differs, so one run shows both.
-    if dir.join(EXPECTED).is_file() {
-        if let Err(e) = check_kernel(name, &dir) {
-            errors.push(e);
-        }
-    }
-    if !errors.is_empty() {
-        panic!("{}", errors.join("\n\n"));
-    }
+    golden_run::run_scenario(name, &FIXED_ARGS, EXPECTED, check_kernel);
 }
 
 golden_scenarios!(run_scenario, "tests/golden_iptables.rs");

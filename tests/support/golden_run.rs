@@ -213,6 +213,56 @@ impl Drop for Netns {
     }
 }
 
+/// Step 1 of a scenario: kproxy's dry run (with `fixed` flags and the folder's `args`) prints
+/// exactly `dir/<expected>`, twice in a row; in update mode the file is rewritten instead.
+pub fn check_text(name: &str, dir: &Path, fixed: &[&str], expected: &str) -> Result<(), String> {
+    let actual = dry_run(fixed, dir)?;
+    let again = dry_run(fixed, dir)?;
+    if again != actual {
+        return Err(format!(
+            "scenario {name}: two dry runs printed different text (the output must be deterministic):\n{}",
+            diff_labeled(&actual, &again, expected)
+        ));
+    }
+    let path = dir.join(expected);
+    if update_mode() {
+        fs::write(&path, &actual).map_err(|e| format!("write {}: {e}", path.display()))?;
+        eprintln!("scenario {name}: wrote {}", path.display());
+        return Ok(());
+    }
+    let want = fs::read_to_string(&path).map_err(|e| {
+        format!("scenario {name}: cannot read {}: {e} (run with UPDATE_GOLDEN=1 to create it)", path.display())
+    })?;
+    if want != actual {
+        return Err(format!(
+            "scenario {name}: kproxy's dry run differs from {} (- expected, + actual; \
+             UPDATE_GOLDEN=1 rewrites it after you have checked the change):\n{}",
+            path.display(),
+            diff_labeled(&want, &actual, expected)
+        ));
+    }
+    Ok(())
+}
+
+/// One scenario: the text check, then `check_kernel` on `dir/<expected>` (even when the text
+/// differs, so one run shows both); panics with every failure.
+pub fn run_scenario(name: &str, fixed: &[&str], expected: &str, check_kernel: fn(&str, &Path) -> Result<(), String>) {
+    let dir = testdata().join(name);
+    assert!(dir.join("args").is_file(), "testdata/{name}/args is missing");
+    let mut errors = Vec::new();
+    if let Err(e) = check_text(name, &dir, fixed, expected) {
+        errors.push(e);
+    }
+    if dir.join(expected).is_file() {
+        if let Err(e) = check_kernel(name, &dir) {
+            errors.push(e);
+        }
+    }
+    if !errors.is_empty() {
+        panic!("{}", errors.join("\n\n"));
+    }
+}
+
 /// One `#[test]` per golden scenario, each calling `$run(dir)`, and `every_scenario_has_a_test`,
 /// which fails when a `testdata/` folder with an `args` file is missing from the list (or the list
 /// names a folder that is gone). Both golden runners expand it, so both cover every scenario.
