@@ -155,6 +155,28 @@ pub struct SyncReport {
     pub apply: Duration,
 }
 
+impl SyncReport {
+    /// Adds one family's report to the totals.
+    pub fn push(&mut self, fr: FamilyReport) {
+        self.full |= fr.full;
+        self.build += fr.build;
+        self.diff += fr.diff;
+        self.apply += fr.apply;
+        self.families.push(fr);
+    }
+
+    /// The sync's result: `Err` with this report when a family failed (the first failure).
+    pub fn finish(
+        self,
+        first_err: Option<(&'static str, Box<dyn std::error::Error + Send + Sync>)>,
+    ) -> Result<SyncReport, SyncError> {
+        match first_err {
+            Some((family, source)) => Err(SyncError { family, source, report: self }),
+            None => Ok(self),
+        }
+    }
+}
+
 /// Everything one sync needs from the outside world, gathered by the caller.
 pub struct Inputs<'a> {
     /// Each family's whole cluster state (kept up to date by the tracker, not copied).
@@ -439,16 +461,9 @@ impl<B: Backend> Proxier<B> {
                     }
                 }
             }
-            report.full |= fr.full;
-            report.build += fr.build;
-            report.diff += fr.diff;
-            report.apply += fr.apply;
-            report.families.push(fr);
+            report.push(fr);
         }
-        match first_err {
-            Some((family, source)) => Err(SyncError { family, source, report }),
-            None => Ok(report),
-        }
+        report.finish(first_err)
     }
 }
 

@@ -422,16 +422,9 @@ impl Engine for IptablesProxier {
                     first_err.get_or_insert((family.label(), e));
                 }
             }
-            report.full |= fr.full;
-            report.build += fr.build;
-            report.diff += fr.diff;
-            report.apply += fr.apply;
-            report.families.push(fr);
+            report.push(fr);
         }
-        match first_err {
-            Some((family, e)) => Err(SyncError { family, source: e.into(), report }),
-            None => Ok(report),
-        }
+        report.finish(first_err.map(|(family, e)| (family, e.into())))
     }
     fn force_full(&mut self) {
         IptablesProxier::force_full(self)
