@@ -204,9 +204,15 @@ pub struct Metrics {
     runtime: Mutex<Option<tokio::runtime::Handle>>,
 }
 
-/// Registers a metric and returns it, keeping the name in the error.
-fn reg<M: prometheus::core::Collector + Clone + 'static>(r: &Registry, name: &str, m: M) -> Result<M, MetricsError> {
-    r.register(Box::new(m.clone())).map_err(|source| MetricsError::Register { name: name.to_string(), source })?;
+/// Registers a newly made metric and returns it; either failure keeps the name in the error.
+fn reg<M: prometheus::core::Collector + Clone + 'static>(
+    r: &Registry,
+    name: &str,
+    made: prometheus::Result<M>,
+) -> Result<M, MetricsError> {
+    let err = |source| MetricsError::Register { name: name.to_string(), source };
+    let m = made.map_err(err)?;
+    r.register(Box::new(m.clone())).map_err(err)?;
     Ok(m)
 }
 
@@ -217,39 +223,27 @@ fn hist(
     buckets: Vec<f64>,
     labels: &[&str],
 ) -> Result<HistogramVec, MetricsError> {
-    let m = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)
-        .map_err(|source| MetricsError::Register { name: name.to_string(), source })?;
-    reg(r, name, m)
+    reg(r, name, HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels))
 }
 
 fn counter_vec(r: &Registry, name: &str, help: String, labels: &[&str]) -> Result<IntCounterVec, MetricsError> {
-    let m = IntCounterVec::new(Opts::new(name, help), labels)
-        .map_err(|source| MetricsError::Register { name: name.to_string(), source })?;
-    reg(r, name, m)
+    reg(r, name, IntCounterVec::new(Opts::new(name, help), labels))
 }
 
 fn counter(r: &Registry, name: &str, help: String) -> Result<IntCounter, MetricsError> {
-    let m = IntCounter::with_opts(Opts::new(name, help))
-        .map_err(|source| MetricsError::Register { name: name.to_string(), source })?;
-    reg(r, name, m)
+    reg(r, name, IntCounter::with_opts(Opts::new(name, help)))
 }
 
 fn gauge_vec(r: &Registry, name: &str, help: String, labels: &[&str]) -> Result<GaugeVec, MetricsError> {
-    let m = GaugeVec::new(Opts::new(name, help), labels)
-        .map_err(|source| MetricsError::Register { name: name.to_string(), source })?;
-    reg(r, name, m)
+    reg(r, name, GaugeVec::new(Opts::new(name, help), labels))
 }
 
 fn int_gauge_vec(r: &Registry, name: &str, help: String, labels: &[&str]) -> Result<IntGaugeVec, MetricsError> {
-    let m = IntGaugeVec::new(Opts::new(name, help), labels)
-        .map_err(|source| MetricsError::Register { name: name.to_string(), source })?;
-    reg(r, name, m)
+    reg(r, name, IntGaugeVec::new(Opts::new(name, help), labels))
 }
 
 fn int_gauge(r: &Registry, name: &str, help: String) -> Result<IntGauge, MetricsError> {
-    let m = IntGauge::with_opts(Opts::new(name, help))
-        .map_err(|source| MetricsError::Register { name: name.to_string(), source })?;
-    reg(r, name, m)
+    reg(r, name, IntGauge::with_opts(Opts::new(name, help)))
 }
 
 fn up(name: &str) -> String {
@@ -566,14 +560,14 @@ impl Metrics {
             )?,
         };
         let process = Process {
-            cpu_seconds_total: {
-                let m = prometheus::Counter::new(
+            cpu_seconds_total: reg(
+                &r,
+                "process_cpu_seconds_total",
+                prometheus::Counter::new(
                     "process_cpu_seconds_total",
                     "Total user and system CPU time spent in seconds.",
-                )
-                .map_err(|source| MetricsError::Register { name: "process_cpu_seconds_total".into(), source })?;
-                reg(&r, "process_cpu_seconds_total", m)?
-            },
+                ),
+            )?,
             resident_memory_bytes: int_gauge(
                 &r,
                 "process_resident_memory_bytes",
@@ -584,15 +578,11 @@ impl Metrics {
                 "process_virtual_memory_bytes",
                 "Virtual memory size in bytes.".into(),
             )?,
-            start_time_seconds: {
-                let m =
-                    Gauge::new("process_start_time_seconds", "Start time of the process since unix epoch in seconds.")
-                        .map_err(|source| MetricsError::Register {
-                            name: "process_start_time_seconds".into(),
-                            source,
-                        })?;
-                reg(&r, "process_start_time_seconds", m)?
-            },
+            start_time_seconds: reg(
+                &r,
+                "process_start_time_seconds",
+                Gauge::new("process_start_time_seconds", "Start time of the process since unix epoch in seconds."),
+            )?,
             open_fds: int_gauge(&r, "process_open_fds", "Number of open file descriptors.".into())?,
             max_fds: int_gauge(&r, "process_max_fds", "Maximum number of open file descriptors.".into())?,
         };
@@ -844,7 +834,6 @@ impl Metrics {
         read_process().map(|p| p.rss_bytes).unwrap_or(0)
     }
 
-    /// Refreshes the scrape-time metrics and renders the text exposition format.
     /// Registers upstream's nfacct packet counters ([`NFACCT_METRICS`]), read from the kernel at
     /// every scrape. iptables mode calls this once its nfacct objects exist (upstream registers
     /// them in iptables mode and they are empty without nfacct; kproxy leaves them out).
@@ -863,6 +852,7 @@ impl Metrics {
         Ok(())
     }
 
+    /// Refreshes the scrape-time metrics and renders the text exposition format.
     pub fn encode(&self) -> Result<String, MetricsError> {
         self.refresh_process();
         let mut buf = Vec::new();
