@@ -98,6 +98,21 @@ has_ipt=0
 say "sizes: $SIZES; policies=$POLICIES; data plane: $DP_SIZES x $DP_EPS; load $(cut -d' ' -f1-3 /proc/loadavg)"
 rec "meta date=$(date -u +%Y-%m-%dT%H:%MZ) kernel=$(uname -r) cpus=$(nproc) cpu=\"$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)\" commit=$(git rev-parse --short HEAD) policies=$POLICIES nft=\"$(nft --version)\" ipt=\"$(iptables --version)\" load_start=\"$(cut -d' ' -f1-3 /proc/loadavg)\""
 
+# `nft -f` of one layout's scripts ($W/<prefix>text.nft, ...delta/undelta/svc-add/svc-del) in a
+# fresh namespace: cold load, then the endpoint change and the service add/delete, alternately.
+# Args: record name, namespace suffix, cold-load timeout (s), script prefix.
+nft_peer() {
+  local name=$1 ns=$2 limit=$3 pre=$4 cold d50 d99 s50 s99
+  newns "$ns"
+  cold=$(ms "$limit" "$ns" nft -f "$W/${pre}text.nft")
+  if [ "$cold" != timeout ] && [ "$cold" != error ]; then
+    read -r d50 d99 < <(alternate "$ns" "$W/${pre}delta.nft" "$W/${pre}undelta.nft" nft -f)
+    read -r s50 s99 < <(alternate "$ns" "$W/${pre}svc-add.nft" "$W/${pre}svc-del.nft" nft -f)
+  else d50=skipped; d99=skipped; s50=skipped; s99=skipped; fi
+  rec "$name size=$size cold_ms=$cold limit_s=$limit delta_p50_ms=$d50 delta_p99_ms=$d99 svc_p50_ms=$s50 svc_p99_ms=$s99"
+  delns "$ns"
+}
+
 for size in $SIZES; do
   N=${size%x*}; E=${size#*x}
   F=(--services "$N" --endpoints "$E")
@@ -125,25 +140,9 @@ for size in $SIZES; do
   done
   rec "scripts size=$size kproxy_mb=$(du -m "$W/text.nft" | cut -f1) upstream_mb=$(du -m "$W/upstream-text.nft" | cut -f1) upstream_lines=$(wc -l <"$W/upstream-text.nft")"
 
-  # nft -f of kproxy's own dry-run text.
-  newns n
-  cold=$(ms "$NFT_TIMEOUT" n nft -f "$W/text.nft")
-  if [ "$cold" != timeout ] && [ "$cold" != error ]; then
-    read -r d50 d99 < <(alternate n "$W/delta.nft" "$W/undelta.nft" nft -f)
-    read -r s50 s99 < <(alternate n "$W/svc-add.nft" "$W/svc-del.nft" nft -f)
-  else d50=skipped; d99=skipped; s50=skipped; s99=skipped; fi
-  rec "nft_kproxy size=$size cold_ms=$cold limit_s=$NFT_TIMEOUT delta_p50_ms=$d50 delta_p99_ms=$d99 svc_p50_ms=$s50 svc_p99_ms=$s99"
-  delns n
-
-  # nft -f of upstream's layout.
-  newns u
-  cold=$(ms "$UPSTREAM_TIMEOUT" u nft -f "$W/upstream-text.nft")
-  if [ "$cold" != timeout ] && [ "$cold" != error ]; then
-    read -r d50 d99 < <(alternate u "$W/upstream-delta.nft" "$W/upstream-undelta.nft" nft -f)
-    read -r s50 s99 < <(alternate u "$W/upstream-svc-add.nft" "$W/upstream-svc-del.nft" nft -f)
-  else d50=skipped; d99=skipped; s50=skipped; s99=skipped; fi
-  rec "nft_upstream size=$size cold_ms=$cold limit_s=$UPSTREAM_TIMEOUT delta_p50_ms=$d50 delta_p99_ms=$d99 svc_p50_ms=$s50 svc_p99_ms=$s99"
-  delns u
+  # nft -f of kproxy's own dry-run text, then of upstream's layout.
+  nft_peer nft_kproxy n "$NFT_TIMEOUT" ""
+  nft_peer nft_upstream u "$UPSTREAM_TIMEOUT" upstream-
   rm -f "$W"/*.nft
 
   # The daemon from manifests (plain mix: the manifests carry no policies).
