@@ -258,43 +258,15 @@ const RESOURCES: [&str; 4] = ["services", "endpointslices", "servicecidrs", "nod
 
 // ---- traffic ----------------------------------------------------------------------------------------
 
-/// What a probe batch must show.
-#[derive(Clone, Copy, Debug)]
-enum Expect<'a> {
-    /// All answered, by exactly this set of backends (each seen at least once).
-    Backends(&'a [Pod]),
-    /// All refused at once (a Service without endpoints).
-    Refused,
-    /// Nobody answers (refused or timed out): the Service is gone.
-    NoAnswer,
-}
-
 /// Waits (at most `limit`) until traffic to `dst:80` from the client shows `want`; returns how
 /// long after `since` the first fully conforming batch *ended*: an upper bound on when the change
 /// took effect (a batch that started before it, such as 30 draws that all see the new backends
 /// of a scale-up, only conforms if the change was in effect early enough).
 fn follows(client: &mut Prober, dst: Ipv4Addr, want: Expect, since: Instant, limit: Duration) -> Duration {
     let (ended, _) = poll(&format!("traffic to {dst}:80 shows {want:?}"), limit, || {
-        let ok = match want {
-            Expect::Backends(pods) => {
-                // 30 draws: the chance that one of 3 backends is missed is 3*(2/3)^30 = 2e-5.
-                // A short timeout per attempt: a local echo answers in a few ms, and an attempt
-                // sent before the rules were in (routed out, dropped) must not cost a second.
-                let a = client.probe(Tcp, dst, 80, 30, Duration::from_millis(300));
-                let seen: BTreeSet<Option<&str>> = a.iter().map(|a| a.backend()).collect();
-                let want: BTreeSet<Option<&str>> = pods.iter().map(|p| Some(p.name())).collect();
-                (seen == want).then_some(()).ok_or_else(|| format!("{:?}", tally(&a)))
-            }
-            Expect::Refused => {
-                let a = client.probe(Tcp, dst, 80, 5, T1);
-                a.iter().all(|a| a.outcome == Outcome::Refused).then_some(()).ok_or_else(|| format!("{:?}", tally(&a)))
-            }
-            Expect::NoAnswer => {
-                let a = client.probe(Tcp, dst, 80, 3, Duration::from_millis(200));
-                a.iter().all(|a| a.backend().is_none()).then_some(()).ok_or_else(|| format!("{:?}", tally(&a)))
-            }
-        };
-        ok.map(|()| since.elapsed())
+        // A short timeout per draw: a local echo answers in a few ms, and an attempt sent before
+        // the rules were in (routed out, dropped) must not cost a second.
+        client.shows(dst, 80, want, Duration::from_millis(300)).map(|()| since.elapsed())
     });
     ended
 }

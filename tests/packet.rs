@@ -277,38 +277,12 @@ fn hairpin_is_masqueraded_and_missing_endpoints_or_ports_are_refused(mode: Mode)
     }
 }
 
-/// What a probe batch must show after an edit.
-#[derive(Clone, Copy, Debug)]
-enum Expect<'a> {
-    /// All answered, by exactly this set of backends (each seen at least once).
-    Backends(&'a [Pod]),
-    Refused,
-    /// No answer at all (timeout or refusal): the service is gone.
-    NoAnswer,
-}
-
 /// Waits until traffic to `dst:port` shows `want`; returns how long after `since` the first
 /// fully conforming batch *started* (so the change was in effect by then).
 fn follows(client: &mut Prober, dst: Ipv4Addr, port: u16, want: Expect, since: Instant) -> Duration {
     let (started, _) = poll(&format!("traffic to {dst}:{port} shows {want:?}"), Duration::from_secs(4), || {
         let start = Instant::now();
-        let ok = match want {
-            Expect::Backends(pods) => {
-                // 30 draws: the chance that one of 3 backends is missed is 3*(2/3)^30 = 2e-5.
-                let a = client.probe(Tcp, dst, port, 30, T1);
-                let seen: BTreeSet<Option<&str>> = a.iter().map(|a| a.backend()).collect();
-                let want: BTreeSet<Option<&str>> = pods.iter().map(|p| Some(p.name())).collect();
-                (seen == want).then_some(()).ok_or_else(|| format!("{:?}", tally(&a)))
-            }
-            Expect::Refused => {
-                let a = client.probe(Tcp, dst, port, 5, T1);
-                a.iter().all(|a| a.outcome == Outcome::Refused).then_some(()).ok_or_else(|| format!("{:?}", tally(&a)))
-            }
-            Expect::NoAnswer => {
-                let a = client.probe(Tcp, dst, port, 3, Duration::from_millis(200));
-                a.iter().all(|a| a.backend().is_none()).then_some(()).ok_or_else(|| format!("{:?}", tally(&a)))
-            }
-        };
+        let ok = client.shows(dst, port, want, T1);
         ok.map(|()| start.duration_since(since))
     });
     started

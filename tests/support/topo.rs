@@ -23,7 +23,7 @@
 
 #![allow(dead_code)] // each test binary uses a different part of this file
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::fs::{self, File};
 use std::io::{BufRead, BufReader, Read as _, Write as _};
@@ -866,6 +866,17 @@ pub fn expect_answer(attempts: &[Attempt], pod: Pod, src: Ipv4Addr) -> Result<()
 // ------------------------------------------------------------------------------------------------
 // Probes
 
+/// What a batch of TCP probes to a service must show (see [`Prober::shows`]).
+#[derive(Clone, Copy, Debug)]
+pub enum Expect<'a> {
+    /// All answered, by exactly this set of backends (each seen at least once).
+    Backends(&'a [Pod]),
+    /// All refused at once (a Service without endpoints).
+    Refused,
+    /// Nobody answers (refused or timed out): the Service is gone.
+    NoAnswer,
+}
+
 /// A long-running probe client in one namespace: one python process serves many probe batches.
 pub struct Prober<'t> {
     _topo: &'t Topo,
@@ -876,6 +887,32 @@ pub struct Prober<'t> {
 }
 
 impl Prober<'_> {
+    /// One batch of TCP probes to `dst:port` conforms to `want`: `Ok`, or the tally of what was
+    /// seen. `draw` is the per-attempt timeout of the 30 draws that look for `Backends`.
+    pub fn shows(&mut self, dst: Ipv4Addr, port: u16, want: Expect, draw: Duration) -> Result<(), String> {
+        let (a, ok) = match want {
+            Expect::Backends(pods) => {
+                // 30 draws: the chance that one of 3 backends is missed is 3*(2/3)^30 = 2e-5.
+                let a = self.probe(Proto::Tcp, dst, port, 30, draw);
+                let seen: BTreeSet<Option<&str>> = a.iter().map(|a| a.backend()).collect();
+                let want: BTreeSet<Option<&str>> = pods.iter().map(|p| Some(p.name())).collect();
+                let ok = seen == want;
+                (a, ok)
+            }
+            Expect::Refused => {
+                let a = self.probe(Proto::Tcp, dst, port, 5, Duration::from_secs(1));
+                let ok = a.iter().all(|a| a.outcome == Outcome::Refused);
+                (a, ok)
+            }
+            Expect::NoAnswer => {
+                let a = self.probe(Proto::Tcp, dst, port, 3, Duration::from_millis(200));
+                let ok = a.iter().all(|a| a.backend().is_none());
+                (a, ok)
+            }
+        };
+        ok.then_some(()).ok_or_else(|| format!("{:?}", tally(&a)))
+    }
+
     /// `count` sequential attempts, each a new connection or a new UDP socket (so each one is a
     /// new conntrack entry and a new endpoint choice).
     pub fn probe(&mut self, proto: Proto, ip: Ipv4Addr, port: u16, count: usize, timeout: Duration) -> Vec<Attempt> {
