@@ -379,23 +379,22 @@ impl<B: Backend> Proxier<B> {
                 }
                 _ => None,
             };
-            let (built, tx) = match partial {
-                Some(p) => (None, Plan::Partial(p)),
+            let (plan, t1) = match partial {
+                Some(p) => (Plan::Partial(p), Instant::now()),
                 None => {
                     let built = desired_from(&self.cfg, family, state, inputs, previous);
                     for s in &built.skipped {
                         warn!(family = family.label(), "skipping {s}");
                     }
-                    let t = Instant::now();
+                    let t1 = Instant::now();
                     let tx = rules::diff(previous, &built.ruleset);
-                    (Some((built, t)), Plan::Full(tx))
+                    (Plan::Full { ruleset: built.ruleset, tx }, t1)
                 }
             };
             let t2 = Instant::now();
-            let t1 = built.as_ref().map_or(t2, |(_, t)| *t);
-            let tx_ref = match &tx {
+            let tx = match &plan {
                 Plan::Partial(p) => &p.tx,
-                Plan::Full(tx) => tx,
+                Plan::Full { tx, .. } => tx,
             };
             let mut fr = FamilyReport {
                 family,
@@ -410,48 +409,44 @@ impl<B: Backend> Proxier<B> {
                 iptables: None,
             };
             let mut result = Ok(ApplyStats::default());
-            let mut trim = false;
-            if tx_ref.is_empty() {
+            if tx.is_empty() {
                 debug!(family = family.label(), "no changes");
             } else {
-                debug!(family = family.label(), "transaction:\n{tx_ref}");
-                fr.stats = tx_ref.stats();
-                result = self.backend.apply(tx_ref);
+                debug!(family = family.label(), "transaction:\n{tx}");
+                fr.stats = tx.stats();
+                result = self.backend.apply(tx);
                 fr.apply = t2.elapsed();
             }
             match result {
                 Ok(applied) => {
                     fr.applied = applied;
-                    match (tx, built) {
-                        (Plan::Partial(p), _) => {
+                    match plan {
+                        Plan::Partial(p) => {
                             self.partial_syncs += 1;
                             if let Some(rs) = self.applied.get_mut(&family) {
                                 rs.commit_partial(&p);
                             }
                         }
-                        (Plan::Full(_), Some((built, _))) => {
+                        Plan::Full { mut ruleset, .. } => {
                             self.last_full.insert(family, Instant::now());
-                            let mut rs = built.ruleset;
-                            fr.counts = counts(state, &rs);
-                            trim = rs.element_count() >= COMPACT_THRESHOLD;
+                            report.big_full |= ruleset.element_count() >= COMPACT_THRESHOLD;
                             if self.strip {
-                                rs.strip_bulk();
+                                ruleset.strip_bulk();
                             }
-                            if let Some(old) = self.applied.insert(family, rs) {
+                            if let Some(old) = self.applied.insert(family, ruleset) {
                                 drop_later(old);
                             }
                         }
-                        (Plan::Full(_), None) => unreachable!("a full plan has a build"),
                     }
-                    if let (Some(rs), true) = (self.applied.get(&family), fr.counts == RulesetCounts::default()) {
+                    // A stripped ruleset still counts the elements it no longer keeps.
+                    if let Some(rs) = self.applied.get(&family) {
                         fr.counts = counts(state, rs);
                     }
-                    report.big_full |= trim;
                     self.udp.synced(family, state);
                 }
                 Err(e) => {
-                    if let Some((built, _)) = &built {
-                        fr.counts = counts(state, &built.ruleset);
+                    if let Plan::Full { ruleset, .. } = &plan {
+                        fr.counts = counts(state, ruleset);
                     }
                     self.applied.remove(&family);
                     self.udp.apply_failed(family);
@@ -479,7 +474,7 @@ pub const FULL_SYNC_PERIOD: Duration = Duration::from_secs(3600);
 /// rebuild's diff.
 enum Plan {
     Partial(rules::build::Partial),
-    Full(Transaction),
+    Full { ruleset: Ruleset, tx: Transaction },
 }
 
 /// Test helper: one sync of `engine` with `st` as the IPv4 state (no IPv6, no tracker changes) on
