@@ -388,7 +388,7 @@ impl<B: Backend> Proxier<B> {
                     }
                     let t1 = Instant::now();
                     let tx = rules::diff(previous, &built.ruleset);
-                    (Plan::Full { ruleset: built.ruleset, tx }, t1)
+                    (Plan::Full { ruleset: Box::new(built.ruleset), tx }, t1)
                 }
             };
             let t2 = Instant::now();
@@ -433,7 +433,7 @@ impl<B: Backend> Proxier<B> {
                             if self.strip {
                                 ruleset.strip_bulk();
                             }
-                            if let Some(old) = self.applied.insert(family, ruleset) {
+                            if let Some(old) = self.applied.insert(family, *ruleset) {
                                 drop_later(old);
                             }
                         }
@@ -474,7 +474,7 @@ pub const FULL_SYNC_PERIOD: Duration = Duration::from_secs(3600);
 /// rebuild's diff.
 enum Plan {
     Partial(rules::build::Partial),
-    Full { ruleset: Ruleset, tx: Transaction },
+    Full { ruleset: Box<Ruleset>, tx: Transaction },
 }
 
 /// Test helper: one sync of `engine` with `st` as the IPv4 state (no IPv6, no tracker changes) on
