@@ -163,16 +163,14 @@ impl IptablesProxier {
 
     /// The desired ruleset of one family.
     fn build(&self, family: Family, state: &ClusterState, inputs: &Inputs<'_>) -> rules::iptables::BuiltIpt {
-        let np = self.cfg.nodeport.resolve(family, &inputs.node.primary_ips, inputs.local_ips);
+        let (mut node_ips, bc) = crate::sync::build_inputs(&self.cfg, family, inputs);
         let localhost = self.localhost_nodeports && family == Family::V4;
-        let mut node_ips: Vec<IpAddr> = match &np {
-            NodePortAddresses::Ips(ips) => ips.clone(),
-            _ => Vec::new(),
-        };
         // NodePort CIDRs that cover 127.0.0.1 include it (upstream GetNodeIPs); the resolver
         // leaves loopback out, as nftables mode never serves it.
         if localhost {
-            if let (NodePortAddresses::Ips(_), NodePortSpec::Cidrs(cidrs)) = (&np, &self.cfg.nodeport) {
+            if let (NodePortAddresses::Ips(_), NodePortSpec::Cidrs(cidrs)) =
+                (&bc.nodeport_addresses, &self.cfg.nodeport)
+            {
                 for ip in inputs.local_ips.iter().filter(|ip| ip.is_ipv4() && ip.is_loopback()) {
                     if cidrs.iter().any(|c| c.contains(ip)) && !node_ips.contains(ip) {
                         node_ips.push(*ip);
@@ -180,7 +178,6 @@ impl IptablesProxier {
                 }
             }
         }
-        let bc = self.cfg.build_config(family, np, inputs.node);
         let mut opts = rules::iptables::IptOptions::new(localhost);
         opts.conntrack_tcp_be_liberal = self.tcp_be_liberal;
         opts.nfacct = self.nfacct;
