@@ -618,7 +618,7 @@ pub fn build(state: &ClusterState, node_ips: &[IpAddr], cfg: &BuildConfig, previ
         if no_block.contains(spn) {
             continue;
         }
-        let eps = state.endpoints.get(spn).map(|v| v.as_slice()).unwrap_or(&[]);
+        let eps = state.endpoints_of(spn);
         let out =
             ctx.emit_port(&mut rs, spn, sp, eps, blocks.cluster.get(spn).copied(), blocks.local.get(spn).copied());
         book.add_port(spn, &out);
@@ -1115,18 +1115,15 @@ pub fn build_partial(
     }
 
     let ctx = PortCtx { cfg, detector: cfg.detector() };
-    let eps_of = |st: &'_ ClusterState, spn: &ServicePortName| -> Vec<Endpoint> {
-        st.endpoints.get(spn).cloned().unwrap_or_default()
-    };
     let mut old_recs = Vec::with_capacity(old_ports.len());
     for sp in &old_ports {
         let (c, l) = (applied.slots.get(&sp.name).copied(), applied.local_slots.get(&sp.name).copied());
-        let out = ctx.emit_port(&mut old_frag, &sp.name, sp, &eps_of(old, &sp.name), c, l);
+        let out = ctx.emit_port(&mut old_frag, &sp.name, sp, old.endpoints_of(&sp.name), c, l);
         old_recs.push(PortRecord { spn: sp.name.clone(), sp: (*sp).clone(), out, cluster_block: c, local_block: l });
     }
     let mut new_recs = Vec::with_capacity(new_ports.len());
     for (sp, (c, l)) in new_ports.iter().zip(new_blocks) {
-        let out = ctx.emit_port(&mut new_frag, &sp.name, sp, &eps_of(new, &sp.name), c, l);
+        let out = ctx.emit_port(&mut new_frag, &sp.name, sp, new.endpoints_of(&sp.name), c, l);
         new_recs.push(PortRecord { spn: sp.name.clone(), sp: (*sp).clone(), out, cluster_block: c, local_block: l });
     }
 

@@ -398,11 +398,11 @@ pub fn build_with(state: &ClusterState, node_ips: &[IpAddr], cfg: &BuildConfig, 
 
     // Conflicting frontends (possible in manifests only) are resolved as in nftables mode.
     let (services, skipped, _, _) = crate::build::resolve_conflicts(state, fam);
-    let eps_of = |spn: &ServicePortName| state.endpoints.get(spn).map(|v| v.as_slice()).unwrap_or(&[]);
     let total_endpoints: usize = services
         .keys()
         .map(|spn| {
-            eps_of(spn)
+            state
+                .endpoints_of(spn)
                 .iter()
                 .filter(|e| Family::of(&e.ip) == fam && e.port != 0)
                 .map(|e| (e.ip, e.port))
@@ -423,7 +423,7 @@ pub fn build_with(state: &ClusterState, node_ips: &[IpAddr], cfg: &BuildConfig, 
         let name = spn.to_string();
         let proto = spn.protocol.lower();
         let pm = format!("-m {proto} -p {proto}");
-        let cat = categorize_endpoints(eps_of(spn), sp, &cfg.node_name, cfg.node_zone.as_deref());
+        let cat = categorize_endpoints(state.endpoints_of(spn), sp, &cfg.node_name, cfg.node_zone.as_deref());
         let hash = port_proto_hash(spn);
         let [svc, svl, ext, fw] = ["SVC", "SVL", "EXT", "FW"].map(|kind| format!("KUBE-{kind}-{hash}"));
         let has_endpoints = cat.has_any;

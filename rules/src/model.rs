@@ -331,6 +331,11 @@ impl ClusterState {
         self
     }
 
+    /// The endpoints of a service port (none when it has no entry).
+    pub fn endpoints_of(&self, spn: &ServicePortName) -> &[Endpoint] {
+        self.endpoints.get(spn).map(Vec::as_slice).unwrap_or(&[])
+    }
+
     /// The Services (namespace, name) whose ports or endpoints differ between two states.
     pub fn changed_services(a: &ClusterState, b: &ClusterState) -> BTreeSet<(String, String)> {
         let mut out = BTreeSet::new();
