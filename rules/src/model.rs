@@ -347,16 +347,27 @@ impl ClusterState {
         out
     }
 
+    /// The service ports of the Service `namespace/name`, in order.
+    pub fn ports_of<'a>(&'a self, namespace: &'a str, name: &'a str) -> impl Iterator<Item = &'a ServicePortName> + 'a {
+        let start = ServicePortName::new(namespace, name, "", Protocol::Tcp);
+        self.services.range(start..).map(|(n, _)| n).take_while(move |n| n.namespace == namespace && n.name == name)
+    }
+
+    /// Copies the ports and endpoints of the Service `namespace/name` into `out`.
+    pub fn copy_service_into(&self, namespace: &str, name: &str, out: &mut ClusterState) {
+        for n in self.ports_of(namespace, name) {
+            out.services.insert(n.clone(), self.services[n].clone());
+            if let Some(eps) = self.endpoints.get(n) {
+                out.endpoints.insert(n.clone(), eps.clone());
+            }
+        }
+    }
+
     /// The ports and endpoints of the Services in `keys` (namespace, name), without the CIDRs.
     pub fn restrict(&self, keys: &BTreeSet<(String, String)>) -> ClusterState {
         let mut out = ClusterState::default();
-        for (n, sp) in &self.services {
-            if keys.contains(&(n.namespace.clone(), n.name.clone())) {
-                out.add_service(sp.clone());
-                if let Some(eps) = self.endpoints.get(n) {
-                    out.endpoints.insert(n.clone(), eps.clone());
-                }
-            }
+        for (ns, name) in keys {
+            self.copy_service_into(ns, name, &mut out);
         }
         out
     }

@@ -83,22 +83,6 @@ static EMPTY_STATE: ClusterState =
 
 const FAMILIES: [Family; 2] = [Family::V4, Family::V6];
 
-/// The service ports of the Service `key` in `st`, in order.
-fn ports_of<'a>(st: &'a ClusterState, key: &'a Key) -> impl Iterator<Item = &'a ServicePortName> + 'a {
-    let start = ServicePortName::new(&key.0, &key.1, "", Protocol::Tcp);
-    st.services.range(start..).map(|(n, _)| n).take_while(move |n| n.namespace == key.0 && n.name == key.1)
-}
-
-/// Moves (or copies) the ports and endpoints of the Service `key` from `st` into `out`.
-fn copy_service(st: &ClusterState, key: &Key, out: &mut ClusterState) {
-    for n in ports_of(st, key) {
-        out.services.insert(n.clone(), st.services[n].clone());
-        if let Some(eps) = st.endpoints.get(n) {
-            out.endpoints.insert(n.clone(), eps.clone());
-        }
-    }
-}
-
 /// At most this many trigger times are kept between two syncs: they only feed a latency
 /// histogram, and a sync loop that never takes them must not make the tracker grow forever.
 pub const MAX_TRIGGER_TIMES: usize = 4096;
@@ -270,7 +254,7 @@ impl ChangeTracker {
         for f in FAMILIES {
             let mut new = ClusterState::default();
             for key in &c.services {
-                copy_service(self.state(f), key, &mut new);
+                self.state(f).copy_service_into(&key.0, &key.1, &mut new);
             }
             c.new.insert(f, new);
         }
@@ -314,12 +298,12 @@ impl ChangeTracker {
         if self.changes.services.insert(key.clone()) {
             for f in FAMILIES {
                 let old = self.changes.old.entry(f).or_default();
-                copy_service(self.states.get(&f).unwrap_or(&EMPTY_STATE), key, old);
+                self.states.get(&f).unwrap_or(&EMPTY_STATE).copy_service_into(&key.0, &key.1, old);
             }
         }
         for f in FAMILIES {
             let mut st = self.states.remove(&f).unwrap_or_default();
-            let gone: Vec<ServicePortName> = ports_of(&st, key).cloned().collect();
+            let gone: Vec<ServicePortName> = st.ports_of(&key.0, &key.1).cloned().collect();
             for n in gone {
                 st.services.remove(&n);
                 st.endpoints.remove(&n);
