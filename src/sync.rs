@@ -477,6 +477,19 @@ enum Plan {
     Full { ruleset: Box<Ruleset>, tx: Transaction },
 }
 
+/// Test helper: the configuration of node `test-node` with cluster CIDR 10.0.0.0/8 reading a
+/// (nonexistent) manifests directory, plus `extra` flags.
+#[cfg(test)]
+pub(crate) fn test_config(extra: &[&str]) -> Config {
+    use clap::Parser;
+    let base =
+        ["kproxy", "--manifests", "/nonexistent", "--hostname-override", "test-node", "--cluster-cidr", "10.0.0.0/8"];
+    crate::config::Flags::try_parse_from(base.iter().chain(extra))
+        .expect("test flags")
+        .into_config()
+        .expect("test config")
+}
+
 /// Test helper: one sync of `engine` with `st` as the IPv4 state (no IPv6, no tracker changes) on
 /// node `test-node` (primary IP 192.168.0.2).
 #[cfg(test)]
@@ -561,19 +574,7 @@ mod tests {
     use rules::model::*;
 
     fn cfg() -> Config {
-        use clap::Parser;
-        crate::config::Flags::try_parse_from([
-            "kproxy",
-            "--manifests",
-            "/nonexistent",
-            "--hostname-override",
-            "test-node",
-            "--cluster-cidr",
-            "10.0.0.0/8",
-        ])
-        .unwrap()
-        .into_config()
-        .unwrap()
+        test_config(&[])
     }
 
     fn state(n_eps: usize) -> ClusterState {

@@ -532,21 +532,7 @@ mod tests {
     }
 
     fn engine(fake: &Arc<Mutex<FakeIpt>>) -> IptablesProxier {
-        use clap::Parser;
-        let cfg = crate::config::Flags::try_parse_from([
-            "kproxy",
-            "--manifests",
-            "/nonexistent",
-            "--hostname-override",
-            "test-node",
-            "--cluster-cidr",
-            "10.0.0.0/8",
-            "--proxy-mode",
-            "iptables",
-        ])
-        .unwrap()
-        .into_config()
-        .unwrap();
+        let cfg = crate::sync::test_config(&["--proxy-mode", "iptables"]);
         let f = fake.clone();
         IptablesProxier::with_runner(
             cfg,
