@@ -28,6 +28,9 @@ impl crate::sync::Backend for NftablesBackend {
     ) -> Result<crate::backend::nftables::ApplyStats, Box<dyn std::error::Error + Send + Sync>> {
         NftablesBackend::apply(self, tx).map_err(|e| e.into())
     }
+    fn table_exists(&mut self, family: rules::model::Family) -> Option<bool> {
+        NftablesBackend::table_exists(self, family)
+    }
 }
 
 /// How often the manifests directory is checked for changes (changes show within 1 s).

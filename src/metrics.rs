@@ -996,6 +996,8 @@ mod tests {
             },
             error: error.map(String::from),
             iptables: None,
+            commits: 0,
+            longest_commit: Duration::ZERO,
         };
         SyncReport { full, build: fr.build, diff: fr.diff, apply: fr.apply, families: vec![fr], ..Default::default() }
     }

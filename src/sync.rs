@@ -4,7 +4,7 @@
 //! `Proxier` is the synchronous core (build, diff, apply, remember what the kernel holds) and is
 //! tested against the fake kernel; `run` is the async loop around it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -35,6 +35,11 @@ fn drop_later(old: Ruleset) {
 /// the batch was (for the transaction-size metrics).
 pub trait Backend {
     fn apply(&mut self, tx: &Transaction) -> Result<ApplyStats, Box<dyn std::error::Error + Send + Sync>>;
+    /// Whether the kernel holds kproxy's table of `family`; `None` when that cannot be told, so
+    /// it may (a cold start then replaces it in one transaction, never in parts).
+    fn table_exists(&mut self, _family: Family) -> Option<bool> {
+        None
+    }
 }
 
 /// The fake kernel (one per family) as a backend, for tests of the loop.
@@ -44,6 +49,8 @@ pub struct FakeBackend {
     /// When set, the next apply fails (once).
     pub fail_next: bool,
     pub transactions: Vec<Transaction>,
+    /// Transactions committed.
+    pub commits: usize,
 }
 
 impl Backend for FakeBackend {
@@ -57,9 +64,13 @@ impl Backend for FakeBackend {
             .apply(tx)
             .map_err(|e| format!("fake kernel refused op {}: {}", e.op_index, e.reason))?;
         self.transactions.push(tx.clone());
+        self.commits += 1;
         // One message per op plus the batch framing, as the netlink backend counts; the bytes are
         // the script's, a stand-in of the right order of magnitude.
         Ok(ApplyStats { messages: tx.ops.len() + 2, bytes: tx.to_string().len() })
+    }
+    fn table_exists(&mut self, family: Family) -> Option<bool> {
+        Some(self.kernels.get(&family).is_some_and(|k| k.has_table()))
     }
 }
 
@@ -97,6 +108,9 @@ impl<B: Backend> Backend for FaultHook<B> {
         }
         self.inner.apply(tx)
     }
+    fn table_exists(&mut self, family: Family) -> Option<bool> {
+        self.inner.table_exists(family)
+    }
 }
 
 /// A family's sync failed; the kernel still holds its previous ruleset. `report` says what the
@@ -126,6 +140,11 @@ pub struct FamilyReport {
     pub counts: RulesetCounts,
     /// Why the apply failed; `None` on success.
     pub error: Option<String>,
+    /// Transactions sent (more than one only for a cold start in parts, see
+    /// [`COLD_START_PART_SERVICES`]) and the longest of them, which is how long the kernel's
+    /// nftables lock was held at most.
+    pub commits: usize,
+    pub longest_commit: Duration,
     /// In iptables mode, what the restore did (for the `kubeproxy_sync_proxy_rules_iptables_*`
     /// metrics); `None` in nftables mode.
     pub iptables: Option<IptablesReport>,
@@ -256,6 +275,8 @@ pub struct Proxier<B: Backend> {
     /// except in tests of the unstripped diff.
     pub strip: bool,
     pub udp: UdpCleanups,
+    /// Services per part of a cold start in parts ([`COLD_START_PART_SERVICES`]; tests use less).
+    pub cold_start_part: usize,
 }
 
 /// What the daemon loop needs of a proxy mode: nftables ([`Proxier`]) or iptables.
@@ -346,6 +367,7 @@ impl<B: Backend> Proxier<B> {
             partial_syncs: 0,
             strip: true,
             udp: UdpCleanups::default(),
+            cold_start_part: COLD_START_PART_SERVICES,
         }
     }
 
@@ -369,6 +391,16 @@ impl<B: Backend> Proxier<B> {
             let t0 = Instant::now();
             let state = (inputs.state)(family);
             let full_due = self.last_full.get(&family).is_none_or(|t| t.elapsed() >= FULL_SYNC_PERIOD);
+            if !self.applied.contains_key(&family) {
+                if let Some((fr, err)) = self.cold_start_in_parts(family, state, inputs) {
+                    if let (Some(e), None) = (err, &first_err) {
+                        first_err = Some((family.label(), e));
+                    }
+                    report.big_full = true;
+                    report.push(fr);
+                    continue;
+                }
+            }
             let previous = self.applied.get(&family);
             // A partial sync builds and diffs just the changed Services; anything it cannot
             // decide alone (and the first sync, a failure, a node change, an hourly one) is full.
@@ -407,6 +439,8 @@ impl<B: Backend> Proxier<B> {
                 counts: RulesetCounts::default(),
                 error: None,
                 iptables: None,
+                commits: 0,
+                longest_commit: Duration::ZERO,
             };
             let mut result = Ok(ApplyStats::default());
             if tx.is_empty() {
@@ -416,6 +450,8 @@ impl<B: Backend> Proxier<B> {
                 fr.stats = tx.stats();
                 result = self.backend.apply(tx);
                 fr.apply = t2.elapsed();
+                fr.commits = 1;
+                fr.longest_commit = fr.apply;
             }
             match result {
                 Ok(applied) => {
@@ -459,6 +495,129 @@ impl<B: Backend> Proxier<B> {
             report.push(fr);
         }
         report.finish(first_err)
+    }
+}
+
+/// A cold start into a kernel without kproxy's table is sent in parts of this many Services when
+/// there are more (issue 6: no single commit holding the nftables lock for seconds at 50k
+/// services). Each part holds whole Services, built as if they had just been added, so traffic
+/// never meets a half-built Service; Services of later parts are simply not there yet, as before
+/// kproxy started. Over an existing table (a restart) the replacement stays one transaction,
+/// since deleting the old rules first would break the Services of later parts meanwhile.
+pub const COLD_START_PART_SERVICES: usize = 5_000;
+
+impl<B: Backend> Proxier<B> {
+    /// A cold start in parts (see [`COLD_START_PART_SERVICES`]), or `None` when the family is
+    /// small enough for one transaction or its table may exist. First the layout without
+    /// Services (base chains, shared sets, the ServiceCIDRs), then each part as a partial build
+    /// against what is applied; a part the partial build cannot decide alone (a frontend
+    /// conflict) ends the parts with one full diff from what is applied. On a failure the
+    /// family's kernel state counts as unknown (the next sync is full), as for any failed sync.
+    fn cold_start_in_parts(
+        &mut self,
+        family: Family,
+        state: &ClusterState,
+        inputs: &Inputs<'_>,
+    ) -> Option<(FamilyReport, Option<Box<dyn std::error::Error + Send + Sync>>)> {
+        let mut services: Vec<(String, String)> = state
+            .services
+            .iter()
+            .filter(|(_, sp)| sp.family() == family)
+            .map(|(spn, _)| (spn.namespace.clone(), spn.name.clone()))
+            .collect();
+        services.dedup();
+        let part_size = self.cold_start_part.max(1);
+        if services.len() <= part_size || self.backend.table_exists(family) != Some(false) {
+            return None;
+        }
+        let t0 = Instant::now();
+        let mut fr = FamilyReport {
+            family,
+            full: true,
+            stats: TxStats::default(),
+            applied: ApplyStats::default(),
+            build: Duration::ZERO,
+            diff: Duration::ZERO,
+            apply: Duration::ZERO,
+            counts: RulesetCounts::default(),
+            error: None,
+            iptables: None,
+            commits: 0,
+            longest_commit: Duration::ZERO,
+        };
+        let base_state = ClusterState { service_cidrs: state.service_cidrs.clone(), ..ClusterState::default() };
+        let mut applied = desired_from(&self.cfg, family, &base_state, inputs, None).ruleset;
+        let (node_ips, bc) = build_inputs(&self.cfg, family, inputs);
+        let mut tx = rules::diff(None, &applied);
+        let mut parts = services.chunks(part_size);
+        let none = ClusterState::default();
+        let mut t_built = Instant::now();
+        fr.build += t_built - t0;
+        loop {
+            debug!(family = family.label(), commit = fr.commits + 1, "cold start part:\n{tx}");
+            let s = tx.stats();
+            fr.stats.ops += s.ops;
+            fr.stats.elements_added += s.elements_added;
+            fr.stats.elements_removed += s.elements_removed;
+            fr.stats.rules_added += s.rules_added;
+            let t_apply = Instant::now();
+            let result = self.backend.apply(&tx);
+            let took = t_apply.elapsed();
+            fr.apply += took;
+            fr.longest_commit = fr.longest_commit.max(took);
+            fr.commits += 1;
+            match result {
+                Ok(a) => {
+                    fr.applied.messages += a.messages;
+                    fr.applied.bytes += a.bytes;
+                }
+                Err(e) => {
+                    fr.counts = counts(state, &applied);
+                    self.applied.remove(&family);
+                    self.udp.apply_failed(family);
+                    fr.error = Some(e.to_string());
+                    return Some((fr, Some(e)));
+                }
+            }
+            t_built = Instant::now();
+            let Some(part) = parts.next() else { break };
+            let keys: BTreeSet<(String, String)> = part.iter().cloned().collect();
+            let after = state.restrict(&keys);
+            match rules::build::build_partial(&applied, &none, &after, &node_ips, &bc) {
+                Some(p) => {
+                    applied.commit_partial(&p);
+                    tx = p.tx;
+                }
+                None => {
+                    // Only a full build can decide this part: finish with one diff from what
+                    // the kernel holds now.
+                    let built = desired_from(&self.cfg, family, state, inputs, Some(&applied));
+                    for s in &built.skipped {
+                        warn!(family = family.label(), "skipping {s}");
+                    }
+                    tx = rules::diff(Some(&applied), &built.ruleset);
+                    applied = built.ruleset;
+                    parts = [].chunks(1);
+                }
+            }
+            fr.build += t_built.elapsed();
+        }
+        info!(
+            family = family.label(),
+            services = services.len(),
+            commits = fr.commits,
+            longest_commit_ms = fr.longest_commit.as_secs_f64() * 1e3,
+            "cold start sent in parts (no {} table was there)",
+            family.label()
+        );
+        self.last_full.insert(family, Instant::now());
+        if self.strip {
+            applied.strip_bulk();
+        }
+        fr.counts = counts(state, &applied);
+        self.applied.insert(family, applied);
+        self.udp.synced(family, state);
+        Some((fr, None))
     }
 }
 
@@ -553,10 +712,14 @@ pub fn log_report(r: &SyncReport, elapsed: Duration) {
     let removed: usize = r.families.iter().map(|f| f.stats.elements_removed).sum();
     let bytes: usize = r.families.iter().map(|f| f.applied.bytes).sum();
     let mode = if r.families.iter().any(|f| f.iptables.is_some()) { "iptables" } else { "nftables" };
+    let commits: usize = r.families.iter().map(|f| f.commits).sum();
+    let longest = r.families.iter().map(|f| f.longest_commit).max().unwrap_or_default();
     info!(
         mode,
         full = r.full,
         ops,
+        commits,
+        longest_commit_ms = longest.as_secs_f64() * 1e3,
         bytes,
         elements_added = added,
         elements_removed = removed,
@@ -751,6 +914,70 @@ mod tests {
 
     /// Syncs from a tracker's changes are partial, and leave the kernel exactly as a full build of
     /// the same state would; a node change makes the next one full.
+    #[test]
+    fn a_cold_start_without_a_table_goes_in_parts_of_whole_services() {
+        let mut st = ClusterState::default();
+        for i in 0..10u8 {
+            let name = format!("s{i}");
+            let mut ports = vec![ServicePort::cluster_ip("ns", &name, "http", Protocol::Tcp, &format!("172.30.0.{i}"), 80)];
+            if i % 3 == 0 {
+                ports.push(ServicePort::cluster_ip("ns", &name, "https", Protocol::Tcp, &format!("172.30.0.{i}"), 443));
+            }
+            for sp in ports {
+                st.add_service(sp.clone());
+                st.add_endpoint(&sp.name, Endpoint::ready(&format!("10.1.0.{i}"), 8080));
+            }
+        }
+        st.service_cidrs = vec![rules::model::Cidr::parse("172.30.0.0/16").unwrap()];
+        let one_go = |st: &ClusterState| {
+            let mut p = Proxier::new(cfg(), FakeBackend::default());
+            p.cold_start_part = usize::MAX;
+            let r = sync_v4(&mut p, st).unwrap();
+            assert_eq!(r.families[0].commits, 1);
+            p.backend.kernels[&Family::V4].dump(Family::V4)
+        };
+
+        let mut p = Proxier::new(cfg(), FakeBackend::default());
+        p.cold_start_part = 3;
+        // A failed first part leaves no table: the next sync starts in parts again.
+        p.backend.fail_next = true;
+        assert!(sync_v4(&mut p, &st).is_err());
+        let r = sync_v4(&mut p, &st).unwrap();
+        let fr = &r.families[0];
+        assert!(r.full && fr.full);
+        assert_eq!((fr.commits, p.backend.commits), (5, 5), "the layout, then 4 parts of at most 3 Services");
+        assert_eq!(fr.stats.ops, p.backend.transactions.iter().map(|t| t.ops.len()).sum::<usize>());
+        assert_eq!(p.backend.kernels[&Family::V4].dump(Family::V4), one_go(&st));
+        // Each part adds whole Services (every port), none of another part.
+        let names = |t: &Transaction| (0..10).filter(|i| t.to_string().contains(&format!("ns/s{i}/"))).collect::<Vec<_>>();
+        assert_eq!(names(&p.backend.transactions[0]), Vec::<i32>::new(), "the layout holds no Service");
+        assert!(p.backend.transactions[0].to_string().contains("172.30.0.0/16"), "ServiceCIDRs come with the layout");
+        let parts: Vec<Vec<i32>> = p.backend.transactions[1..].iter().map(names).collect();
+        assert_eq!(parts, vec![vec![0, 1, 2], vec![3, 4, 5], vec![6, 7, 8], vec![9]]);
+        for (t, part) in p.backend.transactions[1..].iter().zip(parts) {
+            let text = t.to_string();
+            for i in part.iter().filter(|i| *i % 3 == 0) {
+                assert!(text.contains(&format!("ns/s{i}/tcp/http")) && text.contains(&format!("ns/s{i}/tcp/https")));
+            }
+        }
+
+        // A restart finds the table: the replacement is one transaction.
+        let mut again = Proxier::new(cfg(), std::mem::take(&mut p.backend));
+        again.cold_start_part = 3;
+        let r = sync_v4(&mut again, &st).unwrap();
+        assert_eq!(r.families[0].commits, 1);
+
+        // A Service taking another's ClusterIP:port in a later part: the parts end with one full
+        // diff, and the kernel is what one transaction gives.
+        let clash = ServicePort::cluster_ip("ns", "s9", "http", Protocol::Tcp, "172.30.0.1", 80);
+        st.services.remove(&clash.name);
+        st.add_service(clash);
+        let mut p = Proxier::new(cfg(), FakeBackend::default());
+        p.cold_start_part = 3;
+        sync_v4(&mut p, &st).unwrap();
+        assert_eq!(p.backend.kernels[&Family::V4].dump(Family::V4), one_go(&st));
+    }
+
     #[test]
     fn tracker_changes_sync_partially_to_the_full_result() {
         use crate::model::ChangeTracker;

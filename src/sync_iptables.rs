@@ -216,6 +216,8 @@ impl IptablesProxier {
             counts: counts(state, &built),
             error: None,
             iptables: None,
+            commits: 0,
+            longest_commit: Duration::ZERO,
         };
         let sweep_period = self.cfg.sync_period;
         let fs = match self.family(family) {

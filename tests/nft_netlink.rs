@@ -989,3 +989,53 @@ fn ten_thousand_services_in_one_batch() {
     let service_chains = chains.lines().filter(|l| l.contains("chain service-") && l.contains("/tcp/")).count();
     assert_eq!(service_chains as u32, SERVICES);
 }
+
+/// A cold start into a namespace without kproxy's table goes in parts (the layout, then whole
+/// Services per transaction) and leaves the kernel listing exactly what one transaction of the
+/// full ruleset gives; the backend tells whether the table is there.
+#[test]
+fn a_cold_start_in_parts_lists_like_one_transaction() {
+    use clap::Parser;
+    use kproxy::sync::{Inputs, Proxier};
+    let cfg = kproxy::config::Flags::try_parse_from([
+        "kproxy",
+        "--manifests",
+        "/nonexistent",
+        "--hostname-override",
+        "node-a",
+        "--cluster-cidr",
+        "10.0.0.0/8",
+    ])
+    .expect("flags")
+    .into_config()
+    .expect("config");
+    let mut st = policies(Family::V4);
+    for sp in cluster_ips().services.into_values() {
+        st.add_service(sp);
+    }
+    for (spn, eps) in cluster_ips().endpoints {
+        for e in eps {
+            st.add_endpoint(&spn, e);
+        }
+    }
+    let node = NodeInfo { name: "node-a".into(), primary_ips: vec![ip("192.168.0.2")], ..Default::default() };
+    let empty = ClusterState::default();
+    let state = |f: Family| if f == Family::V4 { &st } else { &empty };
+    let inputs = Inputs { state: &state, node: &node, local_ips: &[], changes: None };
+
+    let x = Netns::new();
+    let mut be = x.backend().expect("backend");
+    assert_eq!(be.table_exists(Family::V4), Some(false));
+    let mut p = Proxier::new(cfg, be);
+    p.cold_start_part = 2;
+    let r = p.sync(&inputs).expect("cold start in parts");
+    let services: std::collections::BTreeSet<_> = st.services.keys().map(|s| (&s.namespace, &s.name)).collect();
+    assert_eq!(r.families[0].commits, 1 + services.len().div_ceil(2), "{:?}", r.families[0]);
+    assert_eq!(p.backend.table_exists(Family::V4), Some(true));
+    assert_eq!(p.backend.table_exists(Family::V6), Some(false));
+
+    let full = kproxy::sync::desired(&p.cfg, Family::V4, &inputs, None).ruleset;
+    let y = Netns::new();
+    y.nft_script(&diff(None, &full).to_string()).expect("nft -f of the full ruleset");
+    assert_same_listing(&x.list_table("ip"), &y.list_table("ip"), "cold start in parts");
+}

@@ -476,9 +476,12 @@ pub fn daemon_cold(kproxy: &Path, dir: &Path, extra: &[String], limit: Duration)
     drop(child);
     match first {
         Some(f) => println!(
-            "daemon cold_s={:.3} first_sync_ms={} rss_mib={rss_now:.1} hwm_mib={hwm:.1} cpu_s={cpu:.2}",
+            "daemon cold_s={:.3} first_sync_ms={} commits={} longest_commit_ms={} rss_mib={rss_now:.1} hwm_mib={hwm:.1} \
+             cpu_s={cpu:.2}",
             elapsed.as_secs_f64(),
             f.get("elapsed_ms").map_or("n/a", String::as_str),
+            f.get("commits").map_or("n/a", String::as_str),
+            f.get("longest_commit_ms").map_or("n/a", String::as_str),
         ),
         None => {
             let tail: String =

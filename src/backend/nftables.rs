@@ -236,6 +236,31 @@ impl NftablesBackend {
         Ok(stats)
     }
 
+    /// Whether the kernel holds kproxy's table of `family` (`ip kube-proxy` / `ip6 kube-proxy`):
+    /// one NFT_MSG_GETTABLE request. `None` when the kernel's answer says neither (no answer in
+    /// time, or an error other than ENOENT), so the caller must assume it may exist.
+    pub fn table_exists(&mut self, family: Family) -> Option<bool> {
+        if self.seq > u32::MAX / 2 {
+            self.seq = 1;
+        }
+        let seq = self.seq;
+        self.seq += 1;
+        self.drain_stale();
+        let req = gettable_request(seq, self.sock.portid(), family);
+        self.sock.send_plain(&req).ok()?;
+        let deadline = Instant::now() + BARRIER_TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            let n = self.sock.recv(&mut self.recv_buf, Some(left)).ok()??;
+            if let Some(answer) = gettable_answer(&self.recv_buf[..n.min(self.recv_buf.len())], seq) {
+                return answer;
+            }
+        }
+    }
+
     /// Tracks set declarations after a committed transaction.
     fn remember_sets(&mut self, tx: &Transaction) {
         let sets = self.known_sets.entry(tx.family).or_default();
@@ -488,6 +513,54 @@ fn getgen_request(seq: u32, portid: u32) -> Vec<u8> {
     // nfgenmsg: AF_UNSPEC, NFNETLINK_V0, res_id 0.
     b.extend([0u8, 0, 0, 0]);
     b
+}
+
+/// NFT_MSG_GETTABLE for kproxy's table of `family`, asking for an ACK.
+fn gettable_request(seq: u32, portid: u32, family: Family) -> Vec<u8> {
+    const NFT_MSG_GETTABLE: u16 = 1;
+    const NFTA_TABLE_NAME: u16 = 1;
+    const NLM_F_ACK: u16 = 4;
+    let name = format!("{}\0", rules::ir::TABLE);
+    let attr_len = 4 + name.len();
+    let len = NFNL_HDRLEN + attr_len.div_ceil(4) * 4;
+    let mut b = Vec::with_capacity(len);
+    b.extend((len as u32).to_ne_bytes());
+    b.extend(((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETTABLE).to_ne_bytes());
+    b.extend((NLM_F_REQUEST | NLM_F_ACK).to_ne_bytes());
+    b.extend(seq.to_ne_bytes());
+    b.extend(portid.to_ne_bytes());
+    // nfgenmsg: the family, NFNETLINK_V0, res_id 0.
+    b.extend([super::lower::nfproto(family) as u8, 0, 0, 0]);
+    b.extend((attr_len as u16).to_ne_bytes());
+    b.extend(NFTA_TABLE_NAME.to_ne_bytes());
+    b.extend(name.as_bytes());
+    b.resize(len, 0);
+    b
+}
+
+/// The answer to [`gettable_request`] `seq` in `buf`, if `buf` holds it: the ACK (errno 0, the
+/// table exists), ENOENT (it does not) or another error (unknown).
+fn gettable_answer(buf: &[u8], seq: u32) -> Option<Option<bool>> {
+    let mut off = 0;
+    while off + NLMSG_HDRLEN <= buf.len() {
+        let (Some(len), Some(ty), Some(s)) = (read_u32(buf, off), read_u16(buf, off + 4), read_u32(buf, off + 8)) else {
+            return None;
+        };
+        let len = len as usize;
+        if len < NLMSG_HDRLEN || off + len > buf.len() {
+            return None;
+        }
+        if ty == NLMSG_ERROR && s == seq && len >= NLMSG_HDRLEN + 4 {
+            let code = read_u32(buf, off + NLMSG_HDRLEN).unwrap_or(0) as i32;
+            return Some(match -code {
+                0 => Some(true),
+                libc::ENOENT => Some(false),
+                _ => None,
+            });
+        }
+        off += (len + 3) & !3;
+    }
+    None
 }
 
 #[cfg(test)]
