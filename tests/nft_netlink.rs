@@ -342,10 +342,14 @@ fn kitchen_sink(fam: Family) -> Transaction {
         Op::AddSet(typed("pairs", vec![addr, addr], None, false)),
         Op::AddSet(typed("verdicts", vec![DataType::InetProto, DataType::InetService], Some(DataType::Verdict), false)),
         Op::AddSet(typed("port-to-addr", vec![DataType::InetService], Some(addr), false)),
-        Op::AddSet(SetDef { name: "slots".into(), set_type: SetType::EndpointSlots { family: fam }, interval: true }),
+        Op::AddSet(SetDef {
+            name: "slots".into(),
+            set_type: SetType::EndpointSlots { family: fam, proto: Protocol::Udp },
+            interval: true,
+        }),
         Op::AddSet(SetDef {
             name: "slots-plain".into(),
-            set_type: SetType::EndpointSlots { family: fam },
+            set_type: SetType::EndpointSlots { family: fam, proto: Protocol::Sctp },
             interval: false,
         }),
         Op::AddChain { name: "target".into(), base: None },
@@ -1038,4 +1042,39 @@ fn a_cold_start_in_parts_lists_like_one_transaction() {
     let y = Netns::new();
     y.nft_script(&diff(None, &full).to_string()).expect("nft -f of the full ruleset");
     assert_same_listing(&x.list_table("ip"), &y.list_table("ip"), "cold start in parts");
+}
+
+/// What kproxy prints as a sync's transaction (debug logs, `--dry-run` of a change) is valid
+/// `nft -f` input against the live table kproxy made over netlink: a partial sync adding a TCP
+/// and a UDP Service, applied as text by `nft` itself, leaves what the full ruleset lists. (With
+/// one endpoint map per shard typed `th dport`, nft 1.0.6 refused such text: "conflicting
+/// protocols specified: tcp vs. th".)
+#[test]
+fn printed_partial_transactions_apply_with_nft_over_a_netlink_table() {
+    let cfg = v4_cfg();
+    let node_ips = [ip("192.168.0.2")];
+    let base = external();
+    let x = Netns::new();
+    let mut be = x.backend().expect("backend");
+    let applied = build(&base, &node_ips, &cfg, None).ruleset;
+    be.apply(&diff(None, &applied)).expect("full over netlink");
+
+    let mut after = base.clone();
+    let tcp = svc("ns9", "web", "http", Protocol::Tcp, "172.30.9.1", 80);
+    let udp = svc("ns9", "dns", "dns", Protocol::Udp, "172.30.9.2", 53);
+    for (sp, ep) in [(&tcp, "10.180.9.1"), (&udp, "10.180.9.2")] {
+        after.add_service(sp.clone());
+        add_eps(&mut after, sp, &[ep], sp.port);
+    }
+    let keys = ClusterState::changed_services(&base, &after);
+    let p = rules::build::build_partial(&applied, &base.restrict(&keys), &after.restrict(&keys), &node_ips, &cfg)
+        .expect("a partial build");
+    let text = p.tx.to_string();
+    assert!(text.contains("meta l4proto udp dnat") && text.contains("meta l4proto tcp dnat"), "{text}");
+    x.nft_script(&text).unwrap_or_else(|e| panic!("nft -f of the printed transaction: {e}\n{text}"));
+
+    let full = build(&after, &node_ips, &cfg, None).ruleset;
+    let y = Netns::new();
+    y.nft_script(&diff(None, &full).to_string()).expect("nft -f of the full ruleset");
+    assert_same_listing(&x.list_table("ip"), &y.list_table("ip"), "printed partial applied by nft");
 }

@@ -8,12 +8,12 @@
 //! consecutive integers; its chain ends in
 //!
 //! ```text
-//! meta l4proto tcp dnat ip to numgen random mod 27720 offset <block start> map @service-endpoints-<shard>
+//! meta l4proto tcp dnat ip to numgen random mod 27720 offset <block start> map @service-endpoints-tcp-<shard>
 //! ```
 //!
-//! and the interval map `service-endpoints-<shard>` (one per 64 service ports, see
-//! `ENDPOINT_MAP_SHARD`) splits the block evenly among the endpoints
-//! (`slot range : addr . port`). So:
+//! and the interval map `service-endpoints-<proto>-<shard>` (one per protocol and shard of 64
+//! slot blocks, see `ENDPOINT_MAP_SHARD`; typed per protocol, see `SetType::EndpointSlots`)
+//! splits the block evenly among the endpoints (`slot range : addr . port`). So:
 //!
 //! - an endpoint change only replaces elements of `service-endpoints-*`, `hairpin-endpoints`,
 //!   `*-without-endpoints` and `no-local-endpoint-*`: plain data, which the kernel commits
@@ -612,15 +612,15 @@ pub fn build(state: &ClusterState, node_ips: &[IpAddr], cfg: &BuildConfig, previ
     let (blocks, mut skipped) = assign_slots(&wants, previous);
     let no_block: BTreeSet<ServicePortName> = skipped.iter().map(|s| s.service.clone()).collect();
     skipped.append(&mut conflicts);
-    // One endpoint map per shard of ENDPOINT_MAP_SHARD slot blocks (see the module doc).
-    let shards: BTreeSet<u32> =
-        blocks.cluster.values().chain(blocks.local.values()).map(|b| b / ENDPOINT_MAP_SHARD).collect();
-    for shard in &shards {
-        rs.add_set(SetDef {
-            name: service_endpoints_map(*shard),
-            set_type: SetType::EndpointSlots { family: fam },
-            interval: true,
-        });
+    // One endpoint map per protocol and shard of ENDPOINT_MAP_SHARD slot blocks (module doc).
+    let shards: BTreeSet<(Protocol, u32)> = blocks
+        .cluster
+        .iter()
+        .chain(blocks.local.iter())
+        .map(|(spn, b)| (spn.protocol, b / ENDPOINT_MAP_SHARD))
+        .collect();
+    for (proto, shard) in shards {
+        rs.add_set(endpoint_map_def(fam, proto, shard));
     }
     let ctx = PortCtx { cfg, detector: cfg.detector() };
     let mut book = Book {
@@ -679,7 +679,7 @@ impl PortCtx<'_> {
             proto,
             modulus: SLOTS_PER_SERVICE,
             offset: block * SLOTS_PER_SERVICE,
-            map: service_endpoints_map(block / ENDPOINT_MAP_SHARD),
+            map: service_endpoints_map(proto, block / ENDPOINT_MAP_SHARD),
         };
         let chains = [
             (&svc_chain, sp.uses_cluster_endpoints(), cluster_block, &cat.cluster),
@@ -842,7 +842,7 @@ impl PortCtx<'_> {
             let Some(block) = block else { continue };
             for (ep, (lo, hi)) in pool.iter().zip(slot_ranges(block, pool.len())) {
                 rs.add_element(
-                    &service_endpoints_map(block / ENDPOINT_MAP_SHARD),
+                    &service_endpoints_map(proto, block / ENDPOINT_MAP_SHARD),
                     Element {
                         key: vec![Value::Int(lo)],
                         key_end: Some(vec![Value::Int(hi)]),
@@ -918,6 +918,15 @@ fn count_down(m: &mut BTreeMap<IpAddr, u32>, ip: IpAddr) {
         if *n == 0 {
             m.remove(&ip);
         }
+    }
+}
+
+/// The endpoint map of `proto`'s ports in slot-block shard `shard`.
+fn endpoint_map_def(family: Family, proto: Protocol, shard: u32) -> SetDef {
+    SetDef {
+        name: service_endpoints_map(proto, shard),
+        set_type: SetType::EndpointSlots { family, proto },
+        interval: true,
     }
 }
 
@@ -1042,18 +1051,19 @@ pub fn build_partial(
     }
 
     // Slot blocks: changing ports keep theirs, new ones take the lowest free blocks.
-    let mut used: BTreeSet<u32> = applied.slots.values().chain(applied.local_slots.values()).copied().collect();
+    let mut used: BTreeMap<u32, Protocol> =
+        applied.slots.iter().chain(applied.local_slots.iter()).map(|(spn, b)| (*b, spn.protocol)).collect();
     for sp in &old_ports {
         for b in [applied.slots.get(&sp.name), applied.local_slots.get(&sp.name)].into_iter().flatten() {
             used.remove(b);
         }
     }
     let mut next = 0u32;
-    let mut take = |kept: Option<u32>, used: &mut BTreeSet<u32>| -> Option<u32> {
+    let mut take = |kept: Option<u32>, proto: Protocol, used: &mut BTreeMap<u32, Protocol>| -> Option<u32> {
         let b = match kept {
-            Some(b) if !used.contains(&b) => b,
+            Some(b) if !used.contains_key(&b) => b,
             _ => {
-                while used.contains(&next) {
+                while used.contains_key(&next) {
                     next += 1;
                 }
                 next
@@ -1062,7 +1072,7 @@ pub fn build_partial(
         if b >= MAX_SERVICE_PORTS {
             return None;
         }
-        used.insert(b);
+        used.insert(b, proto);
         Some(b)
     };
     let mut new_blocks = Vec::with_capacity(new_ports.len());
@@ -1070,10 +1080,10 @@ pub fn build_partial(
         let (mut c, mut l) = (None, None);
         if sp.session_affinity_timeout.is_none() {
             if sp.uses_cluster_endpoints() {
-                c = Some(take(applied.slots.get(&sp.name).copied(), &mut used)?);
+                c = Some(take(applied.slots.get(&sp.name).copied(), sp.name.protocol, &mut used)?);
             }
             if sp.uses_local_endpoints() {
-                l = Some(take(applied.local_slots.get(&sp.name).copied(), &mut used)?);
+                l = Some(take(applied.local_slots.get(&sp.name).copied(), sp.name.protocol, &mut used)?);
             }
         }
         new_blocks.push((c, l));
@@ -1081,12 +1091,9 @@ pub fn build_partial(
 
     // Both fragments declare the shared sets, so the diff neither creates nor deletes them, except
     // an endpoint map that gains its first block or loses its last one.
-    let shards: BTreeSet<String> = used
+    let shards: BTreeMap<String, (Protocol, u32)> = used
         .iter()
-        .map(|b| b / ENDPOINT_MAP_SHARD)
-        .collect::<BTreeSet<u32>>()
-        .into_iter()
-        .map(service_endpoints_map)
+        .map(|(b, proto)| (service_endpoints_map(*proto, b / ENDPOINT_MAP_SHARD), (*proto, b / ENDPOINT_MAP_SHARD)))
         .collect();
     let mut old_frag = Ruleset::new(fam);
     let mut new_frag = Ruleset::new(fam);
@@ -1097,17 +1104,15 @@ pub fn build_partial(
             continue;
         }
         old_frag.add_set(def.clone());
-        let empty_shard = matches!(def.set_type, SetType::EndpointSlots { .. }) && !shards.contains(name);
+        let empty_shard = matches!(def.set_type, SetType::EndpointSlots { .. }) && !shards.contains_key(name);
         if !empty_shard {
             new_frag.add_set(def.clone());
         }
     }
-    for name in shards.iter().filter(|n| !applied.sets.contains_key(*n)) {
-        new_frag.add_set(SetDef {
-            name: name.clone(),
-            set_type: SetType::EndpointSlots { family: fam },
-            interval: true,
-        });
+    for (name, (proto, shard)) in &shards {
+        if !applied.sets.contains_key(name) {
+            new_frag.add_set(endpoint_map_def(fam, *proto, *shard));
+        }
     }
 
     let ctx = PortCtx { cfg, detector: cfg.detector() };
@@ -1445,8 +1450,8 @@ mod tests {
         let a = build(&st, &[], &cfg, None).ruleset;
         cfg.node_zone = Some("zone-b".into());
         let b = build(&st, &[], &cfg, Some(&a)).ruleset;
-        assert_eq!(elements(&a, &service_endpoints_map(0)), vec!["0-27719 : 10.0.0.1 . 80"]);
-        assert_eq!(elements(&b, &service_endpoints_map(0)), vec!["0-27719 : 10.0.0.2 . 80"]);
+        assert_eq!(elements(&a, &service_endpoints_map(Protocol::Tcp, 0)), vec!["0-27719 : 10.0.0.1 . 80"]);
+        assert_eq!(elements(&b, &service_endpoints_map(Protocol::Tcp, 0)), vec!["0-27719 : 10.0.0.2 . 80"]);
         let tx = crate::diff(Some(&a), &b);
         assert!(tx.ops.iter().all(|o| matches!(o, crate::Op::AddElements { .. } | crate::Op::DeleteElements { .. })));
     }
@@ -1537,7 +1542,7 @@ mod tests {
         assert_eq!((rs.slots.get(&itp.name), rs.local_slots.get(&itp.name)), (None, Some(&2)));
         assert!(!rs.chains.contains_key(&service_chain(&itp.name)), "no cluster traffic, no cluster chain");
         assert_eq!(
-            elements(rs, &service_endpoints_map(0)),
+            elements(rs, &service_endpoints_map(Protocol::Tcp, 0)),
             vec!["0-13859 : 10.0.1.1 . 80", "13860-27719 : 10.0.2.1 . 80", "27720-55439 : 10.0.1.1 . 80"]
         );
         assert_eq!(elements(rs, NO_LOCAL_ENDPOINT_SERVICES_SET), vec!["172.30.0.2 . tcp . 80 comment \"ns/i\""]);
@@ -1624,7 +1629,10 @@ mod tests {
         };
         let vmap = "ip daddr . meta l4proto . th dport vmap @service-ips";
         let mut cfg = node_cfg();
-        assert_eq!(services(&cfg)[..2], ["ip daddr @cluster-ips ip saddr != 10.0.0.0/8 jump mark-for-masquerade", vmap]);
+        assert_eq!(
+            services(&cfg)[..2],
+            ["ip daddr @cluster-ips ip saddr != 10.0.0.0/8 jump mark-for-masquerade", vmap]
+        );
         cfg.local_detector = LocalDetector::Bridge("cbr0".into());
         assert_eq!(services(&cfg)[0], "ip daddr @cluster-ips iifname != \"cbr0\" jump mark-for-masquerade");
         // Case 68: no detector, no masquerade of ClusterIP traffic; case 12: masqueradeAll, all of it.

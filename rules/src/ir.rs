@@ -209,9 +209,13 @@ impl DataType {
 pub enum SetType {
     /// `type a . b . c [: data]`
     Typed { key: Vec<DataType>, data: Option<DataType> },
-    /// The endpoint map: `typeof numgen random mod 1 : ip daddr . th dport` (ip6 for IPv6).
-    /// Keys are numgen slots, data is the endpoint `addr . port` to DNAT to.
-    EndpointSlots { family: Family },
+    /// The endpoint map of one protocol's ports: `typeof numgen random mod 1 : ip daddr . tcp
+    /// dport` (ip6 for IPv6; udp, sctp). Keys are numgen slots, data is the endpoint `addr . port`
+    /// to DNAT to. The data names the protocol (not `th dport`) because `nft`, given a rule
+    /// `meta l4proto tcp dnat ... map @m` for a map it reads back from the kernel, refuses a
+    /// `th dport` typeof as conflicting with tcp (nft 1.0.6): per-protocol maps keep kproxy's
+    /// printed transactions valid `nft -f` input against a live table.
+    EndpointSlots { family: Family, proto: Protocol },
     /// A ClientIP affinity set: `type ipv4_addr ; flags dynamic,timeout ; timeout Ns ;` (ipv6_addr
     /// for IPv6). The packet path adds client addresses to it; `timeout` is in seconds.
     Affinity { family: Family, timeout: u32 },
@@ -251,8 +255,8 @@ impl fmt::Display for SetDef {
                     write!(f, " : {}", d.nft())?;
                 }
             }
-            SetType::EndpointSlots { family } => {
-                write!(f, "typeof numgen random mod 1 : {} daddr . th dport", family.nft())?;
+            SetType::EndpointSlots { family, proto } => {
+                write!(f, "typeof numgen random mod 1 : {} daddr . {} dport", family.nft(), proto.lower())?;
             }
             SetType::Affinity { family, timeout } => {
                 write!(f, "type {} ; flags dynamic,timeout ; timeout {timeout}s", DataType::addr(*family).nft())?;

@@ -6,7 +6,7 @@ use sha2::{Digest, Sha256};
 
 use std::net::IpAddr;
 
-use crate::model::ServicePortName;
+use crate::model::{Protocol, ServicePortName};
 
 // Fixed chain and set names of the layout, as constants (upstream vocabulary).
 pub const SERVICES: &str = "services";
@@ -45,9 +45,10 @@ pub const FIREWALL_ALLOW_SET: &str = "firewall-allow";
 /// kproxy's own: endpoint slots, `slot : addr . port`, looked up by the DNAT rules (name prefix of
 /// the per-shard maps).
 pub const SERVICE_ENDPOINTS_MAP: &str = "service-endpoints";
-/// The endpoint map of one shard of service ports: `service-endpoints-<shard>`.
-pub fn service_endpoints_map(shard: u32) -> String {
-    format!("{SERVICE_ENDPOINTS_MAP}-{shard}")
+/// The endpoint map of one protocol's ports in one shard of slot blocks:
+/// `service-endpoints-<proto>-<shard>`.
+pub fn service_endpoints_map(proto: Protocol, shard: u32) -> String {
+    format!("{SERVICE_ENDPOINTS_MAP}-{}-{shard}", proto.lower())
 }
 /// kproxy's own: `endpoint . endpoint` pairs, so hairpin traffic is masqueraded in postrouting.
 pub const HAIRPIN_SET: &str = "hairpin-endpoints";

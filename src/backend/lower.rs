@@ -94,7 +94,9 @@ const SET_ELEM_F_INTERVAL_OPEN: u32 = 1;
 const EXPR_PAYLOAD: u32 = 7;
 const EXPR_CONCAT: u32 = 13;
 const EXPR_NUMGEN: u32 = 23;
-const PROTO_DESC_TH: u32 = 11;
+const PROTO_DESC_UDP: u32 = 6;
+const PROTO_DESC_TCP: u32 = 8;
+const PROTO_DESC_SCTP: u32 = 10;
 const PROTO_DESC_IP: u32 = 12;
 const PROTO_DESC_IP6: u32 = 13;
 const IPHDR_DADDR: u32 = 12;
@@ -268,7 +270,7 @@ impl<'a> Lowerer<'a> {
                 // kproxy's endpoint map is an interval map; a map we know nothing about is
                 // assumed to be one.
                 let interval = match self.set_def(map) {
-                    Some(def) if def.set_type != (SetType::EndpointSlots { family: fam }) => {
+                    Some(def) if !matches!(def.set_type, SetType::EndpointSlots { family, .. } if family == fam) => {
                         return err(format!("dnat map @{map} is not an endpoint-slot map of family {}", fam.nft()));
                     }
                     Some(def) => def.interval,
@@ -651,7 +653,7 @@ fn check_element(d: &SetDef, e: &Element, delete: bool) -> Result<(), String> {
         (Some(Some(t)), Some(ElemData::Values(vs))) if vs.len() == 1 && value_is(&vs[0], *t) => Ok(()),
         (Some(None), Some(ElemData::Values(vs))) => {
             let fam = match &d.set_type {
-                SetType::EndpointSlots { family } => *family,
+                SetType::EndpointSlots { family, .. } => *family,
                 SetType::Typed { .. } | SetType::Affinity { .. } => {
                     unreachable!("only endpoint maps have untyped data")
                 }
@@ -917,13 +919,19 @@ fn raw_set(def: &SetDef, id: u32) -> Result<RawSet, LowerError> {
             };
             (key_type, key_len, data.map(|d| (type_id(d), type_len(d))), desc)
         }
-        SetType::EndpointSlots { family } => {
+        SetType::EndpointSlots { family, proto } => {
             flags |= NFT_SET_MAP;
+            // tcp, udp and sctp header templates all number dport 2, as th's does.
+            let proto_desc = match proto {
+                Protocol::Tcp => PROTO_DESC_TCP,
+                Protocol::Udp => PROTO_DESC_UDP,
+                Protocol::Sctp => PROTO_DESC_SCTP,
+            };
             let (desc, tmpl) = match family {
                 Family::V4 => (PROTO_DESC_IP, IPHDR_DADDR),
                 Family::V6 => (PROTO_DESC_IP6, IP6HDR_DADDR),
             };
-            // `typeof numgen random mod 1 : ip daddr . th dport`, byte for byte as nft 1.0.6.
+            // `typeof numgen random mod 1 : ip daddr . tcp dport`, byte for byte as nft 1.0.6.
             u.u32(UDATA_SET_KEYBYTEORDER, BYTEORDER_HOST);
             u.u32(UDATA_SET_DATABYTEORDER, 0);
             u.nest(UDATA_SET_KEY_TYPEOF, |u| {
@@ -937,7 +945,7 @@ fn raw_set(def: &SetDef, id: u32) -> Result<RawSet, LowerError> {
             u.nest(UDATA_SET_DATA_TYPEOF, |u| {
                 u.u32(0, EXPR_CONCAT);
                 u.nest(1, |u| {
-                    for (i, (d, t)) in [(desc, tmpl), (PROTO_DESC_TH, THDR_DPORT)].into_iter().enumerate() {
+                    for (i, (d, t)) in [(desc, tmpl), (proto_desc, THDR_DPORT)].into_iter().enumerate() {
                         u.nest(i as u8, |u| {
                             u.u32(0, EXPR_PAYLOAD);
                             u.nest(1, |u| {
@@ -1024,16 +1032,24 @@ mod tests {
         for (def, want) in cases {
             assert_eq!(hex(&raw_set(&def, 1).unwrap().udata), want, "{}", def.name);
         }
-        let v4 = SetDef { name: "e".into(), set_type: SetType::EndpointSlots { family: Family::V4 }, interval: true };
+        let v4 = SetDef {
+            name: "e".into(),
+            set_type: SetType::EndpointSlots { family: Family::V4, proto: Protocol::Tcp },
+            interval: true,
+        };
         let s = raw_set(&v4, 7).unwrap();
         assert_eq!(
             hex(&s.udata),
             "000401000000010400000000031a0004170000000112000401000000010401000000020400000000\
              043400040d000000012c0014000407000000010c00040c00000001040c0000000114000407000000\
-             010c00040b000000010402000000060400000000"
+             010c000408000000010402000000060400000000"
         );
         assert_eq!((s.flags, s.key_type, s.key_len, s.data), (0xc, 4, 4, Some((0x1cd, 8))));
-        let v6 = SetDef { name: "e".into(), set_type: SetType::EndpointSlots { family: Family::V6 }, interval: true };
+        let v6 = SetDef {
+            name: "e".into(),
+            set_type: SetType::EndpointSlots { family: Family::V6, proto: Protocol::Tcp },
+            interval: true,
+        };
         let s = raw_set(&v6, 7).unwrap();
         assert!(hex(&s.udata).contains("00040d000000010409000000"), "ip6 daddr template");
         assert_eq!(s.data, Some((0x20d, 20)));
