@@ -919,7 +919,8 @@ mod tests {
         let mut st = ClusterState::default();
         for i in 0..10u8 {
             let name = format!("s{i}");
-            let mut ports = vec![ServicePort::cluster_ip("ns", &name, "http", Protocol::Tcp, &format!("172.30.0.{i}"), 80)];
+            let mut ports =
+                vec![ServicePort::cluster_ip("ns", &name, "http", Protocol::Tcp, &format!("172.30.0.{i}"), 80)];
             if i % 3 == 0 {
                 ports.push(ServicePort::cluster_ip("ns", &name, "https", Protocol::Tcp, &format!("172.30.0.{i}"), 443));
             }
@@ -949,7 +950,8 @@ mod tests {
         assert_eq!(fr.stats.ops, p.backend.transactions.iter().map(|t| t.ops.len()).sum::<usize>());
         assert_eq!(p.backend.kernels[&Family::V4].dump(Family::V4), one_go(&st));
         // Each part adds whole Services (every port), none of another part.
-        let names = |t: &Transaction| (0..10).filter(|i| t.to_string().contains(&format!("ns/s{i}/"))).collect::<Vec<_>>();
+        let names =
+            |t: &Transaction| (0..10).filter(|i| t.to_string().contains(&format!("ns/s{i}/"))).collect::<Vec<_>>();
         assert_eq!(names(&p.backend.transactions[0]), Vec::<i32>::new(), "the layout holds no Service");
         assert!(p.backend.transactions[0].to_string().contains("172.30.0.0/16"), "ServiceCIDRs come with the layout");
         let parts: Vec<Vec<i32>> = p.backend.transactions[1..].iter().map(names).collect();

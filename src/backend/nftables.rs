@@ -543,7 +543,8 @@ fn gettable_request(seq: u32, portid: u32, family: Family) -> Vec<u8> {
 fn gettable_answer(buf: &[u8], seq: u32) -> Option<Option<bool>> {
     let mut off = 0;
     while off + NLMSG_HDRLEN <= buf.len() {
-        let (Some(len), Some(ty), Some(s)) = (read_u32(buf, off), read_u16(buf, off + 4), read_u32(buf, off + 8)) else {
+        let (Some(len), Some(ty), Some(s)) = (read_u32(buf, off), read_u16(buf, off + 4), read_u32(buf, off + 8))
+        else {
             return None;
         };
         let len = len as usize;
