@@ -14,7 +14,7 @@ use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::ServiceCIDR;
 use kproxy::model::ChangeTracker;
-use kproxy::source::kube::{client, run, LABEL_SELECTOR, TRIGGER_TIME_ANNOTATION};
+use kproxy::source::kube::{client, run, LABEL_SELECTOR, PAGE_SIZE, TRIGGER_TIME_ANNOTATION};
 use kproxy::sync::Event;
 use rules::model::{Cidr, Endpoint, Family, Protocol, ServicePortName};
 use tokio::sync::mpsc;
@@ -239,7 +239,7 @@ async fn initial_list_syncs_with_the_right_state_and_the_upstream_selectors() {
             if q.is_watch() {
                 assert_eq!(q.param("allowWatchBookmarks"), Some("true"), "{q:?}");
             } else {
-                assert_eq!(q.param("limit"), Some("500"), "{q:?}");
+                assert_eq!(q.param("limit"), Some(PAGE_SIZE.to_string().as_str()), "{q:?}");
             }
         }
     }
@@ -422,24 +422,29 @@ async fn a_missing_service_cidr_api_does_not_block_start_up() {
 async fn big_lists_come_in_pages() {
     let fake = FakeApi::start().await;
     basic_cluster(&fake);
-    for i in 0..1100 {
-        fake.create(&service(&format!("s{i:04}"), &format!("172.30.{}.{}", 1 + i / 250, 1 + i % 250)));
+    // Two full pages and one more object.
+    let n = 2 * PAGE_SIZE as usize;
+    for i in 0..n {
+        fake.create(&service(&format!("s{i:05}"), &format!("172.30.{}.{}", 1 + i / 250, 1 + i % 250)));
     }
     let r = Running::start_synced(fake).await;
-    assert_eq!(r.tracker().service_count(), 1101);
+    assert_eq!(r.tracker().service_count(), n + 1);
     let lists: Vec<Request> =
         r.fake.requests().into_iter().filter(|q| q.resource() == "services" && !q.is_watch()).collect();
-    assert_eq!(lists.len(), 3, "1101 services in pages of 500: {lists:?}");
+    assert_eq!(lists.len(), 3, "{} services in pages of {PAGE_SIZE}: {lists:?}", n + 1);
     assert_eq!(lists[0].param("continue"), None);
     assert!(lists[1].param("continue").is_some() && lists[2].param("continue").is_some());
-    assert!(lists.iter().all(|q| q.param("limit") == Some("500") && q.status == 200));
+    let limit = PAGE_SIZE.to_string();
+    assert!(lists.iter().all(|q| q.param("limit") == Some(limit.as_str()) && q.status == 200));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expired_continue_token_restarts_the_list() {
     let fake = FakeApi::start().await;
-    for i in 0..1100 {
-        fake.create(&service(&format!("s{i:04}"), &format!("172.30.{}.{}", 1 + i / 250, 1 + i % 250)));
+    // More than one page.
+    let n = PAGE_SIZE as usize + 100;
+    for i in 0..n {
+        fake.create(&service(&format!("s{i:05}"), &format!("172.30.{}.{}", 1 + i / 250, 1 + i % 250)));
     }
     // Slow answers leave time to compact the history between the first and the second page.
     fake.set_slow(Duration::from_millis(500));
@@ -449,11 +454,11 @@ async fn an_expired_continue_token_restarts_the_list() {
     })
     .await;
     r.fake.force_410();
-    r.fake.delete::<Service>("ns", "s0000"); // on the first page, already delivered
+    r.fake.delete::<Service>("ns", "s00000"); // on the first page, already delivered
     r.fake.set_slow(Duration::ZERO);
     assert_eq!(r.next_event().await, "Synced");
-    assert_eq!(r.tracker().service_count(), 1099);
-    assert!(!r.tracker().has_service("ns", "s0000"));
+    assert_eq!(r.tracker().service_count(), n - 1);
+    assert!(!r.tracker().has_service("ns", "s00000"));
     let lists: Vec<Request> =
         r.fake.requests().into_iter().filter(|q| q.resource() == "services" && !q.is_watch()).collect();
     assert_eq!(lists[1].status, 410, "the continue token expired: {lists:?}");
