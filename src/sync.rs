@@ -549,6 +549,10 @@ impl<B: Backend> Proxier<B> {
         let mut applied = desired_from(&self.cfg, family, &base_state, inputs, None).ruleset;
         let (node_ips, bc) = build_inputs(&self.cfg, family, inputs);
         let mut tx = rules::diff(None, &applied);
+        if self.strip {
+            // Parts then keep only what later builds need (not the per-endpoint elements).
+            applied.strip_bulk();
+        }
         let mut parts = services.chunks(part_size);
         let none = ClusterState::default();
         let mut t_built = Instant::now();
