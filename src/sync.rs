@@ -150,6 +150,26 @@ pub struct FamilyReport {
     pub iptables: Option<IptablesReport>,
 }
 
+impl FamilyReport {
+    /// A report with nothing sent, built or timed yet.
+    pub fn new(family: Family, full: bool) -> Self {
+        FamilyReport {
+            family,
+            full,
+            stats: TxStats::default(),
+            applied: ApplyStats::default(),
+            build: Duration::ZERO,
+            diff: Duration::ZERO,
+            apply: Duration::ZERO,
+            counts: RulesetCounts::default(),
+            error: None,
+            iptables: None,
+            commits: 0,
+            longest_commit: Duration::ZERO,
+        }
+    }
+}
+
 /// What one family's iptables-restore did.
 #[derive(Debug, Clone, Default)]
 pub struct IptablesReport {
@@ -428,20 +448,8 @@ impl<B: Backend> Proxier<B> {
                 Plan::Partial(p) => &p.tx,
                 Plan::Full { tx, .. } => tx,
             };
-            let mut fr = FamilyReport {
-                family,
-                full: previous.is_none(),
-                stats: TxStats::default(),
-                applied: ApplyStats::default(),
-                build: t1 - t0,
-                diff: t2 - t1,
-                apply: Duration::ZERO,
-                counts: RulesetCounts::default(),
-                error: None,
-                iptables: None,
-                commits: 0,
-                longest_commit: Duration::ZERO,
-            };
+            let mut fr =
+                FamilyReport { build: t1 - t0, diff: t2 - t1, ..FamilyReport::new(family, previous.is_none()) };
             let mut result = Ok(ApplyStats::default());
             if tx.is_empty() {
                 debug!(family = family.label(), "no changes");
@@ -531,20 +539,7 @@ impl<B: Backend> Proxier<B> {
             return None;
         }
         let t0 = Instant::now();
-        let mut fr = FamilyReport {
-            family,
-            full: true,
-            stats: TxStats::default(),
-            applied: ApplyStats::default(),
-            build: Duration::ZERO,
-            diff: Duration::ZERO,
-            apply: Duration::ZERO,
-            counts: RulesetCounts::default(),
-            error: None,
-            iptables: None,
-            commits: 0,
-            longest_commit: Duration::ZERO,
-        };
+        let mut fr = FamilyReport::new(family, true);
         let base_state = ClusterState { service_cidrs: state.service_cidrs.clone(), ..ClusterState::default() };
         let mut applied = desired_from(&self.cfg, family, &base_state, inputs, None).ruleset;
         let (node_ips, bc) = build_inputs(&self.cfg, family, inputs);

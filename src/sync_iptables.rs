@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 
 use rules::iptables::IptRuleset;
 use rules::model::{ClusterState, Family, NodePortAddresses};
-use rules::transaction::TxStats;
 use tracing::{debug, info, warn};
 
 use crate::backend::iptables::{
@@ -205,20 +204,7 @@ impl IptablesProxier {
             warn!(family = family.label(), "skipping {s}");
         }
         let t1 = Instant::now();
-        let mut fr = FamilyReport {
-            family,
-            full: true,
-            stats: TxStats::default(),
-            applied: ApplyStats::default(),
-            build: t1 - t0,
-            diff: Duration::ZERO,
-            apply: Duration::ZERO,
-            counts: counts(state, &built),
-            error: None,
-            iptables: None,
-            commits: 0,
-            longest_commit: Duration::ZERO,
-        };
+        let mut fr = FamilyReport { build: t1 - t0, counts: counts(state, &built), ..FamilyReport::new(family, true) };
         let sweep_period = self.cfg.sync_period;
         let fs = match self.family(family) {
             Ok(fs) => fs,
