@@ -1,5 +1,9 @@
 //! kproxy's entry point: flags → `Config`, logging, then the daemon or a one-shot mode.
 
+/// mimalloc instead of glibc malloc: a cold start is allocation-heavy (see Cargo.toml).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::process::ExitCode;
 
 use clap::Parser;

@@ -21,6 +21,11 @@
 //! - `serve --port P` / `connect --target IP:PORT --count N`: the data-plane listener and the
 //!   first-packet (TCP connect) latency client (see dataplane.rs).
 
+
+/// The daemon's allocator (src/main.rs), so in-process timings match the daemon's.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::time::{Duration, Instant};
 
 use rules::model::*;
