@@ -48,6 +48,8 @@ pub struct FakeBackend {
     pub kernels: BTreeMap<Family, rules::fake::FakeKernel>,
     /// When set, the next apply fails (once).
     pub fail_next: bool,
+    /// When set to n, the apply after n committed transactions fails (once).
+    pub fail_after_commits: Option<usize>,
     pub transactions: Vec<Transaction>,
     /// Transactions committed.
     pub commits: usize,
@@ -55,7 +57,8 @@ pub struct FakeBackend {
 
 impl Backend for FakeBackend {
     fn apply(&mut self, tx: &Transaction) -> Result<ApplyStats, Box<dyn std::error::Error + Send + Sync>> {
-        if std::mem::take(&mut self.fail_next) {
+        if std::mem::take(&mut self.fail_next) || self.fail_after_commits == Some(self.commits) {
+            self.fail_after_commits = None;
             return Err("injected failure".into());
         }
         self.kernels
@@ -541,65 +544,70 @@ impl<B: Backend> Proxier<B> {
         let t0 = Instant::now();
         let mut fr = FamilyReport::new(family, true);
         let base_state = ClusterState { service_cidrs: state.service_cidrs.clone(), ..ClusterState::default() };
-        let mut applied = desired_from(&self.cfg, family, &base_state, inputs, None).ruleset;
+        let mut base = desired_from(&self.cfg, family, &base_state, inputs, None).ruleset;
         let (node_ips, bc) = build_inputs(&self.cfg, family, inputs);
-        let mut tx = rules::diff(None, &applied);
+        let base_tx = rules::diff(None, &base);
         if self.strip {
             // Parts then keep only what later builds need (not the per-endpoint elements).
-            applied.strip_bulk();
+            base.strip_bulk();
         }
-        let mut parts = services.chunks(part_size);
-        let none = ClusterState::default();
-        let mut t_built = Instant::now();
-        fr.build += t_built - t0;
-        loop {
-            debug!(family = family.label(), commit = fr.commits + 1, "cold start part:\n{tx}");
-            let s = tx.stats();
-            fr.stats.ops += s.ops;
-            fr.stats.elements_added += s.elements_added;
-            fr.stats.elements_removed += s.elements_removed;
-            fr.stats.rules_added += s.rules_added;
-            let t_apply = Instant::now();
-            let result = self.backend.apply(&tx);
-            let took = t_apply.elapsed();
-            fr.apply += took;
-            fr.longest_commit = fr.longest_commit.max(took);
-            fr.commits += 1;
-            match result {
-                Ok(a) => {
-                    fr.applied.messages += a.messages;
-                    fr.applied.bytes += a.bytes;
-                }
-                Err(e) => {
-                    fr.counts = counts(state, &applied);
-                    self.applied.remove(&family);
-                    self.udp.apply_failed(family);
-                    fr.error = Some(e.to_string());
-                    return Some((fr, Some(e)));
-                }
-            }
-            t_built = Instant::now();
-            let Some(part) = parts.next() else { break };
-            let keys: BTreeSet<(String, String)> = part.iter().cloned().collect();
-            let after = state.restrict(&keys);
-            match rules::build::build_partial(&applied, &none, &after, &node_ips, &bc) {
-                Some(p) => {
+        fr.build += t0.elapsed();
+
+        // The parts are built on a second thread while the kernel commits the one before (the
+        // build of a part needs only the previous parts' bookkeeping, not their commit).
+        let (to_kernel, from_builder) = std::sync::mpsc::sync_channel::<Transaction>(1);
+        let (services, node_ips, bc) = (&services, &node_ips, &bc);
+        let (mut applied, build, needs_full, mut err) = std::thread::scope(|s| {
+            let builder = s.spawn(move || {
+                let (mut applied, mut build, none) = (base, Duration::ZERO, ClusterState::default());
+                for part in services.chunks(part_size) {
+                    let t = Instant::now();
+                    let keys: BTreeSet<(String, String)> = part.iter().cloned().collect();
+                    let after = state.restrict(&keys);
+                    let Some(p) = rules::build::build_partial(&applied, &none, &after, node_ips, bc) else {
+                        return (applied, build, true);
+                    };
                     applied.commit_partial(&p);
-                    tx = p.tx;
-                }
-                None => {
-                    // Only a full build can decide this part: finish with one diff from what
-                    // the kernel holds now.
-                    let built = desired_from(&self.cfg, family, state, inputs, Some(&applied));
-                    for s in &built.skipped {
-                        warn!(family = family.label(), "skipping {s}");
+                    build += t.elapsed();
+                    if to_kernel.send(p.tx).is_err() {
+                        break; // a commit failed: nothing more is sent
                     }
-                    tx = rules::diff(Some(&applied), &built.ruleset);
-                    applied = built.ruleset;
-                    parts = [].chunks(1);
+                }
+                (applied, build, false)
+            });
+            let mut err = self.commit_part(family, &base_tx, &mut fr).err();
+            if err.is_none() {
+                for tx in from_builder.iter() {
+                    if let Err(e) = self.commit_part(family, &tx, &mut fr) {
+                        err = Some(e);
+                        break;
+                    }
                 }
             }
-            fr.build += t_built.elapsed();
+            drop(from_builder);
+            let (applied, build, needs_full) = builder.join().expect("the cold start's builder panicked");
+            (applied, build, needs_full, err)
+        });
+        fr.build += build;
+        if err.is_none() && needs_full {
+            // Only a full build can decide the next part (a frontend conflict): finish with one
+            // diff from what the kernel holds now.
+            let t = Instant::now();
+            let built = desired_from(&self.cfg, family, state, inputs, Some(&applied));
+            for s in &built.skipped {
+                warn!(family = family.label(), "skipping {s}");
+            }
+            let tx = rules::diff(Some(&applied), &built.ruleset);
+            applied = built.ruleset;
+            fr.build += t.elapsed();
+            err = self.commit_part(family, &tx, &mut fr).err();
+        }
+        if let Some(e) = err {
+            fr.counts = counts(state, &applied);
+            self.applied.remove(&family);
+            self.udp.apply_failed(family);
+            fr.error = Some(e.to_string());
+            return Some((fr, Some(e)));
         }
         info!(
             family = family.label(),
@@ -617,6 +625,33 @@ impl<B: Backend> Proxier<B> {
         self.applied.insert(family, applied);
         self.udp.synced(family, state);
         Some((fr, None))
+    }
+}
+
+impl<B: Backend> Proxier<B> {
+    /// Sends one transaction of a cold start in parts, adding it to the report.
+    fn commit_part(
+        &mut self,
+        family: Family,
+        tx: &Transaction,
+        fr: &mut FamilyReport,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        debug!(family = family.label(), commit = fr.commits + 1, "cold start part:\n{tx}");
+        let s = tx.stats();
+        fr.stats.ops += s.ops;
+        fr.stats.elements_added += s.elements_added;
+        fr.stats.elements_removed += s.elements_removed;
+        fr.stats.rules_added += s.rules_added;
+        let t = Instant::now();
+        let result = self.backend.apply(tx);
+        let took = t.elapsed();
+        fr.apply += took;
+        fr.longest_commit = fr.longest_commit.max(took);
+        fr.commits += 1;
+        let a = result?;
+        fr.applied.messages += a.messages;
+        fr.applied.bytes += a.bytes;
+        Ok(())
     }
 }
 
@@ -961,6 +996,16 @@ mod tests {
                 assert!(text.contains(&format!("ns/s{i}/tcp/http")) && text.contains(&format!("ns/s{i}/tcp/https")));
             }
         }
+
+        // A part that fails leaves the table half-built and the kernel state unknown: the next
+        // sync replaces the table in one transaction.
+        let mut q = Proxier::new(cfg(), FakeBackend::default());
+        q.cold_start_part = 3;
+        q.backend.fail_after_commits = Some(2);
+        let e = sync_v4(&mut q, &st).unwrap_err();
+        assert_eq!((e.report.families[0].commits, q.backend.commits), (3, 2), "layout, part 1, failed part 2");
+        assert_eq!(sync_v4(&mut q, &st).unwrap().families[0].commits, 1);
+        assert_eq!(q.backend.kernels[&Family::V4].dump(Family::V4), one_go(&st));
 
         // A restart finds the table: the replacement is one transaction.
         let mut again = Proxier::new(cfg(), std::mem::take(&mut p.backend));
