@@ -6,16 +6,27 @@
 //! arenas, and pages holding a single live object cannot be returned, so the process would stay
 //! at ~155 MiB resident for good. After such a sync the daemon re-allocates what it keeps
 //! (a deep copy made once the transient memory is free is laid out densely, then the scattered
-//! original is dropped) and calls `malloc_trim`, which returns every free page. The daemon's own
-//! heap is mimalloc's (src/main.rs), which gives freed pages back by itself shortly after; what
-//! `malloc_trim` still returns is glibc's heap, which the C libraries (libnftnl, libmnl) use.
+//! original is dropped) and asks both allocators to return every free page: `mi_collect(true)`
+//! for the daemon's own heap, which is mimalloc's (src/main.rs; without the forced collection
+//! mimalloc kept 118-171 MiB resident at 10k services x 10 endpoints, with it 102-108 MiB), and
+//! `malloc_trim` for glibc's, which the C libraries (libnftnl, libmnl) use.
 #![allow(unsafe_code)]
 
-/// Releases free heap memory to the system (glibc `malloc_trim(0)`); a no-op elsewhere.
+/// Releases free heap memory to the system: mimalloc's `mi_collect(true)` and glibc's
+/// `malloc_trim(0)` (the latter only where glibc is the C library).
 pub fn release_free_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only walks the allocator's own free lists; it takes no pointers.
     unsafe {
         libc::malloc_trim(0);
     }
+    // SAFETY: mi_collect takes no pointers; it frees mimalloc's own empty pages and segments.
+    unsafe {
+        mi_collect(true);
+    }
+}
+
+// mimalloc's C API (linked through the `mimalloc` crate's libmimalloc-sys).
+extern "C" {
+    fn mi_collect(force: bool);
 }
