@@ -505,8 +505,8 @@ pub fn build(state: &ClusterState, node_ips: &[IpAddr], cfg: &BuildConfig, previ
     // endpoints) are rejected or dropped in the filter chains. It spares the kernel one rule per
     // service port: ~20 % of a cold start's kernel time at 10k services x 10 endpoints.
     let to_cluster_ip = Expr::InSet { key: vec![Selector::Daddr], set: CLUSTER_IPS_SET.into(), neq: false };
-    let detector = PortCtx { cfg, detector: cfg.detector() }.local_detector(true);
-    match (cfg.masquerade_all, detector) {
+    let ctx = PortCtx { cfg, detector: cfg.detector() };
+    match (cfg.masquerade_all, ctx.local_detector(true)) {
         (true, _) => rs.add_rule(SERVICES, vec![to_cluster_ip, jump(MARK_FOR_MASQUERADE)]),
         (false, Some(not_from_pods)) => {
             rs.add_rule(SERVICES, vec![to_cluster_ip, not_from_pods, jump(MARK_FOR_MASQUERADE)])
@@ -622,7 +622,6 @@ pub fn build(state: &ClusterState, node_ips: &[IpAddr], cfg: &BuildConfig, previ
     for (proto, shard) in shards {
         rs.add_set(endpoint_map_def(fam, proto, shard));
     }
-    let ctx = PortCtx { cfg, detector: cfg.detector() };
     let mut book = Book {
         frontends,
         node_ports,
@@ -1093,7 +1092,10 @@ pub fn build_partial(
     // an endpoint map that gains its first block or loses its last one.
     let shards: BTreeMap<String, (Protocol, u32)> = used
         .iter()
-        .map(|(b, proto)| (service_endpoints_map(*proto, b / ENDPOINT_MAP_SHARD), (*proto, b / ENDPOINT_MAP_SHARD)))
+        .map(|(b, proto)| (*proto, b / ENDPOINT_MAP_SHARD))
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .map(|(proto, shard)| (service_endpoints_map(proto, shard), (proto, shard)))
         .collect();
     let mut old_frag = Ruleset::new(fam);
     let mut new_frag = Ruleset::new(fam);
