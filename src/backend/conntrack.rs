@@ -13,7 +13,8 @@ use std::time::Duration;
 use rules::conntrack::{StaleUdpFlows, UdpFlow};
 use rules::model::Family;
 
-use super::netlink::NlSocket;
+use super::lower::nfproto;
+use super::netlink::{nfnl_message, nla_put, NlSocket};
 
 // linux/netlink.h, linux/netfilter/nfnetlink.h, nfnetlink_conntrack.h.
 const NLMSG_HDRLEN: usize = 16;
@@ -190,38 +191,15 @@ impl ConntrackCleaner {
     }
 }
 
-fn nfproto(f: Family) -> u8 {
-    match f {
-        Family::V4 => libc::AF_INET as u8,
-        Family::V6 => libc::AF_INET6 as u8,
-    }
-}
-
 /// One ctnetlink message: header, nfgenmsg, attributes.
 fn message(kind: u16, flags: u16, seq: u32, family: Family, attrs: &[u8]) -> Vec<u8> {
-    let len = NLMSG_HDRLEN + NFGEN_HDRLEN + attrs.len();
-    let mut m = Vec::with_capacity(len);
-    m.extend((len as u32).to_ne_bytes());
-    m.extend(((NFNL_SUBSYS_CTNETLINK << 8) | kind).to_ne_bytes());
-    m.extend(flags.to_ne_bytes());
-    m.extend(seq.to_ne_bytes());
-    m.extend(0u32.to_ne_bytes());
-    m.extend([nfproto(family), 0, 0, 0]);
-    m.extend(attrs);
-    m
-}
-
-fn attr(out: &mut Vec<u8>, ty: u16, payload: &[u8]) {
-    out.extend(((4 + payload.len()) as u16).to_ne_bytes());
-    out.extend(ty.to_ne_bytes());
-    out.extend(payload);
-    out.resize(out.len().next_multiple_of(4), 0);
+    nfnl_message(NFNL_SUBSYS_CTNETLINK, kind, flags, seq, 0, nfproto(family) as u8, attrs)
 }
 
 fn nested(out: &mut Vec<u8>, ty: u16, f: impl FnOnce(&mut Vec<u8>)) {
     let mut inner = Vec::new();
     f(&mut inner);
-    attr(out, ty | NLA_F_NESTED, &inner);
+    nla_put(out, ty | NLA_F_NESTED, &inner);
 }
 
 fn addr_bytes(ip: &IpAddr) -> Vec<u8> {
@@ -238,17 +216,17 @@ fn delete_attrs(e: &CtEntry) -> Vec<u8> {
     let mut out = Vec::new();
     nested(&mut out, CTA_TUPLE_ORIG, |t| {
         nested(t, CTA_TUPLE_IP, |a| {
-            attr(a, src_t, &addr_bytes(&e.orig_src));
-            attr(a, dst_t, &addr_bytes(&e.orig_dst));
+            nla_put(a, src_t, &addr_bytes(&e.orig_src));
+            nla_put(a, dst_t, &addr_bytes(&e.orig_dst));
         });
         nested(t, CTA_TUPLE_PROTO, |p| {
-            attr(p, CTA_PROTO_NUM, &[e.proto]);
-            attr(p, CTA_PROTO_SRC_PORT, &e.orig_sport.to_be_bytes());
-            attr(p, CTA_PROTO_DST_PORT, &e.orig_dport.to_be_bytes());
+            nla_put(p, CTA_PROTO_NUM, &[e.proto]);
+            nla_put(p, CTA_PROTO_SRC_PORT, &e.orig_sport.to_be_bytes());
+            nla_put(p, CTA_PROTO_DST_PORT, &e.orig_dport.to_be_bytes());
         });
     });
     if let Some(z) = e.zone {
-        attr(&mut out, CTA_ZONE, &z.to_be_bytes());
+        nla_put(&mut out, CTA_ZONE, &z.to_be_bytes());
     }
     out
 }
@@ -350,17 +328,17 @@ mod tests {
             nested(t, CTA_TUPLE_IP, |a| {
                 let (s, d) =
                     if e.reply_src.is_ipv4() { (CTA_IP_V4_SRC, CTA_IP_V4_DST) } else { (CTA_IP_V6_SRC, CTA_IP_V6_DST) };
-                attr(a, s, &addr_bytes(&e.reply_src));
-                attr(a, d, &addr_bytes(&e.orig_src));
+                nla_put(a, s, &addr_bytes(&e.reply_src));
+                nla_put(a, d, &addr_bytes(&e.orig_src));
             });
             nested(t, CTA_TUPLE_PROTO, |p| {
-                attr(p, CTA_PROTO_NUM, &[e.proto]);
-                attr(p, CTA_PROTO_SRC_PORT, &5353u16.to_be_bytes());
-                attr(p, CTA_PROTO_DST_PORT, &e.orig_sport.to_be_bytes());
+                nla_put(p, CTA_PROTO_NUM, &[e.proto]);
+                nla_put(p, CTA_PROTO_SRC_PORT, &5353u16.to_be_bytes());
+                nla_put(p, CTA_PROTO_DST_PORT, &e.orig_sport.to_be_bytes());
             });
         });
-        attr(&mut out, 3, &[0, 0, 0, 8]); // CTA_STATUS
-        attr(&mut out, CTA_ZONE, &e.zone.unwrap().to_be_bytes());
+        nla_put(&mut out, 3, &[0, 0, 0, 8]); // CTA_STATUS
+        nla_put(&mut out, CTA_ZONE, &e.zone.unwrap().to_be_bytes());
         out
     }
 
@@ -374,7 +352,7 @@ mod tests {
             assert_eq!(all.len(), 1);
             let (ty, seq, payload) = all[0];
             assert_eq!((ty, seq), (0x102, 9));
-            assert_eq!(payload[0], nfproto(fam));
+            assert_eq!(payload[0], nfproto(fam) as u8);
             // The delete request names the original tuple and the zone.
             let orig = parse_tuple(find(&payload[NFGEN_HDRLEN..], CTA_TUPLE_ORIG).unwrap()).unwrap();
             assert_eq!(orig, (IPPROTO_UDP, e.orig_src, e.orig_dst, 40000, 53));

@@ -991,22 +991,49 @@ pub(crate) const NFACCT_NAME_MAX: usize = 32;
 /// an object that exists, and leaves its counters alone.
 pub(crate) fn nfacct_request(cmd: u16, seq: u32, name: &str) -> Vec<u8> {
     let flags = NLM_F_REQUEST | NLM_F_ACK | if cmd == NFNL_MSG_ACCT_NEW { NLM_F_CREATE } else { 0 };
-    let attr_len = 4 + name.len() + 1;
-    let len = NFNL_HDRLEN + attr_len.next_multiple_of(4);
+    let mut attrs = Vec::new();
+    nla_put_strz(&mut attrs, NFACCT_NAME, name);
+    nfnl_message(NFNL_SUBSYS_ACCT, cmd, flags, seq, 0, 0, &attrs)
+}
+
+/// One nfnetlink message sent on its own (not in a batch): the netlink header (type
+/// `subsys << 8 | msg`), the nfgenmsg (`family`, NFNETLINK_V0, res_id 0), then `attrs`, which
+/// [`nla_put`] keeps 4-byte aligned. nf_tables, nfacct and ctnetlink requests alike.
+pub(crate) fn nfnl_message(
+    subsys: u16,
+    msg: u16,
+    flags: u16,
+    seq: u32,
+    portid: u32,
+    family: u8,
+    attrs: &[u8],
+) -> Vec<u8> {
+    let len = NFNL_HDRLEN + attrs.len();
     let mut b = Vec::with_capacity(len);
     b.extend((len as u32).to_ne_bytes());
-    b.extend(((NFNL_SUBSYS_ACCT << 8) | cmd).to_ne_bytes());
+    b.extend(((subsys << 8) | msg).to_ne_bytes());
     b.extend(flags.to_ne_bytes());
     b.extend(seq.to_ne_bytes());
-    b.extend(0u32.to_ne_bytes());
-    // nfgenmsg: AF_UNSPEC, NFNETLINK_V0, res_id 0.
-    b.extend([0u8, 0, 0, 0]);
-    b.extend((attr_len as u16).to_ne_bytes());
-    b.extend(NFACCT_NAME.to_ne_bytes());
-    b.extend(name.as_bytes());
-    b.push(0);
-    b.resize(len, 0);
+    b.extend(portid.to_ne_bytes());
+    b.extend([family, 0, 0, 0]);
+    b.extend(attrs);
     b
+}
+
+/// Appends one netlink attribute, padded to 4 bytes.
+pub(crate) fn nla_put(out: &mut Vec<u8>, ty: u16, payload: &[u8]) {
+    out.extend(((4 + payload.len()) as u16).to_ne_bytes());
+    out.extend(ty.to_ne_bytes());
+    out.extend(payload);
+    out.resize(out.len().next_multiple_of(4), 0);
+}
+
+/// Appends a NUL-terminated string attribute, padded to 4 bytes.
+pub(crate) fn nla_put_strz(out: &mut Vec<u8>, ty: u16, s: &str) {
+    let mut v = Vec::with_capacity(s.len() + 1);
+    v.extend(s.as_bytes());
+    v.push(0);
+    nla_put(out, ty, &v);
 }
 
 /// What one reply datagram says about the request `seq`.

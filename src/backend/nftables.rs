@@ -22,8 +22,8 @@ use rules::Transaction;
 
 use super::lower::{Lowered, Lowerer};
 use super::netlink::{
-    Batch, NlSocket, NFNL_HDRLEN, NFNL_SUBSYS_NFTABLES, NFT_MSG_GETGEN, NFT_MSG_NEWGEN, NLMSG_ERROR, NLMSG_HDRLEN,
-    NLM_F_REQUEST,
+    nfnl_message, nla_put_strz, Batch, NlSocket, NFNL_HDRLEN, NFNL_SUBSYS_NFTABLES, NFT_MSG_GETGEN, NFT_MSG_NEWGEN,
+    NLMSG_ERROR, NLMSG_HDRLEN, NLM_F_REQUEST,
 };
 
 /// How long we wait for the kernel to answer the GETGEN barrier. The batch itself has already
@@ -504,15 +504,7 @@ fn extack(msg: &[u8], flags: u16) -> (Option<u32>, Option<String>) {
 
 /// NFT_MSG_GETGEN: answered with NEWGEN, only after everything before it was processed.
 fn getgen_request(seq: u32, portid: u32) -> Vec<u8> {
-    let mut b = Vec::with_capacity(NFNL_HDRLEN);
-    b.extend((NFNL_HDRLEN as u32).to_ne_bytes());
-    b.extend(((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETGEN).to_ne_bytes());
-    b.extend(NLM_F_REQUEST.to_ne_bytes());
-    b.extend(seq.to_ne_bytes());
-    b.extend(portid.to_ne_bytes());
-    // nfgenmsg: AF_UNSPEC, NFNETLINK_V0, res_id 0.
-    b.extend([0u8, 0, 0, 0]);
-    b
+    nfnl_message(NFNL_SUBSYS_NFTABLES, NFT_MSG_GETGEN, NLM_F_REQUEST, seq, portid, 0, &[])
 }
 
 /// NFT_MSG_GETTABLE for kproxy's table of `family`, asking for an ACK.
@@ -520,22 +512,10 @@ fn gettable_request(seq: u32, portid: u32, family: Family) -> Vec<u8> {
     const NFT_MSG_GETTABLE: u16 = 1;
     const NFTA_TABLE_NAME: u16 = 1;
     const NLM_F_ACK: u16 = 4;
-    let name = format!("{}\0", rules::ir::TABLE);
-    let attr_len = 4 + name.len();
-    let len = NFNL_HDRLEN + attr_len.div_ceil(4) * 4;
-    let mut b = Vec::with_capacity(len);
-    b.extend((len as u32).to_ne_bytes());
-    b.extend(((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETTABLE).to_ne_bytes());
-    b.extend((NLM_F_REQUEST | NLM_F_ACK).to_ne_bytes());
-    b.extend(seq.to_ne_bytes());
-    b.extend(portid.to_ne_bytes());
-    // nfgenmsg: the family, NFNETLINK_V0, res_id 0.
-    b.extend([super::lower::nfproto(family) as u8, 0, 0, 0]);
-    b.extend((attr_len as u16).to_ne_bytes());
-    b.extend(NFTA_TABLE_NAME.to_ne_bytes());
-    b.extend(name.as_bytes());
-    b.resize(len, 0);
-    b
+    let mut attrs = Vec::new();
+    nla_put_strz(&mut attrs, NFTA_TABLE_NAME, rules::ir::TABLE);
+    let family = super::lower::nfproto(family) as u8;
+    nfnl_message(NFNL_SUBSYS_NFTABLES, NFT_MSG_GETTABLE, NLM_F_REQUEST | NLM_F_ACK, seq, portid, family, &attrs)
 }
 
 /// The answer to [`gettable_request`] `seq` in `buf`, if `buf` holds it: the ACK (errno 0, the
