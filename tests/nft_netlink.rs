@@ -225,10 +225,8 @@ struct Fixture {
 }
 
 fn fixtures() -> Vec<Fixture> {
-    let mut cidr = v4_cfg();
-    cidr.cluster_cidr = Some(Cidr::parse("10.180.0.0/14").unwrap());
-    let mut cidr8 = v4_cfg();
-    cidr8.cluster_cidr = Some(Cidr::parse("10.0.0.0/8").unwrap());
+    let cidr = cidr8_node(Family::V4, "10.180.0.0/14");
+    let cidr8 = cidr8_node(Family::V4, "10.0.0.0/8");
     let mut masq_all = v4_cfg();
     masq_all.masquerade_all = true;
     masq_all.masquerade_bit = 3;
@@ -702,8 +700,7 @@ fn change_steps(base: &ClusterState) -> Vec<(&'static str, ClusterState)> {
 
 #[test]
 fn incremental_changes_match_full_rulesets() {
-    let mut cfg = v4_cfg();
-    cfg.cluster_cidr = Some(Cidr::parse("10.0.0.0/8").unwrap());
+    let cfg = cidr8_node(Family::V4, "10.0.0.0/8");
     let node_ips = [ip("192.168.0.2")];
     let base = external();
     let a_rs = build(&base, &node_ips, &cfg, None).ruleset;
@@ -758,8 +755,7 @@ fn incremental_changes_match_full_rulesets() {
 /// ruleset gives, and the flush's text form is valid `nft` input too.
 #[test]
 fn partial_builds_and_stripped_rulesets_match_full_rulesets() {
-    let mut cfg = v4_cfg();
-    cfg.cluster_cidr = Some(Cidr::parse("10.0.0.0/8").unwrap());
+    let cfg = cidr8_node(Family::V4, "10.0.0.0/8");
     let node_ips = [ip("192.168.0.2")];
     let base = external();
     let steps = change_steps(&base);
@@ -810,8 +806,7 @@ fn partial_builds_and_stripped_rulesets_match_full_rulesets() {
 
 #[test]
 fn failed_batch_changes_nothing_and_names_the_op() {
-    let mut cfg = v4_cfg();
-    cfg.cluster_cidr = Some(Cidr::parse("10.0.0.0/8").unwrap());
+    let cfg = cidr8_node(Family::V4, "10.0.0.0/8");
     let a_rs = build(&cluster_ips(), &[ip("192.168.0.2")], &cfg, None).ruleset;
     let x = Netns::new();
     let mut be = x.backend().expect("backend");
@@ -930,8 +925,7 @@ fn ten_thousand_services_in_one_batch() {
             st.add_endpoint(&sp.name, Endpoint::ready(&ep, 8080));
         }
     }
-    let mut cfg = v4_cfg();
-    cfg.cluster_cidr = Some(Cidr::parse("10.0.0.0/8").unwrap());
+    let cfg = cidr8_node(Family::V4, "10.0.0.0/8");
     let t0 = Instant::now();
     let rs = build(&st, &[ip("192.168.0.2")], &cfg, None).ruleset;
     let tx = diff(None, &rs);
