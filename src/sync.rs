@@ -474,30 +474,18 @@ impl<B: Backend> Proxier<B> {
                                 rs.commit_partial(&p);
                             }
                         }
-                        Plan::Full { mut ruleset, .. } => {
-                            self.last_full.insert(family, Instant::now());
+                        Plan::Full { ruleset, .. } => {
                             report.big_full |= ruleset.element_count() >= COMPACT_THRESHOLD;
-                            if self.strip {
-                                ruleset.strip_bulk();
-                            }
-                            if let Some(old) = self.applied.insert(family, *ruleset) {
-                                drop_later(old);
-                            }
+                            self.kernel_holds_full(family, *ruleset);
                         }
                     }
-                    // A stripped ruleset still counts the elements it no longer keeps.
-                    if let Some(rs) = self.applied.get(&family) {
-                        fr.counts = counts(state, rs);
-                    }
-                    self.udp.synced(family, state);
+                    self.synced(family, state, &mut fr);
                 }
                 Err(e) => {
                     if let Plan::Full { ruleset, .. } = &plan {
                         fr.counts = counts(state, ruleset);
                     }
-                    self.applied.remove(&family);
-                    self.udp.apply_failed(family);
-                    fr.error = Some(e.to_string());
+                    self.failed(family, &mut fr, &*e);
                     if first_err.is_none() {
                         first_err = Some((family.label(), e));
                     }
@@ -604,9 +592,7 @@ impl<B: Backend> Proxier<B> {
         }
         if let Some(e) = err {
             fr.counts = counts(state, &applied);
-            self.applied.remove(&family);
-            self.udp.apply_failed(family);
-            fr.error = Some(e.to_string());
+            self.failed(family, &mut fr, &*e);
             return Some((fr, Some(e)));
         }
         info!(
@@ -617,18 +603,39 @@ impl<B: Backend> Proxier<B> {
             "cold start sent in parts (no {} table was there)",
             family.label()
         );
-        self.last_full.insert(family, Instant::now());
-        if self.strip {
-            applied.strip_bulk();
-        }
-        fr.counts = counts(state, &applied);
-        self.applied.insert(family, applied);
-        self.udp.synced(family, state);
+        self.kernel_holds_full(family, applied);
+        self.synced(family, state, &mut fr);
         Some((fr, None))
     }
-}
 
-impl<B: Backend> Proxier<B> {
+    /// The kernel holds `ruleset`, built in full, for `family`: keep it (stripped of what later
+    /// builds do not need) as what the kernel holds.
+    fn kernel_holds_full(&mut self, family: Family, mut ruleset: Ruleset) {
+        self.last_full.insert(family, Instant::now());
+        if self.strip {
+            ruleset.strip_bulk();
+        }
+        if let Some(old) = self.applied.insert(family, ruleset) {
+            drop_later(old);
+        }
+    }
+
+    /// `family`'s sync succeeded: report the counts of what the kernel holds (a stripped ruleset
+    /// still counts the elements it no longer keeps) and queue the UDP conntrack cleanup.
+    fn synced(&mut self, family: Family, state: &ClusterState, fr: &mut FamilyReport) {
+        if let Some(rs) = self.applied.get(&family) {
+            fr.counts = counts(state, rs);
+        }
+        self.udp.synced(family, state);
+    }
+
+    /// `family`'s apply failed: what the kernel holds is unknown until a full sync.
+    fn failed(&mut self, family: Family, fr: &mut FamilyReport, e: &(dyn std::error::Error + Send + Sync)) {
+        self.applied.remove(&family);
+        self.udp.apply_failed(family);
+        fr.error = Some(e.to_string());
+    }
+
     /// Sends one transaction of a cold start in parts, adding it to the report.
     fn commit_part(
         &mut self,
@@ -637,11 +644,7 @@ impl<B: Backend> Proxier<B> {
         fr: &mut FamilyReport,
     ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         debug!(family = family.label(), commit = fr.commits + 1, "cold start part:\n{tx}");
-        let s = tx.stats();
-        fr.stats.ops += s.ops;
-        fr.stats.elements_added += s.elements_added;
-        fr.stats.elements_removed += s.elements_removed;
-        fr.stats.rules_added += s.rules_added;
+        fr.stats.add(&tx.stats());
         let t = Instant::now();
         let result = self.backend.apply(tx);
         let took = t.elapsed();

@@ -59,6 +59,16 @@ pub struct TxStats {
     pub rules_added: usize,
 }
 
+impl TxStats {
+    /// Adds another transaction's sizes (a sync that sent several).
+    pub fn add(&mut self, o: &TxStats) {
+        self.ops += o.ops;
+        self.elements_added += o.elements_added;
+        self.elements_removed += o.elements_removed;
+        self.rules_added += o.rules_added;
+    }
+}
+
 impl Transaction {
     pub fn new(family: Family) -> Self {
         Transaction { family, ops: Vec::new() }
