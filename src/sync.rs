@@ -518,6 +518,10 @@ impl<B: Backend> Proxier<B> {
         state: &ClusterState,
         inputs: &Inputs<'_>,
     ) -> Option<(FamilyReport, Option<Box<dyn std::error::Error + Send + Sync>>)> {
+        let part_size = self.cold_start_part.max(1);
+        if state.services.len() <= part_size {
+            return None; // no more Services than ports: one part at most
+        }
         let mut services: Vec<(String, String)> = state
             .services
             .iter()
@@ -525,7 +529,6 @@ impl<B: Backend> Proxier<B> {
             .map(|(spn, _)| (spn.namespace.clone(), spn.name.clone()))
             .collect();
         services.dedup();
-        let part_size = self.cold_start_part.max(1);
         if services.len() <= part_size || self.backend.table_exists(family) != Some(false) {
             return None;
         }
