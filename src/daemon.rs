@@ -311,7 +311,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                     // Lay out what is kept densely and give the rest back (see crate::memory).
                     crate::memory::release_free_memory();
                     let mut t = tracker.lock().expect("tracker lock");
-                    let fresh = t.clone();
+                    let fresh = t.dense_copy();
                     *t = fresh;
                     drop(t);
                     proxier.compact();

@@ -326,7 +326,7 @@ impl<B: Backend> Engine for Proxier<B> {
     }
     fn compact(&mut self) {
         for rs in self.applied.values_mut() {
-            *rs = rs.clone();
+            *rs = rs.dense_copy();
         }
     }
 }

@@ -156,8 +156,7 @@ fn plus_one(st: &ClusterState, policies: bool) -> ClusterState {
     assert!(s.services[&name].session_affinity_timeout.is_none(), "the change must hit a non-affinity service");
     let mut ep = Endpoint::ready("10.250.0.1", 8080);
     if let Some(first) = s.endpoints.get(&name).and_then(|v| v.first()) {
-        ep.node_name = first.node_name.clone();
-        ep.zone_hints = first.zone_hints.clone();
+        ep.placement = first.placement.clone();
     }
     s.add_endpoint(&name, ep);
     s

@@ -251,8 +251,8 @@ impl TopologyMode {
     fn admits(self, e: &Endpoint, node_name: &str, zone: Option<&str>) -> bool {
         match self {
             TopologyMode::All => true,
-            TopologyMode::SameNode => e.node_hints.iter().any(|n| n == node_name),
-            TopologyMode::SameZone => zone.is_some_and(|z| e.zone_hints.iter().any(|h| h == z)),
+            TopologyMode::SameNode => e.node_hints().iter().any(|n| n == node_name),
+            TopologyMode::SameZone => zone.is_some_and(|z| e.zone_hints().iter().any(|h| h == z)),
         }
     }
 }
@@ -264,10 +264,10 @@ impl TopologyMode {
 /// without a zone label included, cases 91-96).
 pub fn topology_mode(eps: &[&Endpoint], node_name: &str, zone: Option<&str>) -> TopologyMode {
     let ready: Vec<&&Endpoint> = eps.iter().filter(|e| e.ready).collect();
-    let all_node = ready.iter().all(|e| !e.node_hints.is_empty());
-    let for_node = ready.iter().any(|e| e.node_hints.iter().any(|n| n == node_name));
-    let all_zone = ready.iter().all(|e| !e.zone_hints.is_empty());
-    let for_zone = zone.is_some_and(|z| ready.iter().any(|e| e.zone_hints.iter().any(|h| h == z)));
+    let all_node = ready.iter().all(|e| !e.node_hints().is_empty());
+    let for_node = ready.iter().any(|e| e.node_hints().iter().any(|n| n == node_name));
+    let all_zone = ready.iter().all(|e| !e.zone_hints().is_empty());
+    let for_zone = zone.is_some_and(|z| ready.iter().any(|e| e.zone_hints().iter().any(|h| h == z)));
     if all_node && for_node {
         TopologyMode::SameNode
     } else if all_zone && for_zone {
@@ -905,6 +905,22 @@ pub struct Book {
     pub cluster_ips: BTreeMap<IpAddr, u32>,
     /// Ports counted by `no_local_endpoints`: (internal, external).
     pub no_local: BTreeMap<ServicePortName, (bool, bool)>,
+}
+
+impl Book {
+    /// A copy laid out densely ([`crate::model::dense`]).
+    pub fn dense_copy(&self) -> Book {
+        use crate::model::dense;
+        Book {
+            frontends: dense(&self.frontends),
+            node_ports: dense(&self.node_ports),
+            conflicts: self.conflicts,
+            fingerprint: self.fingerprint.clone(),
+            hairpin: dense(&self.hairpin),
+            cluster_ips: dense(&self.cluster_ips),
+            no_local: dense(&self.no_local),
+        }
+    }
 }
 
 fn count_up(m: &mut BTreeMap<IpAddr, u32>, ip: IpAddr) {

@@ -601,6 +601,22 @@ impl Ruleset {
             }
         }
     }
+    /// A copy laid out densely ([`crate::model::dense`]), for keeping after a large sync.
+    pub fn dense_copy(&self) -> Ruleset {
+        use crate::model::dense;
+        Ruleset {
+            family: self.family,
+            sets: dense(&self.sets),
+            elements: self.elements.iter().map(|(k, v)| (k.clone(), v.iter().cloned().collect())).collect(),
+            chains: dense(&self.chains),
+            set_order: self.set_order.clone(),
+            chain_order: self.chain_order.clone(),
+            slots: dense(&self.slots),
+            local_slots: dense(&self.local_slots),
+            book: self.book.dense_copy(),
+            stripped: self.stripped.clone(),
+        }
+    }
     pub fn add_set(&mut self, def: SetDef) {
         self.set_order.push(def.name.clone());
         self.elements.insert(def.name.clone(), Default::default());

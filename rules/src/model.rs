@@ -4,9 +4,10 @@
 //! edge (`src/model/`) and dropped. Everything here is plain data with a total order so that a
 //! build is deterministic.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fmt;
 use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
 
 /// IP family of a table, a service IP or an endpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -210,6 +211,52 @@ impl ServicePort {
     }
 }
 
+/// Where an endpoint runs and which topology hints it carries. Most of a cluster's endpoints share
+/// one of a few placements (one per node, without hints), so endpoints hold a shared, interned
+/// copy ([`Placement::shared`]): 8 bytes per endpoint instead of three owned fields and a string.
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Placement {
+    /// The node the endpoint runs on, when the slice says.
+    pub node_name: Option<String>,
+    /// `hints.forZones` names, sorted and deduplicated; empty when the slice gives none.
+    pub zone_hints: Vec<String>,
+    /// `hints.forNodes` names, sorted and deduplicated; empty when the slice gives none.
+    pub node_hints: Vec<String>,
+}
+
+impl Placement {
+    /// The one shared copy of this placement. Copies nobody holds any more are forgotten as the
+    /// interner grows (amortised), so node churn does not make it grow for ever.
+    pub fn shared(self) -> Arc<Placement> {
+        let mut g = INTERNED.lock().unwrap_or_else(|p| p.into_inner());
+        let int = &mut *g;
+        let set = int.set.get_or_insert_with(HashSet::new);
+        if let Some(p) = set.get(&self) {
+            return p.clone();
+        }
+        if set.len() >= int.prune_at {
+            set.retain(|p| Arc::strong_count(p) > 1);
+            int.prune_at = (set.len() * 2).max(64);
+        }
+        let p = Arc::new(self);
+        set.insert(p.clone());
+        p
+    }
+}
+
+struct Interner {
+    set: Option<HashSet<Arc<Placement>>>,
+    prune_at: usize,
+}
+
+static INTERNED: Mutex<Interner> = Mutex::new(Interner { set: None, prune_at: 64 });
+
+/// How many placements the interner holds (tests).
+#[cfg(test)]
+fn interned() -> usize {
+    INTERNED.lock().unwrap_or_else(|p| p.into_inner()).set.as_ref().map_or(0, HashSet::len)
+}
+
 /// One endpoint of one service port (already resolved to a port number).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Endpoint {
@@ -218,12 +265,8 @@ pub struct Endpoint {
     pub ready: bool,
     pub serving: bool,
     pub terminating: bool,
-    /// The node the endpoint runs on, when the slice says.
-    pub node_name: Option<String>,
-    /// `hints.forZones` names, sorted and deduplicated; empty when the slice gives none.
-    pub zone_hints: Vec<String>,
-    /// `hints.forNodes` names, sorted and deduplicated; empty when the slice gives none.
-    pub node_hints: Vec<String>,
+    /// Node and topology hints (shared, see [`Placement`]).
+    pub placement: Arc<Placement>,
 }
 
 impl Endpoint {
@@ -235,14 +278,29 @@ impl Endpoint {
             ready: true,
             serving: true,
             terminating: false,
-            node_name: None,
-            zone_hints: Vec::new(),
-            node_hints: Vec::new(),
+            placement: Placement::default().shared(),
         }
     }
-    pub fn on_node(mut self, node: &str) -> Self {
-        self.node_name = Some(node.to_string());
+    /// The node the endpoint runs on, when the slice says.
+    pub fn node_name(&self) -> Option<&str> {
+        self.placement.node_name.as_deref()
+    }
+    /// `hints.forZones` names, sorted and deduplicated.
+    pub fn zone_hints(&self) -> &[String] {
+        &self.placement.zone_hints
+    }
+    /// `hints.forNodes` names, sorted and deduplicated.
+    pub fn node_hints(&self) -> &[String] {
+        &self.placement.node_hints
+    }
+    fn place(mut self, f: impl FnOnce(&mut Placement)) -> Self {
+        let mut p = Placement::clone(&self.placement);
+        f(&mut p);
+        self.placement = p.shared();
         self
+    }
+    pub fn on_node(self, node: &str) -> Self {
+        self.place(|p| p.node_name = Some(node.to_string()))
     }
     pub fn not_ready(mut self) -> Self {
         self.ready = false;
@@ -263,17 +321,15 @@ impl Endpoint {
         self.terminating = true;
         self
     }
-    pub fn with_zone_hints(mut self, zones: &[&str]) -> Self {
-        self.zone_hints = sorted_names(zones);
-        self
+    pub fn with_zone_hints(self, zones: &[&str]) -> Self {
+        self.place(|p| p.zone_hints = sorted_names(zones))
     }
-    pub fn with_node_hints(mut self, nodes: &[&str]) -> Self {
-        self.node_hints = sorted_names(nodes);
-        self
+    pub fn with_node_hints(self, nodes: &[&str]) -> Self {
+        self.place(|p| p.node_hints = sorted_names(nodes))
     }
     /// Whether the endpoint runs on the node called `node` (upstream `IsLocal`).
     pub fn is_local_to(&self, node: &str) -> bool {
-        self.node_name.as_deref() == Some(node)
+        self.node_name() == Some(node)
     }
     /// `IP:port` (`[IP]:port` for IPv6), the string upstream sorts and hashes endpoints by.
     pub fn addr_string(&self) -> String {
@@ -321,7 +377,22 @@ pub struct ClusterState {
     pub service_cidrs: Vec<Cidr>,
 }
 
+/// A copy of `m` in full B-tree nodes. A map filled by inserts in order is left with half-empty
+/// nodes and `clone` keeps its shape; collecting from its (sorted) iterator packs every node, which
+/// for maps of large values saves up to half their memory (see `crate::memory` in the daemon).
+pub fn dense<K: Ord + Clone, V: Clone>(m: &BTreeMap<K, V>) -> BTreeMap<K, V> {
+    m.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+}
+
 impl ClusterState {
+    /// A copy laid out densely ([`dense`]), for keeping after a large sync.
+    pub fn dense_copy(&self) -> ClusterState {
+        ClusterState {
+            services: dense(&self.services),
+            endpoints: dense(&self.endpoints),
+            service_cidrs: self.service_cidrs.clone(),
+        }
+    }
     pub fn add_service(&mut self, sp: ServicePort) -> &mut Self {
         self.services.insert(sp.name.clone(), sp);
         self
@@ -538,6 +609,34 @@ mod tests {
         assert!(Cidr::parse("10.0.0.0/33").is_err());
         assert!(Cidr::parse("10.0.0.0").is_err());
         assert_eq!(Cidr::parse("fd00:10::5/64").unwrap().to_string(), "fd00:10::/64");
+    }
+
+    #[test]
+    fn placements_are_shared_and_forgotten_once_unused() {
+        let p = |n: &str| Placement { node_name: Some(n.to_string()), ..Default::default() };
+        let a = p("interner-test-node").shared();
+        let b = p("interner-test-node").shared();
+        assert!(Arc::ptr_eq(&a, &b), "one copy per distinct placement");
+        assert!(!Arc::ptr_eq(&a, &p("interner-test-other").shared()));
+        let e = Endpoint::ready("10.0.0.1", 80).on_node("interner-test-node");
+        assert!(Arc::ptr_eq(&e.placement, &a));
+        assert_eq!(e.node_name(), Some("interner-test-node"));
+        // Placements nobody holds any more go as the interner grows (node churn).
+        for i in 0..10_000 {
+            drop(p(&format!("interner-test-churn-{i}")).shared());
+        }
+        assert!(interned() < 1_000, "the interner holds {} placements", interned());
+        assert!(Arc::ptr_eq(&a, &p("interner-test-node").shared()), "held ones stay");
+    }
+
+    #[test]
+    fn a_dense_copy_is_equal() {
+        let st = crate::synthetic::cluster(300, 3, true);
+        assert_eq!(st.dense_copy(), st);
+        let mut rs = crate::build(&st, &[], &BuildConfig::new(Family::V4), None).ruleset;
+        assert_eq!(rs.dense_copy(), rs);
+        rs.strip_bulk();
+        assert_eq!(rs.dense_copy(), rs);
     }
 
     #[test]

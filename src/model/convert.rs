@@ -9,10 +9,11 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use rules::model::{Cidr, Family, NodeInfo, Protocol, ServicePort, ServicePortName};
+use rules::model::{Cidr, Family, NodeInfo, Placement, Protocol, ServicePort, ServicePortName};
 
 use super::validate::{is_dns1123_label, is_dns1123_subdomain, is_port_name, parse_ip_sloppy};
 use super::Rejected;
@@ -122,11 +123,8 @@ pub struct SliceEndpoint {
     pub ready: bool,
     pub serving: bool,
     pub terminating: bool,
-    pub node_name: Option<String>,
-    /// `hints.forZones` names, sorted and deduplicated.
-    pub zone_hints: Vec<String>,
-    /// `hints.forNodes` names, sorted and deduplicated.
-    pub node_hints: Vec<String>,
+    /// Node name and topology hints, shared with every endpoint placed alike.
+    pub placement: Arc<Placement>,
 }
 
 fn has_label(labels: &Option<BTreeMap<String, String>>, key: &str) -> bool {
@@ -485,9 +483,7 @@ pub fn endpoint_slice(slice: &EndpointSlice) -> Result<Converted<SliceInfo>, Rej
             ready: c.and_then(|c| c.ready).unwrap_or(true),
             serving: c.and_then(|c| c.serving).unwrap_or(true),
             terminating: c.and_then(|c| c.terminating).unwrap_or(false),
-            node_name: ep.node_name.clone(),
-            zone_hints,
-            node_hints,
+            placement: Placement { node_name: ep.node_name.clone(), zone_hints, node_hints }.shared(),
         });
     }
 
@@ -893,9 +889,9 @@ endpoints:
   hints: {forZones: [{name: zone-b}, {name: zone-a}, {name: zone-b}], forNodes: [{name: node-1}]}
 - addresses: [10.0.0.2]",
         );
-        assert_eq!(s.endpoints[0].zone_hints, vec!["zone-a", "zone-b"]);
-        assert_eq!(s.endpoints[0].node_hints, vec!["node-1"]);
-        assert!(s.endpoints[1].zone_hints.is_empty() && s.endpoints[1].node_hints.is_empty());
+        assert_eq!(s.endpoints[0].placement.zone_hints, vec!["zone-a", "zone-b"]);
+        assert_eq!(s.endpoints[0].placement.node_hints, vec!["node-1"]);
+        assert_eq!(*s.endpoints[1].placement, Placement { node_name: None, ..Default::default() });
         let zones: Vec<String> = (0..9).map(|i| format!("{{name: z{i}}}")).collect();
         let got = rejected_slice(&format!(
             "metadata: {{namespace: ns1, name: s1, labels: {{kubernetes.io/service-name: b}}}}
@@ -934,9 +930,7 @@ endpoints:
             ready,
             serving,
             terminating,
-            node_name: node.map(String::from),
-            zone_hints: vec![],
-            node_hints: vec![],
+            placement: Placement { node_name: node.map(String::from), ..Default::default() }.shared(),
         };
         assert_eq!(
             s.endpoints,
