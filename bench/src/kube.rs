@@ -36,7 +36,7 @@ pub struct Opts {
     pub kproxy: PathBuf,
 }
 
-const NODE: &str = "node-x";
+pub const NODE: &str = "node-x";
 const WARMUP: usize = 3;
 /// How long any one thing may take before the bench gives up.
 const DEADLINE: Duration = Duration::from_secs(180);
@@ -397,6 +397,22 @@ pub fn run(o: &Opts) {
 }
 
 // ---- the daemon from manifests: cold start, RSS, CPU ---------------------------------------------
+
+/// The plain synthetic cluster as API objects: every Service and its one EndpointSlice.
+pub fn objects(services: usize, endpoints: usize) -> (Vec<Service>, Vec<EndpointSlice>) {
+    let svcs = (0..services).map(service).collect();
+    let slices = (0..services)
+        .map(|i| slice(i, &(0..endpoints).map(|e| endpoint_ip(i * endpoints + e)).collect::<Vec<_>>()))
+        .collect();
+    (svcs, slices)
+}
+
+/// The configuration the benches run the daemon with (its flags below), for in-process runs.
+pub fn daemon_config() -> kproxy::config::Config {
+    use clap::Parser;
+    let flags = ["kproxy", "--manifests", "/nonexistent", "--hostname-override", NODE, "--cluster-cidr", "10.0.0.0/8"];
+    kproxy::config::Flags::try_parse_from(flags).expect("bench flags").into_config().expect("bench config")
+}
 
 /// The plain synthetic cluster (`service`, `slice` above) as `kproxy --manifests` input: JSON
 /// `kind: List` files of 500 services each (kproxy refuses files over 16 MiB), plus this node and

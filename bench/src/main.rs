@@ -17,14 +17,15 @@
 //! - `ipt-text`, `ipt-delta`, `ipt-undelta`: upstream's iptables-mode `iptables-restore` input
 //!   (rules::iptables) for the cluster and the one-endpoint change; `ipt-jumps`: its jump rules;
 //! - `load`: kproxy's cold start alone; `daemon-cold`: the daemon from `--manifests` (kube.rs);
+//! - `memory`: the daemon's kept memory after a first sync, by component, in allocated bytes;
 //! - `manifests --dir D`: the cluster as Service and EndpointSlice YAML for `kproxy --manifests`;
 //! - `serve --port P` / `connect --target IP:PORT --count N`: the data-plane listener and the
 //!   first-packet (TCP connect) latency client (see dataplane.rs).
 
-
 /// The daemon's allocator (src/main.rs), so in-process timings match the daemon's.
+/// Wrapped so that `memory` can count live bytes (free while it does not).
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: memory::Counting = memory::Counting;
 
 use std::time::{Duration, Instant};
 
@@ -32,6 +33,7 @@ use rules::model::*;
 
 mod dataplane;
 mod kube;
+mod memory;
 mod upstream_nft;
 
 struct Args {
@@ -245,6 +247,7 @@ fn main() {
             let limit = Duration::from_secs(if a.count == 2000 { 300 } else { a.count as u64 });
             return kube::daemon_cold(&kproxy, &a.dir.expect("--dir DIR"), &extra, limit);
         }
+        "memory" => return memory::run(a.services, a.endpoints),
         "manifests" => {
             let dir = a.dir.expect("--dir DIR");
             return kube::write_manifests(&dir, a.services, a.endpoints, a.policies);
