@@ -26,7 +26,80 @@ pub fn release_free_memory() {
     }
 }
 
-// mimalloc's C API (linked through the `mimalloc` crate's libmimalloc-sys).
+/// `mi_option_arena_eager_commit`'s place in mimalloc's `mi_option_t` (libmimalloc-sys 0.1.49,
+/// mimalloc v2: show_errors, show_stats, verbose, eager_commit, arena_eager_commit). Its default,
+/// 2, tells it apart from its neighbours (the test below checks it).
+const MI_OPTION_ARENA_EAGER_COMMIT: i32 = 4;
+
+/// Sets mimalloc up for a long-running daemon, before its first allocation (it runs as an ELF
+/// constructor, below): arenas are committed on demand instead of eagerly (the default on Linux),
+/// so memory freed after a cold start is decommitted when purged, not kept resident. At 10k
+/// services x 10 endpoints: resident after start-up 64 → 55 MiB, idle 18 → 9 MiB. Setting it in
+/// `main` is too late: Rust's runtime allocates first, and the first allocation makes the arena.
+/// `MIMALLOC_ARENA_EAGER_COMMIT` in the environment, when set, wins.
+pub fn configure_allocator() {
+    // SAFETY: getenv reads the environment with a NUL-terminated name and allocates nothing (this
+    // runs before the allocator is set up); mi_option_set takes an option number and a value.
+    unsafe {
+        if libc::getenv(c"MIMALLOC_ARENA_EAGER_COMMIT".as_ptr()).is_null() {
+            mi_option_set(MI_OPTION_ARENA_EAGER_COMMIT, 0);
+        }
+    }
+}
+
+/// [`configure_allocator`] as an ELF constructor, in every program linking this crate (the daemon,
+/// the benches, the tests): it must run before the first allocation, which makes mimalloc's first
+/// arena.
+#[used]
+#[link_section = ".init_array"]
+static CONFIGURE_ALLOCATOR: extern "C" fn() = {
+    extern "C" fn run() {
+        configure_allocator();
+    }
+    run
+};
+
+// mimalloc's C API (linked through the `mimalloc` crate's libmimalloc-sys; named here so that
+// binaries without mimalloc as their allocator, such as the unit tests, link it too).
+use mimalloc as _;
 extern "C" {
     fn mi_collect(force: bool);
+    fn mi_option_set(option: i32, value: std::ffi::c_long);
+    #[cfg(test)]
+    fn mi_option_get(option: i32) -> std::ffi::c_long;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn option() -> std::ffi::c_long {
+        // SAFETY: reads an option by number.
+        unsafe { mi_option_get(MI_OPTION_ARENA_EAGER_COMMIT) }
+    }
+
+    #[test]
+    fn the_constructor_turned_eager_arena_commit_off() {
+        if std::env::var_os("MIMALLOC_ARENA_EAGER_COMMIT").is_none() {
+            assert_eq!(option(), 0);
+        }
+    }
+
+    /// Option number 4 is the one mimalloc names `arena_eager_commit`: in a child process with
+    /// `MIMALLOC_ARENA_EAGER_COMMIT=7` (which the constructor leaves alone), it reads 7.
+    #[test]
+    fn option_four_is_arena_eager_commit() {
+        if std::env::var_os("KPROXY_TEST_MI_CHILD").is_some() {
+            println!("option={}", option());
+            return;
+        }
+        let out = std::process::Command::new(std::env::current_exe().expect("test binary"))
+            .args(["--exact", "memory::tests::option_four_is_arena_eager_commit", "--nocapture", "--test-threads=1"])
+            .env("KPROXY_TEST_MI_CHILD", "1")
+            .env("MIMALLOC_ARENA_EAGER_COMMIT", "7")
+            .output()
+            .expect("child test process");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(stdout.contains("option=7"), "child printed: {stdout}");
+    }
 }
