@@ -526,7 +526,7 @@ impl<B: Backend> Proxier<B> {
             .services
             .iter()
             .filter(|(_, sp)| sp.family() == family)
-            .map(|(spn, _)| (spn.namespace.clone(), spn.name.clone()))
+            .map(|(spn, _)| (spn.namespace().to_string(), spn.name().to_string()))
             .collect();
         services.dedup();
         if services.len() <= part_size || self.backend.table_exists(family) != Some(false) {

@@ -418,7 +418,7 @@ fn check_invariants(snap: &Snapshot, tracker: &ChangeTracker) {
             assert_eq!(sp.family(), family);
             assert_ne!(sp.port, 0);
             assert!(sp.external_ips.iter().chain(&sp.load_balancer_ips).all(|ip| Family::of(ip) == family));
-            for s in [&sp.name.namespace, &sp.name.name, &sp.name.port_name] {
+            for s in [&sp.name.namespace(), &sp.name.name(), &sp.name.port_name()] {
                 assert!(s.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-'), "{s:?}");
             }
         }

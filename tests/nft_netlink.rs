@@ -1027,7 +1027,7 @@ fn a_cold_start_in_parts_lists_like_one_transaction() {
     let mut p = Proxier::new(cfg, be);
     p.cold_start_part = 2;
     let r = p.sync(&inputs).expect("cold start in parts");
-    let services: std::collections::BTreeSet<_> = st.services.keys().map(|s| (&s.namespace, &s.name)).collect();
+    let services: std::collections::BTreeSet<_> = st.services.keys().map(|s| (s.namespace(), s.name())).collect();
     assert_eq!(r.families[0].commits, 1 + services.len().div_ceil(2), "{:?}", r.families[0]);
     assert_eq!(p.backend.table_exists(Family::V4), Some(true));
     assert_eq!(p.backend.table_exists(Family::V6), Some(false));

@@ -131,7 +131,7 @@ struct Part {
 
 fn service_port(u: &Upstream, sp: &ServicePort, eps: &[Endpoint]) -> Part {
     let spn = &sp.name;
-    let proto = spn.protocol.lower();
+    let proto = spn.protocol().lower();
     let cat = categorize_endpoints(eps, sp, u.node_name, u.node_zone);
     let mut chains: Vec<String> = Vec::new();
     let mut rules: Vec<String> = Vec::new();

@@ -369,7 +369,7 @@ pub(crate) fn resolve_conflicts(
     let mut frontends: BTreeMap<(IpAddr, Protocol, u16), ServicePortName> = BTreeMap::new();
     let mut node_ports: BTreeMap<(Protocol, u16), ServicePortName> = BTreeMap::new();
     for sp in state.services.values().filter(|sp| sp.family() == fam) {
-        let proto = sp.name.protocol;
+        let proto = sp.name.protocol();
         if let Some(owner) = frontends.get(&(sp.cluster_ip, proto, sp.port)) {
             skipped.push(Skipped {
                 service: sp.name.clone(),
@@ -617,7 +617,7 @@ pub fn build(state: &ClusterState, node_ips: &[IpAddr], cfg: &BuildConfig, previ
         .cluster
         .iter()
         .chain(blocks.local.iter())
-        .map(|(spn, b)| (spn.protocol, b / ENDPOINT_MAP_SHARD))
+        .map(|(spn, b)| (spn.protocol(), b / ENDPOINT_MAP_SHARD))
         .collect();
     for (proto, shard) in shards {
         rs.add_set(endpoint_map_def(fam, proto, shard));
@@ -665,7 +665,7 @@ impl PortCtx<'_> {
         let local_detector = |neq: bool| self.local_detector(neq);
         let mut out = PortOut { cluster_ip: sp.cluster_ip, hairpin: BTreeSet::new(), no_local: (false, false) };
         let comment = spn.to_string();
-        let proto = spn.protocol;
+        let proto = spn.protocol();
         let cat = categorize_endpoints(eps, sp, node_name, cfg.node_zone.as_deref());
         let svc_chain = service_chain(spn);
         let loc_chain = local_chain(spn);
@@ -1002,7 +1002,7 @@ fn frontends_of(sp: &ServicePort) -> impl Iterator<Item = (IpAddr, Protocol, u16
     std::iter::once(sp.cluster_ip)
         .chain(sp.external_ips.iter().copied())
         .chain(sp.load_balancer_ips.iter().copied())
-        .map(|ip| (ip, sp.name.protocol, sp.port))
+        .map(|ip| (ip, sp.name.protocol(), sp.port))
 }
 
 /// One service port of a partial build, before or after the change.
@@ -1058,7 +1058,7 @@ pub fn build_partial(
             }
         }
         if sp.node_port != 0 {
-            let k = (sp.name.protocol, sp.node_port);
+            let k = (sp.name.protocol(), sp.node_port);
             if book.node_ports.get(&k).is_some_and(|o| !leaving.contains(o)) || !claimed_np.insert(k) {
                 return None;
             }
@@ -1067,7 +1067,7 @@ pub fn build_partial(
 
     // Slot blocks: changing ports keep theirs, new ones take the lowest free blocks.
     let mut used: BTreeMap<u32, Protocol> =
-        applied.slots.iter().chain(applied.local_slots.iter()).map(|(spn, b)| (*b, spn.protocol)).collect();
+        applied.slots.iter().chain(applied.local_slots.iter()).map(|(spn, b)| (*b, spn.protocol())).collect();
     for sp in &old_ports {
         for b in [applied.slots.get(&sp.name), applied.local_slots.get(&sp.name)].into_iter().flatten() {
             used.remove(b);
@@ -1095,10 +1095,10 @@ pub fn build_partial(
         let (mut c, mut l) = (None, None);
         if sp.session_affinity_timeout.is_none() {
             if sp.uses_cluster_endpoints() {
-                c = Some(take(applied.slots.get(&sp.name).copied(), sp.name.protocol, &mut used)?);
+                c = Some(take(applied.slots.get(&sp.name).copied(), sp.name.protocol(), &mut used)?);
             }
             if sp.uses_local_endpoints() {
-                l = Some(take(applied.local_slots.get(&sp.name).copied(), sp.name.protocol, &mut used)?);
+                l = Some(take(applied.local_slots.get(&sp.name).copied(), sp.name.protocol(), &mut used)?);
             }
         }
         new_blocks.push((c, l));
@@ -1185,7 +1185,7 @@ impl Ruleset {
                     book.frontends.remove(&k);
                 }
             }
-            let np = (r.spn.protocol, r.sp.node_port);
+            let np = (r.spn.protocol(), r.sp.node_port);
             if r.sp.node_port != 0 && book.node_ports.get(&np) == Some(&r.spn) {
                 book.node_ports.remove(&np);
             }
@@ -1198,7 +1198,7 @@ impl Ruleset {
                 book.frontends.insert(k, r.spn.clone());
             }
             if r.sp.node_port != 0 {
-                book.node_ports.insert((r.spn.protocol, r.sp.node_port), r.spn.clone());
+                book.node_ports.insert((r.spn.protocol(), r.sp.node_port), r.spn.clone());
             }
             if let Some(b) = r.cluster_block {
                 self.slots.insert(r.spn.clone(), b);

@@ -41,7 +41,7 @@ impl StaleUdpFlows {
     pub fn from_state(state: &ClusterState, family: Family) -> Self {
         let mut out = StaleUdpFlows::default();
         for (name, sp) in &state.services {
-            if name.protocol != Protocol::Udp || sp.family() != family {
+            if name.protocol() != Protocol::Udp || sp.family() != family {
                 continue;
             }
             let serving: BTreeSet<IpAddr> = state

@@ -27,11 +27,11 @@ pub fn health_checks(states: &[&ClusterState], node_name: &str) -> BTreeMap<(Str
     for st in states {
         for (name, sp) in &st.services {
             if sp.health_check_node_port != 0 {
-                ports.insert((name.namespace.clone(), name.name.clone()), sp.health_check_node_port);
+                ports.insert((name.namespace().to_string(), name.name().to_string()), sp.health_check_node_port);
             }
         }
         for (name, eps) in &st.endpoints {
-            let key = (name.namespace.clone(), name.name.clone());
+            let key = (name.namespace().to_string(), name.name().to_string());
             for e in eps.iter().filter(|e| e.ready && e.is_local_to(node_name)) {
                 local.entry(key.clone()).or_default().insert(e.ip);
             }

@@ -206,7 +206,7 @@ fn hash16(s: &str) -> String {
 }
 
 fn port_proto_hash(spn: &ServicePortName) -> String {
-    hash16(&format!("{spn}{}", spn.protocol.lower()))
+    hash16(&format!("{spn}{}", spn.protocol().lower()))
 }
 
 /// `KUBE-SVC-…`: endpoints under the Cluster traffic policy.
@@ -227,7 +227,7 @@ pub fn fw_chain(spn: &ServicePortName) -> String {
 }
 /// `KUBE-SEP-…`: one endpoint (`IP:port`, `[IP]:port` for IPv6) of a service port.
 pub fn sep_chain(spn: &ServicePortName, ep: &Endpoint) -> String {
-    format!("KUBE-SEP-{}", hash16(&format!("{spn}{}{}", spn.protocol.lower(), ep.addr_string())))
+    format!("KUBE-SEP-{}", hash16(&format!("{spn}{}{}", spn.protocol().lower(), ep.addr_string())))
 }
 
 /// `1/n` as upstream prints it (`%0.10f`).
@@ -416,12 +416,12 @@ pub fn build_with(state: &ClusterState, node_ips: &[IpAddr], cfg: &BuildConfig, 
 
     // Upstream's test order: by `namespace/name`, stable (ports of one service keep our order).
     let mut order: Vec<(&ServicePortName, &ServicePort)> = services.iter().collect();
-    order.sort_by_cached_key(|(spn, _)| format!("{}/{}", spn.namespace, spn.name));
+    order.sort_by_cached_key(|(spn, _)| format!("{}/{}", spn.namespace(), spn.name()));
 
     let mut no_local = NoLocalEndpoints::default();
     for (spn, sp) in order {
         let name = spn.to_string();
-        let proto = spn.protocol.lower();
+        let proto = spn.protocol().lower();
         let pm = format!("-m {proto} -p {proto}");
         let cat = categorize_endpoints(state.endpoints_of(spn), sp, &cfg.node_name, cfg.node_zone.as_deref());
         let hash = port_proto_hash(spn);

@@ -73,7 +73,7 @@ fn hash_and_truncate(s: &str) -> String {
 
 /// `HASH-ns/svc/proto/portName`: the base of a service port's chain names.
 pub fn service_port_chain_base(spn: &ServicePortName) -> String {
-    hash_and_truncate(&format!("{}/{}/{}/{}", spn.namespace, spn.name, spn.protocol.lower(), spn.port_name))
+    hash_and_truncate(&format!("{}/{}/{}/{}", spn.namespace(), spn.name(), spn.protocol().lower(), spn.port_name()))
 }
 
 /// `service-HASH-ns/svc/proto/portName`: the chain that picks an endpoint.
@@ -97,10 +97,10 @@ fn endpoint_base_of(spn: &ServicePortName, ip: &str, port: u16) -> String {
     let ip = ip.replace(':', ".");
     hash_and_truncate(&format!(
         "{}/{}/{}/{}__{ip}/{port}",
-        spn.namespace,
-        spn.name,
-        spn.protocol.lower(),
-        spn.port_name
+        spn.namespace(),
+        spn.name(),
+        spn.protocol().lower(),
+        spn.port_name()
     ))
 }
 

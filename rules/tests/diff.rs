@@ -208,9 +208,9 @@ fn walk_partial_builds(strip: bool) {
             let mut n = prev.clone();
             let other = random_state(&mut rng);
             let pick = format!("s{}", rng.next(8));
-            n.services.retain(|k, _| k.name != pick);
-            n.endpoints.retain(|k, _| k.name != pick);
-            for (k, sp) in other.services.iter().filter(|(k, _)| k.name == pick) {
+            n.services.retain(|k, _| k.name() != pick);
+            n.endpoints.retain(|k, _| k.name() != pick);
+            for (k, sp) in other.services.iter().filter(|(k, _)| k.name() == pick) {
                 n.add_service(sp.clone());
                 if let Some(eps) = other.endpoints.get(k) {
                     n.endpoints.insert(k.clone(), eps.clone());

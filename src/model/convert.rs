@@ -623,7 +623,7 @@ spec:
   - {name: dns-udp, port: 53, protocol: UDP}
   - {name: dns-sctp, port: 53, protocol: SCTP}",
         );
-        let protos: Vec<_> = s.ports.iter().map(|p| p.name.protocol).collect();
+        let protos: Vec<_> = s.ports.iter().map(|p| p.name.protocol()).collect();
         assert_eq!(protos, vec![Protocol::Tcp, Protocol::Udp, Protocol::Sctp]);
     }
 

@@ -305,7 +305,7 @@ impl ChangeTracker {
             .filter(|s| s.family == family)
             .collect();
         for sp in svc.ports.iter().filter(|p| p.family() == family) {
-            let eps = merge_endpoints(&slices, &sp.name.port_name, sp.name.protocol);
+            let eps = merge_endpoints(&slices, sp.name.port_name(), sp.name.protocol());
             if !eps.is_empty() {
                 state.endpoints.insert(sp.name.clone(), eps);
             }
@@ -874,7 +874,7 @@ spec: {clusterIP: 172.30.0.42, ipFamilies: [IPv4, IPv6], clusterIPs: [172.30.0.4
         t.upsert_slice(&slice("a", "svc2", "IPv4", "[{name: http, port: 8080}]", "[{addresses: [10.0.1.1]}]")).unwrap();
         check(&t, "slice moved");
         let c = t.take_changes();
-        let names = |st: &ClusterState| st.endpoints.keys().map(|n| n.name.clone()).collect::<Vec<_>>();
+        let names = |st: &ClusterState| st.endpoints.keys().map(|n| n.name().to_string()).collect::<Vec<_>>();
         assert_eq!(c.services.len(), 2);
         assert_eq!(names(c.before(Family::V4)), vec!["svc1", "svc2"]);
         assert_eq!(names(c.after(Family::V4)), vec!["svc2"], "svc1 has no endpoints any more");
