@@ -1558,7 +1558,7 @@ mod tests {
         let rs = &b.ruleset;
         assert_eq!((rs.slots.get(&etp.name), rs.local_slots.get(&etp.name)), (Some(&0), Some(&1)));
         assert_eq!((rs.slots.get(&itp.name), rs.local_slots.get(&itp.name)), (None, Some(&2)));
-        assert!(!rs.chains.contains_key(&service_chain(&itp.name)), "no cluster traffic, no cluster chain");
+        assert!(!rs.chains.contains_key(service_chain(&itp.name).as_str()), "no cluster traffic, no cluster chain");
         assert_eq!(
             elements(rs, &service_endpoints_map(Protocol::Tcp, 0)),
             vec!["0-13859 : 10.0.1.1 . 80", "13860-27719 : 10.0.2.1 . 80", "27720-55439 : 10.0.1.1 . 80"]
@@ -1603,7 +1603,11 @@ mod tests {
         st.add_service(sp.clone());
         let text = |cfg: &BuildConfig| -> Vec<String> {
             let rs = build(&st, &[], cfg, None).ruleset;
-            rs.chains[&external_chain(&sp.name)].rules.iter().map(|r| r.display(Family::V4).to_string()).collect()
+            rs.chains[external_chain(&sp.name).as_str()]
+                .rules
+                .iter()
+                .map(|r| r.display(Family::V4).to_string())
+                .collect()
         };
         let (svc, loc) = (service_chain(&sp.name), local_chain(&sp.name));
         assert_eq!(
@@ -1641,7 +1645,7 @@ mod tests {
         st.add_endpoint(&sp.name, Endpoint::ready("10.180.0.1", 80));
         let services = |cfg: &BuildConfig| -> Vec<String> {
             let rs = build(&st, &[], cfg, None).ruleset;
-            let svc = &rs.chains[&service_chain(&sp.name)].rules;
+            let svc = &rs.chains[service_chain(&sp.name).as_str()].rules;
             assert_eq!(svc.len(), 1, "the service chain only DNATs");
             rs.chains[SERVICES].rules.iter().map(|r| r.display(Family::V4).to_string()).collect()
         };

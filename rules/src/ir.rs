@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use crate::model::{Cidr, Family, Protocol, ServicePortName};
 
@@ -535,7 +536,6 @@ impl fmt::Display for RuleText<'_> {
 /// A chain: regular or base, with its rules.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Chain {
-    pub name: String,
     pub base: Option<BaseChain>,
     pub rules: Vec<Rule>,
 }
@@ -549,10 +549,11 @@ pub struct Ruleset {
     pub family: Family,
     pub sets: BTreeMap<String, SetDef>,
     pub elements: BTreeMap<String, std::collections::BTreeSet<Element>>,
-    pub chains: BTreeMap<String, Chain>,
+    /// Keyed by the names `chain_order` holds too (one shared string per chain).
+    pub chains: BTreeMap<Arc<str>, Chain>,
     /// Creation order of sets (first) and chains (second).
     pub set_order: Vec<String>,
-    pub chain_order: Vec<String>,
+    pub chain_order: Vec<Arc<str>>,
     /// Endpoint slot block of every service port's cluster endpoints (see
     /// `build::SLOTS_PER_SERVICE`).
     pub slots: BTreeMap<ServicePortName, u32>,
@@ -626,8 +627,9 @@ impl Ruleset {
         self.elements.get_mut(set).unwrap_or_else(|| panic!("set {set} not declared")).insert(e);
     }
     pub fn add_chain(&mut self, name: &str, base: Option<BaseChain>) {
-        self.chain_order.push(name.to_string());
-        self.chains.insert(name.to_string(), Chain { name: name.to_string(), base, rules: Vec::new() });
+        let name: Arc<str> = Arc::from(name);
+        self.chain_order.push(name.clone());
+        self.chains.insert(name, Chain { base, rules: Vec::new() });
     }
     pub fn add_rule(&mut self, chain: &str, exprs: Vec<Expr>) {
         self.chains.get_mut(chain).unwrap_or_else(|| panic!("chain {chain} not declared")).rules.push(Rule::new(exprs));
@@ -663,21 +665,21 @@ impl Ruleset {
                     }
                 }
                 Op::AddChain { name, base } => {
-                    if !self.chains.contains_key(name) {
+                    if !self.chains.contains_key(name.as_str()) {
                         self.add_chain(name, *base);
                     }
                 }
                 Op::FlushChain(name) => {
-                    if let Some(c) = self.chains.get_mut(name) {
+                    if let Some(c) = self.chains.get_mut(name.as_str()) {
                         c.rules.clear();
                     }
                 }
                 Op::DeleteChain(name) => {
-                    self.chains.remove(name);
-                    self.chain_order.retain(|n| n != name);
+                    self.chains.remove(name.as_str());
+                    self.chain_order.retain(|n| **n != **name);
                 }
                 Op::AddRule { chain, rule } => {
-                    if let Some(c) = self.chains.get_mut(chain) {
+                    if let Some(c) = self.chains.get_mut(chain.as_str()) {
                         c.rules.push(rule.clone());
                     }
                 }

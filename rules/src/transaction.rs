@@ -160,7 +160,7 @@ pub fn diff(applied: Option<&Ruleset>, desired: &Ruleset) -> Transaction {
     // 1. New chains (declarations only, so any rule or element below may reference them).
     for name in &desired.chain_order {
         if !old.chains.contains_key(name) {
-            tx.ops.push(Op::AddChain { name: name.clone(), base: desired.chains[name].base });
+            tx.ops.push(Op::AddChain { name: name.to_string(), base: desired.chains[name].base });
         }
     }
     // 2. New sets.
@@ -194,7 +194,7 @@ pub fn diff(applied: Option<&Ruleset>, desired: &Ruleset) -> Transaction {
                 // A hook cannot be changed in place; such a change is a full resync.
                 return diff(None, desired);
             }
-            Some(d) if d.rules != o.rules || uses_recreated(o) => tx.ops.push(Op::FlushChain(name.clone())),
+            Some(d) if d.rules != o.rules || uses_recreated(o) => tx.ops.push(Op::FlushChain(name.to_string())),
             Some(_) => {}
         }
     }
@@ -212,7 +212,7 @@ pub fn diff(applied: Option<&Ruleset>, desired: &Ruleset) -> Transaction {
         };
         if changed {
             for r in &d.rules {
-                tx.ops.push(Op::AddRule { chain: name.clone(), rule: r.clone() });
+                tx.ops.push(Op::AddRule { chain: name.to_string(), rule: r.clone() });
             }
         }
     }
@@ -230,10 +230,10 @@ pub fn diff(applied: Option<&Ruleset>, desired: &Ruleset) -> Transaction {
     }
     // 6. Removed chains: flush (drops their references) then delete; then removed sets.
     for name in &deleted_chains {
-        tx.ops.push(Op::FlushChain(name.clone()));
+        tx.ops.push(Op::FlushChain(name.to_string()));
     }
     for name in &deleted_chains {
-        tx.ops.push(Op::DeleteChain(name.clone()));
+        tx.ops.push(Op::DeleteChain(name.to_string()));
     }
     for name in &old.set_order {
         if !desired.sets.contains_key(name) {
@@ -249,11 +249,11 @@ fn create_all(tx: &mut Transaction, rs: &Ruleset) {
         tx.ops.push(Op::AddSet(rs.sets[name].clone()));
     }
     for name in &rs.chain_order {
-        tx.ops.push(Op::AddChain { name: name.clone(), base: rs.chains[name].base });
+        tx.ops.push(Op::AddChain { name: name.to_string(), base: rs.chains[name].base });
     }
     for name in &rs.chain_order {
         for r in &rs.chains[name].rules {
-            tx.ops.push(Op::AddRule { chain: name.clone(), rule: r.clone() });
+            tx.ops.push(Op::AddRule { chain: name.to_string(), rule: r.clone() });
         }
     }
     for name in &rs.set_order {
