@@ -690,7 +690,7 @@ fn change_steps(base: &ClusterState) -> Vec<(&'static str, ClusterState)> {
     s.services.remove(&udp);
     s.endpoints.remove(&udp);
     steps.push(("service deleted", s.clone()));
-    s.services.get_mut(&down).unwrap().node_port = 30999;
+    s.service_mut(&down).unwrap().node_port = 30999;
     steps.push(("nodeport changed", s.clone()));
     s.add_endpoint(&down, Endpoint::ready("10.180.3.1", 8443));
     s.add_endpoint(&np, Endpoint::ready("10.180.1.1", 8080));

@@ -377,7 +377,7 @@ pub(crate) fn resolve_conflicts(
             });
             continue;
         }
-        let mut sp = sp.clone();
+        let mut sp = ServicePort::clone(sp);
         frontends.insert((sp.cluster_ip, proto, sp.port), sp.name.clone());
         let mut keep = |ip: &IpAddr, skipped: &mut Vec<Skipped>| match frontends.get(&(*ip, proto, sp.port)) {
             Some(owner) if *owner != sp.name => {
@@ -1044,8 +1044,8 @@ pub fn build_partial(
     if book.conflicts > 0 || applied.family != fam || book.fingerprint != fingerprint(node_ips, cfg) {
         return None;
     }
-    let old_ports: Vec<&ServicePort> = old.services.values().filter(|sp| sp.family() == fam).collect();
-    let new_ports: Vec<&ServicePort> = new.services.values().filter(|sp| sp.family() == fam).collect();
+    let old_ports: Vec<&ServicePort> = old.services.values().map(|sp| &**sp).filter(|sp| sp.family() == fam).collect();
+    let new_ports: Vec<&ServicePort> = new.services.values().map(|sp| &**sp).filter(|sp| sp.family() == fam).collect();
     let leaving: BTreeSet<&ServicePortName> = old_ports.iter().map(|sp| &sp.name).collect();
 
     // Frontends: a new port may only take what is free or held by a port that is changing.
@@ -1779,14 +1779,14 @@ mod tests {
         assert!(tx.ops.contains(&crate::Op::DeleteSet(gone)), "{tx}");
         k.apply(&tx).unwrap();
         let mut st3 = st2.clone();
-        st3.services.get_mut(&sp.name).unwrap().session_affinity_timeout = Some(60);
+        st3.service_mut(&sp.name).unwrap().session_affinity_timeout = Some(60);
         let rs3 = build(&st3, &[], &node_cfg(), Some(&rs2)).ruleset;
         k.apply(&crate::diff(Some(&rs2), &rs3)).unwrap();
         // Back to no affinity: the port takes a slot block again.
         let rs4 = build(&st, &[], &node_cfg(), Some(&rs3)).ruleset;
         k.apply(&crate::diff(Some(&rs3), &rs4)).unwrap();
         let mut st5 = st.clone();
-        st5.services.get_mut(&sp.name).unwrap().session_affinity_timeout = None;
+        st5.service_mut(&sp.name).unwrap().session_affinity_timeout = None;
         let rs5 = build(&st5, &[], &node_cfg(), Some(&rs4)).ruleset;
         assert_eq!(rs5.slots.len(), 1);
         assert!(!rs5.sets.keys().any(|s| s.starts_with("affinity-")));

@@ -402,7 +402,8 @@ pub struct NodeInfo {
 /// The whole cluster as one family's rules see it: every service port and its endpoints.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ClusterState {
-    pub services: BTreeMap<ServicePortName, ServicePort>,
+    /// Shared with the tracker's Services (a port is 120 bytes, held once).
+    pub services: BTreeMap<ServicePortName, Arc<ServicePort>>,
     pub endpoints: BTreeMap<ServicePortName, Vec<Endpoint>>,
     /// The service CIDRs of this family from ServiceCIDR objects (networking.k8s.io/v1); empty
     /// when none are known. Traffic to an unallocated address inside them is dropped.
@@ -425,9 +426,14 @@ impl ClusterState {
             service_cidrs: self.service_cidrs.clone(),
         }
     }
-    pub fn add_service(&mut self, sp: ServicePort) -> &mut Self {
+    pub fn add_service(&mut self, sp: impl Into<Arc<ServicePort>>) -> &mut Self {
+        let sp = sp.into();
         self.services.insert(sp.name.clone(), sp);
         self
+    }
+    /// A service port to change (its own copy when it is shared).
+    pub fn service_mut(&mut self, name: &ServicePortName) -> Option<&mut ServicePort> {
+        self.services.get_mut(name).map(Arc::make_mut)
     }
     pub fn add_endpoint(&mut self, name: &ServicePortName, ep: Endpoint) -> &mut Self {
         self.endpoints.entry(name.clone()).or_default().push(ep);

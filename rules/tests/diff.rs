@@ -35,8 +35,8 @@ fn states() -> Vec<(&'static str, ClusterState)> {
     out.push(("a-0ep-b-1ep", s3));
 
     let mut s4 = s2.clone();
-    s4.services.get_mut(&b.name).unwrap().node_port = 30054;
-    s4.services.get_mut(&b.name).unwrap().load_balancer_ips.push("1.2.3.4".parse().unwrap());
+    s4.service_mut(&b.name).unwrap().node_port = 30054;
+    s4.service_mut(&b.name).unwrap().load_balancer_ips.push("1.2.3.4".parse().unwrap());
     out.push(("b-nodeport-changed", s4));
 
     let mut s5 = ClusterState::default();
@@ -211,7 +211,7 @@ fn walk_partial_builds(strip: bool) {
             n.services.retain(|k, _| k.name() != pick);
             n.endpoints.retain(|k, _| k.name() != pick);
             for (k, sp) in other.services.iter().filter(|(k, _)| k.name() == pick) {
-                n.add_service(sp.clone());
+                n.add_service(ServicePort::clone(sp));
                 if let Some(eps) = other.endpoints.get(k) {
                     n.endpoints.insert(k.clone(), eps.clone());
                 }

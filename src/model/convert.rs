@@ -92,7 +92,7 @@ pub struct ServiceInfo {
     pub namespace: String,
     pub name: String,
     /// One entry per (spec.ports entry × cluster IP family), ordered by family, then spec order.
-    pub ports: Vec<ServicePort>,
+    pub ports: Vec<Arc<ServicePort>>,
 }
 
 /// A proxied EndpointSlice, reduced to what endpoint merging needs.
@@ -301,6 +301,7 @@ pub fn service(svc: &Service) -> Result<Converted<ServiceInfo>, Rejected> {
             });
         }
     }
+    let ports = ports.into_iter().map(Arc::new).collect();
     Ok(Converted::Proxied(ServiceInfo { namespace: ns.to_string(), name: name.to_string(), ports }))
 }
 
@@ -571,6 +572,10 @@ mod tests {
             other => panic!("expected proxied, got {other:?}"),
         }
     }
+    /// The ports of a converted Service, unshared, for comparing with fixtures.
+    fn ports(s: &ServiceInfo) -> Vec<ServicePort> {
+        s.ports.iter().map(|p| ServicePort::clone(p)).collect()
+    }
     fn rejected_svc(yaml: &str) -> String {
         match service(&svc(yaml)) {
             Err(r) => r.to_string(),
@@ -601,7 +606,7 @@ spec:
     fn clusterip_service_gives_one_port_per_spec_port() {
         let s = proxied_svc(SVC1);
         assert_eq!(
-            s.ports,
+            ports(&s),
             vec![ServicePort::cluster_ip("ns1", "svc1", "p80", Protocol::Tcp, "172.30.0.41", 80).with_node_port(3001)]
         );
     }
@@ -641,7 +646,7 @@ status:
     ingress: [{ip: 1.2.3.4}, {ip: '2600::1'}, {hostname: lb.example.com}]",
         );
         assert_eq!(
-            s.ports,
+            ports(&s),
             vec![
                 ServicePort::cluster_ip("a", "b", "http", Protocol::Tcp, "172.30.0.41", 80)
                     .with_external_ip("192.168.99.11")
@@ -679,7 +684,7 @@ spec: {clusterIP: 172.30.0.041, externalIPs: ['192.168.099.022'], ports: [{port:
 status: {loadBalancer: {ingress: [{ip: ' 1.2.3.004'}]}}",
         );
         assert_eq!(
-            s.ports[0],
+            *s.ports[0],
             ServicePort::cluster_ip("a", "b", "", Protocol::Tcp, "172.30.0.41", 80)
                 .with_external_ip("192.168.99.22")
                 .with_load_balancer_ip("1.2.3.4")

@@ -824,7 +824,7 @@ spec: {clusterIPs: [172.30.0.41, 'fd00::41'], ports: [{name: http, port: 80}]}")
         assert!(lines[0].starts_with("Service ns1/bad: spec.ports[0].port 70000"), "{lines:?}");
         assert!(lines[1].contains("Service ns1/svc1: duplicate"), "{lines:?}");
         assert_eq!(
-            t.cluster_state(Family::V4).services[&spn("http")],
+            *t.cluster_state(Family::V4).services[&spn("http")],
             ServicePort::cluster_ip("ns1", "svc1", "http", Protocol::Tcp, "172.30.0.41", 80)
         );
         assert_eq!(t.node().name, "node-a");
