@@ -40,5 +40,8 @@ echo "| kproxy sync per change, p50: build / diff / apply / whole sync (ms) | $(
 echo "| kproxy sync per change, whole sync p99 (ms) | $(get sync_elapsed_p99_ms) | |"
 echo "| network programming (kubeproxy_network_programming_duration_seconds: trigger-time annotation → kernel), count / mean (ms) | $(get netprog_count) / $(get netprog_mean_ms) | |"
 echo "| start → first sync (s), of which the first sync (ms) | $(get startup_s) / $(get first_sync_ms) | |"
-echo "| VmRSS / VmHWM after the first sync (MiB) | $(get rss_synced_mib) / $(get hwm_synced_mib) | < 64: $(verdict "$(get hwm_synced_mib)" 64) |"
-echo "| VmRSS / VmHWM after the changes (MiB) | $(get rss_end_mib) / $(get hwm_end_mib) | < 64: $(verdict "$(get hwm_end_mib)" 64) |"
+# RSS is judged after start-up and after the changes (what the node pays for as long as kproxy
+# runs); the peak, during the cold start, is reported beside it with its own verdict, since a
+# container memory limit must cover it.
+echo "| VmRSS after the first sync / after the changes (MiB) | $(get rss_synced_mib) / $(get rss_end_mib) | < 64: $(verdict "$(get rss_end_mib)" 64) |"
+echo "| VmHWM, the peak during the cold start (MiB) | $(get hwm_end_mib) | < 64: $(verdict "$(get hwm_end_mib)" 64) |"
