@@ -26,9 +26,10 @@ pub fn release_free_memory() {
     }
 }
 
-/// `mi_option_arena_eager_commit`'s place in mimalloc's `mi_option_t` (libmimalloc-sys 0.1.49,
-/// mimalloc v2: show_errors, show_stats, verbose, eager_commit, arena_eager_commit). Its default,
-/// 2, tells it apart from its neighbours (the test below checks it).
+/// `mi_option_arena_eager_commit`'s place in mimalloc's `mi_option_t` (libmimalloc-sys 0.1.49
+/// builds mimalloc v3: show_errors, show_stats, verbose, deprecated_eager_commit,
+/// arena_eager_commit). libmimalloc-sys does not export it; a test below checks in a child
+/// process that this number is the option mimalloc reads from `MIMALLOC_ARENA_EAGER_COMMIT`.
 const MI_OPTION_ARENA_EAGER_COMMIT: i32 = 4;
 
 /// Sets mimalloc up for a long-running daemon, before its first allocation (it runs as an ELF

@@ -506,8 +506,9 @@ impl<B: Backend> Proxier<B> {
 /// 2,500 rather than 5,000 (measured from manifests, 2026-11-25): at 10k services x 10 endpoints
 /// the longest commit 0.47 -> 0.24 s, the cold start's peak memory 172 -> 137 MiB and the first
 /// sync no slower (1.10-1.15 vs 1.20-1.22 s); at 50k x 5 the longest commit 0.52 -> 0.31 s for a
-/// first sync ~0.3 s longer (5.0 vs 4.6-4.9 s). Parts of 1,000 cost 1.6-2.6 s more at 50k: each
-/// partial build still walks every slot block (`build_partial`).
+/// first sync ~0.3 s longer (5.0 vs 4.6-4.9 s). Parts of 1,000 cost 1.6-2.6 s more at 50k (cause
+/// not measured: `build_partial`'s walk over every slot block is a few ms per part, so per-commit
+/// kernel cost growing with the table is the likelier one).
 pub const COLD_START_PART_SERVICES: usize = 2_500;
 
 impl<B: Backend> Proxier<B> {
