@@ -604,11 +604,11 @@ impl Ruleset {
     }
     /// A copy laid out densely ([`crate::model::dense`]), for keeping after a large sync.
     pub fn dense_copy(&self) -> Ruleset {
-        use crate::model::dense;
+        use crate::model::{dense, dense_set};
         Ruleset {
             family: self.family,
             sets: dense(&self.sets),
-            elements: self.elements.iter().map(|(k, v)| (k.clone(), v.iter().cloned().collect())).collect(),
+            elements: self.elements.iter().map(|(k, v)| (k.clone(), dense_set(v))).collect(),
             chains: dense(&self.chains),
             set_order: self.set_order.clone(),
             chain_order: self.chain_order.clone(),

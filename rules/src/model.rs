@@ -417,6 +417,11 @@ pub fn dense<K: Ord + Clone, V: Clone>(m: &BTreeMap<K, V>) -> BTreeMap<K, V> {
     m.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
 }
 
+/// [`dense`] for a set.
+pub fn dense_set<T: Ord + Clone>(s: &BTreeSet<T>) -> BTreeSet<T> {
+    s.iter().cloned().collect()
+}
+
 impl ClusterState {
     /// A copy laid out densely ([`dense`]), for keeping after a large sync.
     pub fn dense_copy(&self) -> ClusterState {

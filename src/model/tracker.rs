@@ -236,14 +236,14 @@ impl ChangeTracker {
 
     /// A copy laid out densely ([`rules::model::dense`]), for keeping after a large sync.
     pub fn dense_copy(&self) -> ChangeTracker {
-        use rules::model::dense;
+        use rules::model::{dense, dense_set};
         ChangeTracker {
             node_name: self.node_name.clone(),
             services: dense(&self.services),
             slices: dense(&self.slices),
             node: self.node.clone(),
-            pending_services: self.pending_services.iter().cloned().collect(),
-            pending_endpoints: self.pending_endpoints.iter().cloned().collect(),
+            pending_services: dense_set(&self.pending_services),
+            pending_endpoints: dense_set(&self.pending_endpoints),
             service_cidrs: self.service_cidrs.clone(),
             trigger_times: self.trigger_times.clone(),
             rejected: self.rejected.clone(),
