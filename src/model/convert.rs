@@ -286,7 +286,7 @@ pub fn service(svc: &Service) -> Result<Converted<ServiceInfo>, Rejected> {
         let fam = Family::of(&cip);
         let of_family = |ips: &[IpAddr]| ips.iter().copied().filter(|ip| Family::of(ip) == fam).collect::<Vec<_>>();
         for (pname, proto, port, node_port) in &specs {
-            ports.push(ServicePort {
+            ports.push(Arc::new(ServicePort {
                 name: ServicePortName::new(ns, name, pname, *proto),
                 cluster_ip: cip,
                 port: *port,
@@ -298,10 +298,9 @@ pub fn service(svc: &Service) -> Result<Converted<ServiceInfo>, Rejected> {
                 health_check_node_port: policies.health_check_node_port,
                 session_affinity_timeout: policies.affinity_timeout,
                 load_balancer_source_ranges: source_ranges.iter().copied().filter(|c| c.family() == fam).collect(),
-            });
+            }));
         }
     }
-    let ports = ports.into_iter().map(Arc::new).collect();
     Ok(Converted::Proxied(ServiceInfo { namespace: ns.to_string(), name: name.to_string(), ports }))
 }
 
