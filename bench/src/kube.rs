@@ -37,6 +37,8 @@ pub struct Opts {
 }
 
 pub const NODE: &str = "node-x";
+/// The flags every bench gives the daemon (besides its source), in process or not.
+const DAEMON_FLAGS: [&str; 4] = ["--hostname-override", NODE, "--cluster-cidr", "10.0.0.0/8"];
 const WARMUP: usize = 3;
 /// How long any one thing may take before the bench gives up.
 const DEADLINE: Duration = Duration::from_secs(180);
@@ -284,7 +286,7 @@ pub fn run(o: &Opts) {
     let kproxy = Proc(
         Command::new(&o.kproxy)
             .args(["--kubeconfig", kubeconfig.to_str().expect("utf-8 path")])
-            .args(["--hostname-override", NODE, "--cluster-cidr", "10.0.0.0/8"])
+            .args(DAEMON_FLAGS)
             .args(["--iptables-min-sync-period", "0s", "-v", "2"])
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
@@ -407,10 +409,10 @@ pub fn objects(services: usize, endpoints: usize) -> (Vec<Service>, Vec<Endpoint
     (svcs, slices)
 }
 
-/// The configuration the benches run the daemon with (its flags below), for in-process runs.
+/// The configuration the benches run the daemon with ([`DAEMON_FLAGS`]), for in-process runs.
 pub fn daemon_config() -> kproxy::config::Config {
     use clap::Parser;
-    let flags = ["kproxy", "--manifests", "/nonexistent", "--hostname-override", NODE, "--cluster-cidr", "10.0.0.0/8"];
+    let flags = ["kproxy", "--manifests", "/nonexistent"].into_iter().chain(DAEMON_FLAGS);
     kproxy::config::Flags::try_parse_from(flags).expect("bench flags").into_config().expect("bench config")
 }
 
@@ -463,7 +465,8 @@ pub fn daemon_cold(kproxy: &Path, dir: &Path, extra: &[String], limit: Duration)
     let mut child = Proc(
         Command::new(kproxy)
             .args(["--manifests", dir.to_str().expect("utf-8 path")])
-            .args(["--hostname-override", NODE, "--cluster-cidr", "10.0.0.0/8", "-v", "2"])
+            .args(DAEMON_FLAGS)
+            .args(["-v", "2"])
             .args(extra)
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
