@@ -706,10 +706,13 @@ impl V6Topo {
         let out = std::process::Command::new("ip").args(["netns", "exec", &self.ns(h)]).args(args).output().unwrap();
         assert!(out.status.success(), "{h}: {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     }
-    fn probe(&self, h: &str, proto: &str, ip: &str, port: u16, count: usize) -> Vec<String> {
+    /// `count` new connections, each given `timeout_s` seconds: 3 where an answer is expected (a
+    /// SYN lost once on this shared machine is resent after 1 s, which a 1 s timeout reported as a
+    /// failure), 1 where none is.
+    fn probe(&self, h: &str, proto: &str, ip: &str, port: u16, count: usize, timeout_s: u32) -> Vec<String> {
         let out = std::process::Command::new("ip")
             .args(["netns", "exec", &self.ns(h), "python3", "-c", PROBE6_PY, proto, ip, &port.to_string()])
-            .args([count.to_string(), "1".to_string()])
+            .args([count.to_string(), timeout_s.to_string()])
             .output()
             .unwrap();
         String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect()
@@ -751,6 +754,11 @@ fn ipv6_cluster_ip_and_node_port(mode: Mode) {
         let out = std::process::Command::new("ip").args(["netns", "add", &t.ns(h)]).output().unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         t.run(h, &["ip", "link", "set", "lo", "up"]);
+        // No duplicate address detection on any address, the link-local ones included (`nodad`
+        // below covers only the addresses added by hand): nothing here is tentative.
+        for scope in ["all", "default"] {
+            t.run(h, &["sysctl", "-q", "-w", &format!("net.ipv6.conf.{scope}.accept_dad=0")]);
+        }
     }
     t.run("node", &["sysctl", "-q", "-w", "net.ipv6.conf.all.forwarding=1"]);
     // (link on the node, peer namespace, node address, peer address)
@@ -826,9 +834,15 @@ endpoints:
     let log = || std::fs::read_to_string(t.dir.join("kproxy.log")).unwrap_or_default();
 
     let cip = "fd00:172:30::10";
-    poll("first IPv6 answer", FIRST_SYNC, || {
-        let r = t.probe("client", "tcp", cip, 80, 1);
-        r.first().filter(|l| l.starts_with("ok ")).map(|_| ()).ok_or_else(|| format!("{r:?}\n{}", log()))
+    // Wait until both backends have answered once, so the counts below start with every
+    // neighbour entry on the way resolved.
+    let mut answered = BTreeSet::new();
+    poll("an IPv6 answer from both backends", FIRST_SYNC, || {
+        let r = t.probe("client", "tcp", cip, 80, 1, 1);
+        if let Some(b) = r.first().filter(|l| l.starts_with("ok ")).and_then(|l| l.split_whitespace().nth(1)) {
+            answered.insert(b.to_string());
+        }
+        (answered.len() == 2).then_some(()).ok_or_else(|| format!("{r:?} {answered:?}\n{}", log()))
     });
     let seen = |lines: &[String], srcs: &[(&str, &str)], what: &str| {
         let mut backends = BTreeSet::new();
@@ -843,13 +857,13 @@ endpoints:
     };
     // Case 99: from a pod, the source is kept.
     let pod = [("b1", "fd00:10:1::2"), ("b2", "fd00:10:1::2")];
-    seen(&t.probe("client", "tcp", cip, 80, 40), &pod, "pod -> [ClusterIP]:80");
-    seen(&t.probe("client", "udp", cip, 53, 40), &pod, "pod -> [ClusterIP]:53/udp");
+    seen(&t.probe("client", "tcp", cip, 80, 40, 3), &pod, "pod -> [ClusterIP]:80");
+    seen(&t.probe("client", "udp", cip, 53, 40, 3), &pod, "pod -> [ClusterIP]:53/udp");
     // Case 100: from outside to the node port on the Node's InternalIP, masqueraded to the node's
     // address on the backend's link.
     let masq = [("b1", "fd00:10:2::1"), ("b2", "fd00:10:3::1")];
-    seen(&t.probe("ext", "tcp", "2001:db8::1", 30080, 40), &masq, "ext -> [2001:db8::1]:30080");
-    seen(&t.probe("ext", "udp", "2001:db8::1", 30053, 40), &masq, "ext -> [2001:db8::1]:30053/udp");
+    seen(&t.probe("ext", "tcp", "2001:db8::1", 30080, 40, 3), &masq, "ext -> [2001:db8::1]:30080");
+    seen(&t.probe("ext", "udp", "2001:db8::1", 30053, 40, 3), &masq, "ext -> [2001:db8::1]:30053/udp");
     // A ClusterIP port the Service does not have is rejected with ICMPv6 port unreachable (as
     // upstream): a UDP client sees the refusal. A TCP client in SYN-SENT does not act on it on this
     // kernel (6.18: the ICMPv6 error arrives, connect() still times out), so TCP only shows "never
@@ -857,11 +871,11 @@ endpoints:
     if mode.is_iptables() {
         // Upstream's iptables mode has no rule for unserved ClusterIP ports: routed out of the
         // default route and never answered.
-        assert_eq!(t.probe("client", "udp", cip, 54, 1), vec!["timeout"], "{}", log());
+        assert_eq!(t.probe("client", "udp", cip, 54, 1, 1), vec!["timeout"], "{}", log());
     } else {
-        assert_eq!(t.probe("client", "udp", cip, 54, 1), vec!["refused"], "{}", log());
+        assert_eq!(t.probe("client", "udp", cip, 54, 1, 1), vec!["refused"], "{}", log());
     }
-    assert!(!t.probe("client", "tcp", cip, 81, 1)[0].starts_with("ok"), "{}", log());
+    assert!(!t.probe("client", "tcp", cip, 81, 1, 1)[0].starts_with("ok"), "{}", log());
 }
 
 // ------------------------------------------------------------------------------------------------
