@@ -40,11 +40,25 @@ const MANIFEST_POLL: Duration = Duration::from_millis(250);
 /// rejected object once per load.
 fn load_into(cfg: &Config, tracker: &mut ChangeTracker, metrics: Option<&Metrics>) -> bool {
     let dir = cfg.manifests.as_ref().expect("manifests source");
+    let started = Instant::now();
     let snap = load_dir(dir);
+    let read = started.elapsed();
+    let counts = (snap.services.len(), snap.slices.len(), snap.nodes.len());
     // ServiceCIDR objects in the directory play the part the API's ServiceCIDRs play.
     let cidrs_changed = tracker.set_service_cidrs(snap.service_cidrs.iter().copied());
     let (changed, rejected) = tracker.replace_all(snap.services, snap.slices, snap.nodes, &cfg.hostname);
     let changed = changed || cidrs_changed;
+    info!(
+        dir = %dir.display(),
+        services = counts.0,
+        endpoint_slices = counts.1,
+        nodes = counts.2,
+        rejected = snap.rejected.len() + rejected.len(),
+        changed,
+        read_ms = read.as_secs_f64() * 1e3,
+        elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
+        "read the manifests"
+    );
     for r in snap.rejected.iter().chain(&rejected) {
         warn!(kind = r.kind, object = %r.object(), "skipping {r}");
         if let Some(m) = metrics {
@@ -307,16 +321,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 };
                 pending = false;
                 obs.sync_done(&result, started, taken);
-                if result.as_ref().is_ok_and(|r| r.big_full) {
-                    // Lay out what is kept densely and give the rest back (see crate::memory).
-                    crate::memory::release_free_memory();
-                    let mut t = tracker.lock().expect("tracker lock");
-                    let fresh = t.dense_copy();
-                    *t = fresh;
-                    drop(t);
-                    proxier.compact();
-                    crate::memory::release_free_memory();
-                }
+                let big_full = result.as_ref().is_ok_and(|r| r.big_full);
+                // Logged as the sync ends: the kernel holds the rules now, whatever follows.
                 match result {
                     Ok(report) => {
                         log_report(&report, started.elapsed());
@@ -326,6 +332,18 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                         error!("sync failed, the kernel keeps the previous rules; retrying in full in {:?}: {e}", cfg.sync_period);
                         pacer.record(started, false);
                     }
+                }
+                if big_full {
+                    // Lay out what is kept densely and give the rest back (see crate::memory).
+                    let t0 = Instant::now();
+                    crate::memory::release_free_memory();
+                    let mut t = tracker.lock().expect("tracker lock");
+                    let fresh = t.dense_copy();
+                    *t = fresh;
+                    drop(t);
+                    proxier.compact();
+                    crate::memory::release_free_memory();
+                    info!(elapsed_ms = t0.elapsed().as_secs_f64() * 1e3, "compacted the state kept after a large sync");
                 }
                 // After the apply, so the next datagram of a deleted flow meets the new rules.
                 clean_conntrack(&mut conntrack, proxier.udp(), &obs.metrics);

@@ -775,6 +775,7 @@ pub fn log_report(r: &SyncReport, elapsed: Duration) {
         diff_ms = r.diff.as_secs_f64() * 1e3,
         apply_ms = r.apply.as_secs_f64() * 1e3,
         elapsed_ms = elapsed.as_secs_f64() * 1e3,
+        compacting = r.big_full,
         "sync done"
     );
 }

@@ -212,6 +212,22 @@ fn syncs(log: &Path) -> Vec<BTreeMap<String, String>> {
         .collect()
 }
 
+/// After a sync line saying `compacting=true`: waits (up to `limit`) for the daemon's line saying
+/// it compacted what it keeps, so that memory is read after the compaction, as it stays.
+fn wait_compacted(log: &Path, sync: &BTreeMap<String, String>, limit: Duration) {
+    if sync.get("compacting").is_none_or(|c| c != "true") {
+        return;
+    }
+    let started = Instant::now();
+    while started.elapsed() < limit {
+        if fs::read_to_string(log).unwrap_or_default().contains("compacted the state kept") {
+            return;
+        }
+        thread::sleep(Duration::from_millis(2));
+    }
+    panic!("no compaction logged within {limit:?} after the sync");
+}
+
 fn field(f: &BTreeMap<String, String>, k: &str) -> Option<f64> {
     f.get(k).and_then(|v| v.parse().ok())
 }
@@ -298,6 +314,7 @@ pub fn run(o: &Opts) {
     let pid = kproxy.0.id();
     let first = wait("kproxy's first sync", DEADLINE, || syncs(&log).into_iter().next());
     let startup = started.elapsed();
+    wait_compacted(&log, &first, DEADLINE);
     let (rss_synced, hwm_synced) = rss(pid);
     eprintln!("first sync after {startup:?}: {first:?}; VmRSS {rss_synced:.1} MiB, VmHWM {hwm_synced:.1} MiB");
 
@@ -457,7 +474,8 @@ fn cpu_s(pid: u32) -> f64 {
 
 /// Starts `kproxy --manifests dir [extra args]` in the current namespace and waits for its first
 /// sync that changed something (the whole ruleset committed): process start → that log line,
-/// the sync's own time, VmHWM and CPU seconds at that point. Prints one `daemon ...` line.
+/// the sync's own time; then VmRSS, VmHWM and CPU seconds once the daemon has compacted what it keeps
+/// (after a large sync). Prints one `daemon ...` line.
 pub fn daemon_cold(kproxy: &Path, dir: &Path, extra: &[String], limit: Duration) {
     let log = std::env::temp_dir().join(format!("kpxb-daemon-{}.log", std::process::id()));
     let log_file = fs::File::create(&log).expect("log");
@@ -490,6 +508,9 @@ pub fn daemon_cold(kproxy: &Path, dir: &Path, extra: &[String], limit: Duration)
         thread::sleep(Duration::from_millis(2));
     }
     let elapsed = started.elapsed();
+    if let Some(f) = &first {
+        wait_compacted(&log, f, limit);
+    }
     let (rss_now, hwm) = rss(pid);
     let cpu = cpu_s(pid);
     drop(child);
