@@ -219,16 +219,22 @@ impl ChangeTracker {
             }
         }
 
+        // Each Service's merged state is recomputed once at the end, not once for the Service and
+        // again for each of its slices (at 50k Services that was half of a cold start's load).
         let mut changed = false;
+        let mut touched = BTreeSet::new();
         let keys: BTreeSet<Key> = self.services.keys().chain(new_services.keys()).cloned().collect();
         for key in keys {
             let new = new_services.remove(&key);
-            changed |= self.put_service(key, new);
+            changed |= self.set_service(key, new, &mut touched);
         }
         let keys: BTreeSet<Key> = self.slices.keys().chain(new_slices.keys()).cloned().collect();
         for key in keys {
             let new = new_slices.remove(&key);
-            changed |= self.put_slice(key, new);
+            changed |= self.set_slice(key, new, &mut touched);
+        }
+        for key in &touched {
+            self.refresh(key);
         }
         changed |= self.put_node(new_node);
         (changed, rejected)
@@ -443,6 +449,26 @@ impl ChangeTracker {
     }
 
     fn put_service(&mut self, key: Key, new: Option<ServiceInfo>) -> bool {
+        let mut touched = Vec::new();
+        let changed = self.set_service(key, new, &mut touched);
+        for k in &touched {
+            self.refresh(k);
+        }
+        changed
+    }
+
+    fn put_slice(&mut self, key: Key, new: Option<SliceInfo>) -> bool {
+        let mut touched = Vec::new();
+        let changed = self.set_slice(key, new, &mut touched);
+        for k in &touched {
+            self.refresh(k);
+        }
+        changed
+    }
+
+    /// `put_service` without the refresh: the Services whose merged state is now out of date are
+    /// added to `touched`, for the caller to refresh (once each, however many objects changed).
+    fn set_service(&mut self, key: Key, new: Option<ServiceInfo>, touched: &mut impl Extend<Key>) -> bool {
         if self.services.get(&key) == new.as_ref() {
             return false;
         }
@@ -450,12 +476,13 @@ impl ChangeTracker {
             Some(info) => self.services.insert(key.clone(), info),
             None => self.services.remove(&key),
         };
-        self.refresh(&key);
+        touched.extend([key.clone()]);
         self.pending_services.insert(key);
         true
     }
 
-    fn put_slice(&mut self, key: Key, new: Option<SliceInfo>) -> bool {
+    /// `put_slice` without the refresh (see `set_service`).
+    fn set_slice(&mut self, key: Key, new: Option<SliceInfo>, touched: &mut impl Extend<Key>) -> bool {
         let old = self.slices.get(&key);
         if old == new.as_ref() {
             return false;
@@ -482,10 +509,8 @@ impl ChangeTracker {
             Some(info) => self.slices.insert(key, info),
             None => self.slices.remove(&key),
         };
-        for owner in owners {
-            self.refresh(&owner);
-            self.pending_endpoints.insert(owner);
-        }
+        touched.extend(owners.iter().cloned());
+        self.pending_endpoints.extend(owners);
         true
     }
 
@@ -893,5 +918,23 @@ spec: {clusterIP: 172.30.0.42, ipFamilies: [IPv4, IPv6], clusterIPs: [172.30.0.4
         assert!(t.set_service_cidrs([Cidr::parse("172.30.0.0/16").unwrap()]));
         check(&t, "service CIDRs");
         assert!(t.take_changes().full);
+        // replace_all refreshes each touched Service once, after every object is in: the same
+        // state, and the changes hold exactly the touched Services as they were before.
+        let services = vec![svc(SVC_HTTP), svc(svc2)];
+        let slices = vec![
+            slice("a", "svc1", "IPv4", "[{name: http, port: 8080}]", "[{addresses: [10.0.1.9]}]"),
+            slice("c", "svc2", "IPv6", "[{name: http, port: 8080}]", "[{addresses: ['fd00::7']}]"),
+        ];
+        let (changed, rejected) = t.replace_all(&services, &slices, &[], "node-a");
+        assert!(changed && rejected.is_empty());
+        check(&t, "replace_all");
+        let c = t.take_changes();
+        assert_eq!(c.services.len(), 2, "svc1 (slice a back) and svc2 (back, slice b gone)");
+        assert!(c.before(Family::V4).endpoints.is_empty(), "neither had endpoints before");
+        let svcs = |st: &ClusterState| st.services.keys().map(|n| n.name().to_string()).collect::<BTreeSet<_>>();
+        assert_eq!(svcs(c.before(Family::V4)), BTreeSet::from(["svc1".to_string()]), "svc2 did not exist before");
+        assert_eq!(svcs(c.after(Family::V4)), BTreeSet::from(["svc1".to_string(), "svc2".to_string()]));
+        assert_eq!(names(c.after(Family::V4)), vec!["svc1"]);
+        assert_eq!(names(c.after(Family::V6)), vec!["svc2"]);
     }
 }
