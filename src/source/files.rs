@@ -54,32 +54,120 @@ impl Snapshot {
 
 /// Reads every `*.yaml`, `*.yml` and `*.json` file under `dir` (recursively, in path order).
 /// Never fails: an unreadable directory or file becomes a `Rejected` of kind `"file"`.
+///
+/// Files are parsed on up to `MAX_PARSERS` threads (parsing is most of a large directory's
+/// start-up); what they found is then taken in path order, so the result, duplicates and the order
+/// of rejections included, is the same as reading the files one after the other.
 pub fn load_dir(dir: &Path) -> Snapshot {
     let mut loader = Loader::default();
     let (files, errors) = list_files(dir);
     loader.snap.rejected.extend(errors);
-    for path in files {
-        match read_limited(&path) {
-            Ok(bytes) => loader.add_file(&path, &bytes),
-            Err(reason) => loader.snap.rejected.push(Rejected::file(&path, reason)),
+    let parse = |path: &PathBuf| {
+        let mut file = FileLoader::default();
+        match read_limited(path) {
+            Ok(bytes) => file.add_file(path, &bytes),
+            Err(reason) => file.reject(Rejected::file(path, reason)),
         }
+        file.found
+    };
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(MAX_PARSERS).min(files.len());
+    if threads <= 1 {
+        for path in &files {
+            let found = parse(path);
+            loader.take(found);
+        }
+        return loader.snap;
+    }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let mut parsed: Vec<(usize, Vec<Found>)> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut out = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(path) = files.get(i) else { return out };
+                        out.push((i, parse(path)));
+                    }
+                })
+            })
+            .collect();
+        workers.into_iter().flat_map(|w| w.join().expect("a manifest parser panicked")).collect()
+    });
+    parsed.sort_unstable_by_key(|(i, _)| *i);
+    for (_, found) in parsed {
+        loader.take(found);
     }
     loader.snap
 }
 
+/// Threads `load_dir` parses files on, at most.
+const MAX_PARSERS: usize = 4;
+
 /// Parses one file's content as `load_dir` would (`path` names it in rejections and selects
 /// JSON for a `.json` extension). Useful for tests and fuzzing without touching the disk.
 pub fn parse_file(path: &Path, bytes: &[u8]) -> Snapshot {
+    let mut file = FileLoader::default();
+    file.add_file(path, bytes);
     let mut loader = Loader::default();
-    loader.add_file(path, bytes);
+    loader.take(file.found);
     loader.snap
 }
 
-/// Accumulates objects across files, remembering where each came from for duplicate reports.
+/// Takes what the files hold, in order, remembering where each object came from for duplicate
+/// reports.
 #[derive(Default)]
 struct Loader {
     snap: Snapshot,
     seen: BTreeMap<(&'static str, String, String), String>,
+}
+
+impl Loader {
+    /// Keeps one file's objects that passed validation and are not duplicates; records the rest.
+    fn take(&mut self, found: Vec<Found>) {
+        for f in found {
+            match f {
+                Found::Rejected(r) => self.snap.rejected.push(r),
+                Found::Object { kind, id: (ns, name), here, keep } => {
+                    match self.seen.get(&(kind, ns.clone(), name.clone())) {
+                        Some(first) => {
+                            let reason =
+                                format!("{}: duplicate of the object in {first}; the first one is used", here.at);
+                            self.snap.rejected.push(Rejected::new(kind, &ns, &name, reason).in_file(&here.path));
+                        }
+                        None => {
+                            self.seen.insert((kind, ns, name), format!("{} {}", here.path.display(), here.at));
+                            keep(&mut self.snap);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// What parsing a file found, in the file's order.
+enum Found {
+    Rejected(Rejected),
+    /// A valid object, kept unless an earlier one (in this or an earlier file) has its name.
+    Object {
+        kind: &'static str,
+        id: (String, String),
+        here: Here,
+        keep: Box<dyn FnOnce(&mut Snapshot) + Send>,
+    },
+}
+
+/// Where in which file an object was found.
+struct Here {
+    path: PathBuf,
+    at: String,
+}
+
+/// Parses one file: no state shared with other files, so files can be parsed in parallel.
+#[derive(Default)]
+struct FileLoader {
+    found: Vec<Found>,
 }
 
 /// Where a document's typed form is read from; decides how good the error positions are.
@@ -92,13 +180,17 @@ enum DocSource<'a> {
     Value,
 }
 
-impl Loader {
+impl FileLoader {
+    fn reject(&mut self, r: Rejected) {
+        self.found.push(Found::Rejected(r));
+    }
+
     fn add_file(&mut self, path: &Path, bytes: &[u8]) {
         let text = match std::str::from_utf8(bytes) {
             Ok(t) => t,
             Err(e) => {
                 let reason = format!("not UTF-8 text (invalid byte at offset {})", e.valid_up_to());
-                return self.snap.rejected.push(Rejected::file(path, reason));
+                return self.reject(Rejected::file(path, reason));
             }
         };
         let text = text.strip_prefix('\u{feff}').unwrap_or(text);
@@ -112,7 +204,7 @@ impl Loader {
                     Ok(v) => v,
                     Err(e) => {
                         let reason = format!("{at}: not valid YAML: {}", relocate(&e, doc.first_line));
-                        self.snap.rejected.push(Rejected::file(path, reason));
+                        self.reject(Rejected::file(path, reason));
                         continue;
                     }
                 };
@@ -131,7 +223,7 @@ impl Loader {
                 Err(e) => {
                     // A JSON syntax error cannot be resumed after; keep what came before it.
                     let reason = format!("value {}: not valid JSON: {e}", values.len() + 1);
-                    self.snap.rejected.push(Rejected::file(path, reason));
+                    self.reject(Rejected::file(path, reason));
                     break;
                 }
             }
@@ -158,7 +250,7 @@ impl Loader {
                 _ => "a scalar",
             };
             let reason = format!("{at}: not a Kubernetes object (the document is {what}, not a mapping)");
-            return self.snap.rejected.push(Rejected::file(path, reason));
+            return self.reject(Rejected::file(path, reason));
         };
         let meta = |field: &str| {
             map.get("metadata").and_then(|m| m.get(field)).and_then(|v| v.as_str()).unwrap_or("").to_string()
@@ -219,7 +311,7 @@ impl Loader {
             Some(k) if k == "List" || (k.ends_with("List") && map.contains_key("items")) => {
                 if !top {
                     let reason = format!("{at}: a {k} nested inside a List is not supported");
-                    return self.snap.rejected.push(Rejected::file(path, reason));
+                    return self.reject(Rejected::file(path, reason));
                 }
                 match map.get("items") {
                     None | Some(serde_yaml::Value::Null) => {}
@@ -230,7 +322,7 @@ impl Loader {
                     }
                     Some(_) => {
                         let reason = format!("{at}: {k}.items is not a sequence");
-                        self.snap.rejected.push(Rejected::file(path, reason));
+                        self.reject(Rejected::file(path, reason));
                     }
                 }
             }
@@ -239,7 +331,7 @@ impl Loader {
             }
             None => {
                 let reason = format!("{at}: not a Kubernetes object (no string `kind` field)");
-                self.snap.rejected.push(Rejected::file(path, reason));
+                self.reject(Rejected::file(path, reason));
             }
         }
     }
@@ -267,37 +359,29 @@ impl Loader {
             Ok(t) => Some(t),
             Err(e) => {
                 let r = Rejected::new(kind, ns, name, format!("{at}: {e}")).in_file(path);
-                self.snap.rejected.push(r);
+                self.reject(r);
                 None
             }
         }
     }
 
-    /// Keeps a deserialized object if it passed validation and is not a duplicate.
+    /// Records a deserialized object: rejected if it failed validation, else for `Loader::take`
+    /// to keep unless it is a duplicate.
     fn accept(
         &mut self,
         path: &Path,
         at: &str,
         kind: &'static str,
-        (ns, name): (String, String),
+        id: (String, String),
         checked: Result<(), Rejected>,
-        keep: impl FnOnce(&mut Snapshot),
+        keep: impl FnOnce(&mut Snapshot) + Send + 'static,
     ) {
         if let Err(mut r) = checked {
             r.reason = format!("{at}: {}", r.reason);
-            return self.snap.rejected.push(r.in_file(path));
+            return self.reject(r.in_file(path));
         }
-        let here = format!("{} {at}", path.display());
-        match self.seen.get(&(kind, ns.clone(), name.clone())) {
-            Some(first) => {
-                let reason = format!("{at}: duplicate of the object in {first}; the first one is used");
-                self.snap.rejected.push(Rejected::new(kind, &ns, &name, reason).in_file(path));
-            }
-            None => {
-                self.seen.insert((kind, ns, name), here);
-                keep(&mut self.snap);
-            }
-        }
+        let here = Here { path: path.to_path_buf(), at: at.to_string() };
+        self.found.push(Found::Object { kind, id, here, keep: Box::new(keep) });
     }
 }
 
@@ -747,6 +831,47 @@ mod tests {
             l[0].starts_with(&format!("{}: document 1 (line 1): not valid YAML", d.0.join("garbage.yaml").display())),
             "{l:?}"
         );
+    }
+
+    /// Files parsed on several threads are taken in path order: the same objects, the same
+    /// duplicates (the first in path order wins) and the same rejections in the same order as
+    /// reading them one after the other.
+    #[test]
+    fn parallel_parsing_gives_what_reading_in_order_gives() {
+        let d = TempDir::new();
+        for k in 0..40 {
+            // Services s0..s6 again and again (each later one a duplicate), a bad document in
+            // every fifth file, and an unreadable (non-UTF-8) file among them.
+            let mut text = SVC.replace("web", &format!("s{}", k % 7)).replace("10.0.0.1", &format!("10.0.0.{k}"));
+            if k % 5 == 0 {
+                text.push_str("---\napiVersion: v1\nkind: Service\nmetadata: {name: bad}\nspec: {ports: [{port: x}]}\n");
+            }
+            d.write(&format!("f{k:02}.yaml"), &text);
+        }
+        std::fs::write(d.0.join("f17b.yaml"), [0xff, 0xfe]).unwrap();
+        let s = load_dir(&d.0);
+        let mut seq = Loader::default();
+        let (files, errors) = list_files(&d.0);
+        assert!(errors.is_empty());
+        for path in &files {
+            let mut f = FileLoader::default();
+            match read_limited(path) {
+                Ok(bytes) => f.add_file(path, &bytes),
+                Err(reason) => f.reject(Rejected::file(path, reason)),
+            }
+            seq.take(f.found);
+        }
+        assert_eq!(format!("{:?}", s.services), format!("{:?}", seq.snap.services));
+        assert_eq!(lines(&s), lines(&seq.snap));
+        // And that is what the files say: s0..s6 from the first seven files, 33 duplicates,
+        // 8 bad documents, one unreadable file.
+        let ips: Vec<_> = s.services.iter().map(|x| x.spec.as_ref().unwrap().cluster_ip.clone().unwrap()).collect();
+        assert_eq!(ips, (0..7).map(|k| format!("10.0.0.{k}")).collect::<Vec<_>>());
+        let l = lines(&s);
+        assert_eq!(l.iter().filter(|l| l.contains("duplicate of the object in")).count(), 33, "{l:?}");
+        assert_eq!(l.iter().filter(|l| l.contains("Service default/bad")).count(), 8, "{l:?}");
+        assert_eq!(l.iter().filter(|l| l.contains("not UTF-8")).count(), 1, "{l:?}");
+        assert_eq!(l.len(), 42);
     }
 
     #[test]
