@@ -31,6 +31,18 @@ impl crate::sync::Backend for NftablesBackend {
     fn table_exists(&mut self, family: rules::model::Family) -> Option<bool> {
         NftablesBackend::table_exists(self, family)
     }
+    fn preparer(&mut self, family: rules::model::Family) -> Option<crate::backend::nftables::Preparer> {
+        Some(NftablesBackend::preparer(self, family))
+    }
+    fn apply_ready(
+        &mut self,
+        part: &crate::sync::Ready,
+    ) -> Result<crate::backend::nftables::ApplyStats, Box<dyn std::error::Error + Send + Sync>> {
+        match part {
+            crate::sync::Ready::Tx(tx) => NftablesBackend::apply(self, tx).map_err(|e| e.into()),
+            crate::sync::Ready::Lowered(p) => NftablesBackend::apply_prepared(self, p).map_err(|e| e.into()),
+        }
+    }
 }
 
 /// How often the manifests directory is checked for changes (changes show within 1 s).

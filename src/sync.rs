@@ -16,7 +16,7 @@ use rules::transaction::TxStats;
 use rules::Transaction;
 use tracing::{debug, info, warn};
 
-use crate::backend::nftables::ApplyStats;
+use crate::backend::nftables::{ApplyStats, Prepared, Preparer};
 use crate::config::Config;
 use crate::metrics::RulesetCounts;
 use crate::model::tracker::Changes;
@@ -39,6 +39,41 @@ pub trait Backend {
     /// it may (a cold start then replaces it in one transaction, never in parts).
     fn table_exists(&mut self, _family: Family) -> Option<bool> {
         None
+    }
+    /// Lowers the parts of a cold start of `family` ahead of their apply, on the thread that
+    /// builds them (see `Preparer`); `None`, the default: parts are applied as transactions.
+    fn preparer(&mut self, _family: Family) -> Option<Preparer> {
+        None
+    }
+    /// Applies one part of a cold start (after the parts before it, with nothing in between).
+    fn apply_ready(&mut self, part: &Ready) -> Result<ApplyStats, Box<dyn std::error::Error + Send + Sync>> {
+        self.apply(part.tx())
+    }
+}
+
+/// What a failed apply says.
+type ApplyError = Box<dyn std::error::Error + Send + Sync>;
+
+/// `tx` as a cold-start part: lowered now when there is a preparer.
+fn ready(preparer: &mut Option<Preparer>, tx: Transaction) -> Result<Ready, ApplyError> {
+    match preparer {
+        Some(p) => Ok(Ready::Lowered(p.prepare(tx)?)),
+        None => Ok(Ready::Tx(tx)),
+    }
+}
+
+/// A part of a cold start, as its transaction or lowered ahead by the backend's `Preparer`.
+pub enum Ready {
+    Tx(Transaction),
+    Lowered(Prepared),
+}
+
+impl Ready {
+    pub fn tx(&self) -> &Transaction {
+        match self {
+            Ready::Tx(tx) => tx,
+            Ready::Lowered(p) => &p.tx,
+        }
     }
 }
 
@@ -99,8 +134,9 @@ impl<B> FaultHook<B> {
     }
 }
 
-impl<B: Backend> Backend for FaultHook<B> {
-    fn apply(&mut self, tx: &Transaction) -> Result<ApplyStats, Box<dyn std::error::Error + Send + Sync>> {
+impl<B> FaultHook<B> {
+    /// Fails while the flag file exists (waits while it says `block`).
+    fn check(&self) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         if let Some(flag) = &self.flag {
             while let Ok(content) = std::fs::read_to_string(flag) {
                 if content.trim() != "block" {
@@ -109,10 +145,24 @@ impl<B: Backend> Backend for FaultHook<B> {
                 std::thread::sleep(Duration::from_millis(50));
             }
         }
+        Ok(())
+    }
+}
+
+impl<B: Backend> Backend for FaultHook<B> {
+    fn apply(&mut self, tx: &Transaction) -> Result<ApplyStats, Box<dyn std::error::Error + Send + Sync>> {
+        self.check()?;
         self.inner.apply(tx)
     }
     fn table_exists(&mut self, family: Family) -> Option<bool> {
         self.inner.table_exists(family)
+    }
+    fn preparer(&mut self, family: Family) -> Option<Preparer> {
+        self.inner.preparer(family)
+    }
+    fn apply_ready(&mut self, part: &Ready) -> Result<ApplyStats, Box<dyn std::error::Error + Send + Sync>> {
+        self.check()?;
+        self.inner.apply_ready(part)
     }
 }
 
@@ -543,7 +593,9 @@ impl<B: Backend> Proxier<B> {
         let base_state = ClusterState { service_cidrs: state.service_cidrs.clone(), ..ClusterState::default() };
         let mut base = desired_from(&self.cfg, family, &base_state, inputs, None).ruleset;
         let (node_ips, bc) = build_inputs(&self.cfg, family, inputs);
-        let base_tx = rules::diff(None, &base);
+        // Each part is lowered for the kernel on the builder thread too, when the backend can.
+        let mut preparer = self.backend.preparer(family);
+        let base_tx = ready(&mut preparer, rules::diff(None, &base));
         if self.strip {
             // Parts then keep only what later builds need (not the per-endpoint elements).
             base.strip_bulk();
@@ -554,7 +606,7 @@ impl<B: Backend> Proxier<B> {
         // build of a part needs only the previous parts' bookkeeping, not their commit). A
         // rendezvous channel: a built part waits for the kernel to take it, so at most two parts'
         // transactions are alive (one committing, one built), not three.
-        let (to_kernel, from_builder) = std::sync::mpsc::sync_channel::<Transaction>(0);
+        let (to_kernel, from_builder) = std::sync::mpsc::sync_channel::<Result<Ready, ApplyError>>(0);
         let (services, node_ips, bc) = (&services, &node_ips, &bc);
         let (mut applied, build, needs_full, mut err) = std::thread::scope(|s| {
             let builder = s.spawn(move || {
@@ -567,17 +619,18 @@ impl<B: Backend> Proxier<B> {
                         return (applied, build, true);
                     };
                     applied.commit_partial(&p);
+                    let part = ready(&mut preparer, p.tx);
                     build += t.elapsed();
-                    if to_kernel.send(p.tx).is_err() {
+                    if to_kernel.send(part).is_err() {
                         break; // a commit failed: nothing more is sent
                     }
                 }
                 (applied, build, false)
             });
-            let mut err = self.commit_part(family, &base_tx, &mut fr).err();
+            let mut err = self.commit_part(family, base_tx, &mut fr).err();
             if err.is_none() {
-                for tx in from_builder.iter() {
-                    if let Err(e) = self.commit_part(family, &tx, &mut fr) {
+                for part in from_builder.iter() {
+                    if let Err(e) = self.commit_part(family, part, &mut fr) {
                         err = Some(e);
                         break;
                     }
@@ -599,7 +652,7 @@ impl<B: Backend> Proxier<B> {
             let tx = rules::diff(Some(&applied), &built.ruleset);
             applied = built.ruleset;
             fr.build += t.elapsed();
-            err = self.commit_part(family, &tx, &mut fr).err();
+            err = self.commit_part(family, Ok(Ready::Tx(tx)), &mut fr).err();
         }
         if let Some(e) = err {
             fr.counts = counts(state, &applied);
@@ -651,13 +704,15 @@ impl<B: Backend> Proxier<B> {
     fn commit_part(
         &mut self,
         family: Family,
-        tx: &Transaction,
+        part: Result<Ready, ApplyError>,
         fr: &mut FamilyReport,
-    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    ) -> Result<(), ApplyError> {
+        let part = part?; // it could not be lowered: nothing was sent
+        let tx = part.tx();
         debug!(family = family.label(), commit = fr.commits + 1, "cold start part:\n{tx}");
         fr.stats.add(&tx.stats());
         let t = Instant::now();
-        let result = self.backend.apply(tx);
+        let result = self.backend.apply_ready(&part);
         let took = t.elapsed();
         fr.apply += took;
         fr.longest_commit = fr.longest_commit.max(took);

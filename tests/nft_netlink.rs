@@ -1038,6 +1038,47 @@ fn a_cold_start_in_parts_lists_like_one_transaction() {
     assert_same_listing(&x.list_table("ip"), &y.list_table("ip"), "cold start in parts");
 }
 
+/// Transactions lowered ahead by a `Preparer` (the cold start lowers each part on its builder
+/// thread) apply as `apply` applies them: a run whose later parts use sets the earlier ones
+/// create, one applied after something else used the socket (lowered again: the sequence numbers
+/// moved on), and a refused one names the op the kernel refused.
+#[test]
+fn prepared_transactions_apply_like_transactions() {
+    let cfg = v4_cfg();
+    let node_ips = [ip("192.168.0.2")];
+    let layout = build(&ClusterState::default(), &node_ips, &cfg, None).ruleset;
+    let full = build(&cluster_ips(), &node_ips, &cfg, None).ruleset;
+    let x = Netns::new();
+    let mut be = x.backend().expect("backend");
+    let mut prep = be.preparer(Family::V4);
+    let p1 = prep.prepare(diff(None, &layout)).expect("lowered");
+    let p2 = prep.prepare(diff(Some(&layout), &full)).expect("lowered with the sets of the first");
+    be.apply_prepared(&p1).expect("first part");
+    be.apply_prepared(&p2).expect("second part");
+    let y = Netns::new();
+    y.nft_script(&diff(None, &full).to_string()).expect("nft -f of the full ruleset");
+    assert_same_listing(&x.list_table("ip"), &y.list_table("ip"), "prepared parts");
+
+    let mut prep = be.preparer(Family::V4);
+    let back = prep.prepare(diff(Some(&full), &layout)).expect("lowered");
+    let again = prep.prepare(diff(Some(&full), &layout)).expect("lowered");
+    assert_eq!(be.table_exists(Family::V4), Some(true)); // the socket is used in between
+    be.apply_prepared(&back).expect("applied after the socket was used");
+    let z = Netns::new();
+    z.nft_script(&diff(None, &layout).to_string()).expect("nft -f of the layout");
+    assert_same_listing(&x.list_table("ip"), &z.list_table("ip"), "prepared, lowered again");
+    match be.apply_prepared(&again) {
+        Err(NftError::Rejected { failures, .. }) => {
+            let f = &failures.0;
+            assert_eq!(f[0].errno, libc::ENOENT, "{failures}");
+            let op = f[0].index.expect("an op is named");
+            assert!(op < again.tx.ops.len() && f[0].text.starts_with("delete "), "{failures}");
+        }
+        other => panic!("deleting what is gone must be refused, got {other:?}"),
+    }
+    assert_same_listing(&x.list_table("ip"), &z.list_table("ip"), "a refused prepared part changes nothing");
+}
+
 /// What kproxy prints as a sync's transaction (debug logs, `--dry-run` of a change) is valid
 /// `nft -f` input against the live table kproxy made over netlink: a partial sync adding a TCP
 /// and a UDP Service, applied as text by `nft` itself, leaves what the full ruleset lists. (With

@@ -183,15 +183,45 @@ impl NftablesBackend {
         if tx.ops.is_empty() {
             return Ok(ApplyStats::default());
         }
-        // Sequence numbers: BEGIN = base, messages base+1.., END last; GETGEN barrier after it.
-        // Wrap early so that a batch never straddles u32::MAX.
-        if self.seq > u32::MAX / 2 {
-            self.seq = 1;
-        }
-        let base = self.seq;
+        let base = batch_base(self.seq);
         let empty = HashMap::new();
         let known = self.known_sets.get(&tx.family).unwrap_or(&empty);
         let (batch, origins) = build_batch(tx, known, base, self.end_ack)?;
+        self.send_batch(tx, &batch, &origins, base)
+    }
+
+    /// A `Preparer` for transactions of `family` that will be applied next, in order, each with
+    /// `apply_prepared` and nothing else on this backend in between (the parts of a cold start).
+    pub fn preparer(&self, family: Family) -> Preparer {
+        Preparer {
+            known: self.known_sets.get(&family).cloned().unwrap_or_default(),
+            seq: self.seq,
+            end_ack: self.end_ack,
+        }
+    }
+
+    /// Applies a transaction its `Preparer` lowered ahead. Exactly as `apply`: if the backend was
+    /// used otherwise since (the batch's sequence numbers are not the next ones), the transaction
+    /// is lowered again here.
+    pub fn apply_prepared(&mut self, p: &Prepared) -> Result<ApplyStats, NftError> {
+        if p.tx.ops.is_empty() {
+            return Ok(ApplyStats::default());
+        }
+        if p.base != batch_base(self.seq) {
+            return self.apply(&p.tx);
+        }
+        self.send_batch(&p.tx, &p.batch, &p.origins, p.base)
+    }
+
+    /// Sends one batch built for `tx` with BEGIN at `base` and reads the kernel's verdict.
+    fn send_batch(
+        &mut self,
+        tx: &Transaction,
+        batch: &Batch,
+        origins: &[MsgOrigin],
+        base: u32,
+    ) -> Result<ApplyStats, NftError> {
+        // Sequence numbers: BEGIN = base, messages base+1.., END last; GETGEN barrier after it.
         let end_seq = base + 1 + origins.len() as u32;
         let barrier_seq = end_seq + 1;
         self.seq = barrier_seq + 1;
@@ -224,7 +254,7 @@ impl NftablesBackend {
                 .errors
                 .iter()
                 .map(|(seq, errno, offs, message)| {
-                    self.describe(tx, &batch, &origins, base, end_seq, *seq, *errno, *offs, message.clone())
+                    self.describe(tx, batch, origins, base, end_seq, *seq, *errno, *offs, message.clone())
                 })
                 .collect();
             return Err(NftError::Rejected { errno: failures[0].errno, failures: Failures(failures) });
@@ -232,7 +262,7 @@ impl NftablesBackend {
         if replies.lost && !replies.end_acked {
             return Err(NftError::RepliesLost);
         }
-        self.remember_sets(tx);
+        remember_sets(self.known_sets.entry(tx.family).or_default(), tx);
         Ok(stats)
     }
 
@@ -262,22 +292,6 @@ impl NftablesBackend {
     }
 
     /// Tracks set declarations after a committed transaction.
-    fn remember_sets(&mut self, tx: &Transaction) {
-        let sets = self.known_sets.entry(tx.family).or_default();
-        for op in &tx.ops {
-            match op {
-                Op::DeleteTable => sets.clear(),
-                Op::AddSet(def) => {
-                    sets.insert(def.name.clone(), def.clone());
-                }
-                Op::DeleteSet(name) => {
-                    sets.remove(name);
-                }
-                _ => {}
-            }
-        }
-    }
-
     /// Discards whatever is queued on the socket.
     fn drain_stale(&mut self) {
         while let Ok(Some(_)) = self.sock.recv(&mut self.recv_buf, None) {}
@@ -346,6 +360,64 @@ impl NftablesBackend {
             _ => op_text(tx, op),
         };
         FailedOp { index: Some(origin.op), errno, text, message }
+    }
+}
+
+/// Where the next batch's BEGIN goes, given the backend's next sequence number: wrapped early so
+/// that a batch never straddles u32::MAX.
+fn batch_base(seq: u32) -> u32 {
+    if seq > u32::MAX / 2 {
+        1
+    } else {
+        seq
+    }
+}
+
+/// Follows the sets a successful transaction created and deleted.
+fn remember_sets(sets: &mut HashMap<String, SetDef>, tx: &Transaction) {
+    for op in &tx.ops {
+        match op {
+            Op::DeleteTable => sets.clear(),
+            Op::AddSet(def) => {
+                sets.insert(def.name.clone(), def.clone());
+            }
+            Op::DeleteSet(name) => {
+                sets.remove(name);
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Lowers a run of transactions to netlink batches ahead of their apply, on any thread (the cold
+/// start builds and lowers the next part while the kernel commits the one before). It follows the
+/// sets and sequence numbers the backend will have if each transaction before succeeds; a run
+/// stops at the first failure, so that is the only case it needs.
+pub struct Preparer {
+    known: HashMap<String, SetDef>,
+    seq: u32,
+    end_ack: bool,
+}
+
+/// A transaction and the batch `apply_prepared` sends for it.
+pub struct Prepared {
+    pub tx: Transaction,
+    batch: Batch,
+    origins: Vec<MsgOrigin>,
+    base: u32,
+}
+
+impl Preparer {
+    pub fn prepare(&mut self, tx: Transaction) -> Result<Prepared, NftError> {
+        if tx.ops.is_empty() {
+            return Ok(Prepared { tx, batch: Batch::new(), origins: Vec::new(), base: 0 });
+        }
+        let base = batch_base(self.seq);
+        let (batch, origins) = build_batch(&tx, &self.known, base, self.end_ack)?;
+        // BEGIN, the messages, END, and the GETGEN barrier's number (see `send_batch`).
+        self.seq = base + origins.len() as u32 + 3;
+        remember_sets(&mut self.known, &tx);
+        Ok(Prepared { tx, batch, origins, base })
     }
 }
 
