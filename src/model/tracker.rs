@@ -449,17 +449,17 @@ impl ChangeTracker {
     }
 
     fn put_service(&mut self, key: Key, new: Option<ServiceInfo>) -> bool {
-        let mut touched = Vec::new();
-        let changed = self.set_service(key, new, &mut touched);
-        for k in &touched {
-            self.refresh(k);
-        }
-        changed
+        self.then_refresh(|t, touched| t.set_service(key, new, touched))
     }
 
     fn put_slice(&mut self, key: Key, new: Option<SliceInfo>) -> bool {
+        self.then_refresh(|t, touched| t.set_slice(key, new, touched))
+    }
+
+    /// Makes a change that lists the Services it touched, then refreshes those.
+    fn then_refresh(&mut self, change: impl FnOnce(&mut Self, &mut Vec<Key>) -> bool) -> bool {
         let mut touched = Vec::new();
-        let changed = self.set_slice(key, new, &mut touched);
+        let changed = change(self, &mut touched);
         for k in &touched {
             self.refresh(k);
         }
