@@ -14,6 +14,9 @@ use crate::model::{Cidr, Family, Protocol, ServicePortName};
 
 /// Name of the table kproxy owns in each family, as upstream: `ip kube-proxy` / `ip6 kube-proxy`.
 pub const TABLE: &str = "kube-proxy";
+/// kproxy's second table, there only while a restart builds the new ruleset next to the old
+/// `kube-proxy` table (the daemon's `Proxier::restart_in_parts`).
+pub const RESTART_TABLE: &str = "kproxy-restart";
 /// Comment upstream puts on the table.
 pub const TABLE_COMMENT: &str = "rules for kube-proxy";
 

@@ -510,7 +510,7 @@ pub fn ensure_route_localnet() -> Result<bool, IptError> {
 pub fn remove_nftables_tables() -> Result<(), crate::backend::nftables::NftError> {
     let mut b = crate::backend::nftables::NftablesBackend::new()?;
     for f in [Family::V4, Family::V6] {
-        b.apply(&rules::transaction::cleanup(f))?;
+        b.delete_tables(f)?;
     }
     info!("deleted the nftables-mode tables {} and {} (if any)", "ip kube-proxy", "ip6 kube-proxy");
     Ok(())

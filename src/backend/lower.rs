@@ -138,11 +138,19 @@ pub(crate) struct Lowerer<'a> {
     /// Sets created by this transaction, with their batch-local ids.
     created: HashMap<String, (u32, SetDef)>,
     next_set_id: u32,
+    table: &'a str,
 }
 
 impl<'a> Lowerer<'a> {
+    /// Lowers ops on kproxy's table, `kube-proxy` (see `on_table` for another).
     pub(crate) fn new(family: Family, known: &'a HashMap<String, SetDef>) -> Self {
-        Lowerer { family, known, created: HashMap::new(), next_set_id: 1 }
+        Lowerer { family, known, created: HashMap::new(), next_set_id: 1, table: TABLE }
+    }
+
+    /// The same ops on the table named `table` (kproxy's restart table).
+    pub(crate) fn on_table(mut self, table: &'a str) -> Self {
+        self.table = table;
+        self
     }
 
     fn fam(&self) -> u16 {
@@ -159,7 +167,7 @@ impl<'a> Lowerer<'a> {
 
     pub(crate) fn lower(&mut self, op: &Op) -> Result<Vec<Lowered>, LowerError> {
         let fam = self.fam();
-        let table = TABLE.to_string();
+        let table = self.table.to_string();
         let one = |msg| Ok(vec![Lowered { msg, elem_index: Vec::new() }]);
         match op {
             Op::AddTable => {
@@ -510,7 +518,7 @@ impl<'a> Lowerer<'a> {
                 msg: Msg::Elems {
                     delete,
                     family: self.fam(),
-                    table: TABLE.to_string(),
+                    table: self.table.to_string(),
                     set: set.to_string(),
                     set_id: self.set_id(set),
                     elems: std::mem::take(cur),

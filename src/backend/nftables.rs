@@ -135,7 +135,9 @@ pub struct NftablesBackend {
     seq: u32,
     /// Sets created by earlier successful transactions, per family: their declarations decide
     /// how elements are encoded (plain, rbtree interval, concatenated interval).
-    known_sets: HashMap<Family, HashMap<String, SetDef>>,
+    known_sets: HashMap<(Family, String), HashMap<String, SetDef>>,
+    /// The table transactions are applied to: `kube-proxy`, or kproxy's restart table.
+    table: String,
     recv_buf: Vec<u8>,
     /// Ask for the END ACK (kernels 6.10+ send it); off only to test the GETGEN fallback.
     end_ack: bool,
@@ -168,7 +170,14 @@ impl NftablesBackend {
         let seq = (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_secs())
             as u32)
             .max(1);
-        Ok(NftablesBackend { sock, seq, known_sets: HashMap::new(), recv_buf: vec![0; RECV_BUF], end_ack: true })
+        Ok(NftablesBackend {
+            sock,
+            seq,
+            known_sets: HashMap::new(),
+            table: rules::ir::TABLE.to_string(),
+            recv_buf: vec![0; RECV_BUF],
+            end_ack: true,
+        })
     }
 
     /// Whether to ask for the END ACK. Without it the backend behaves as on kernels before
@@ -178,6 +187,24 @@ impl NftablesBackend {
         self.end_ack = on;
     }
 
+    /// Deletes kproxy's tables of `family`, `kube-proxy` and the restart table; a missing table
+    /// is not an error.
+    pub fn delete_tables(&mut self, family: Family) -> Result<(), NftError> {
+        let table = std::mem::replace(&mut self.table, rules::ir::TABLE.to_string());
+        let result = [rules::ir::TABLE, rules::ir::RESTART_TABLE].into_iter().try_for_each(|t| {
+            self.table = t.to_string();
+            self.apply(&rules::transaction::cleanup(family)).map(|_| ())
+        });
+        self.table = table;
+        result
+    }
+
+    /// The table later transactions (and `table_exists`) are about: `kube-proxy` (the default),
+    /// or kproxy's restart table while a restart builds the new ruleset next to the old one.
+    pub fn set_table(&mut self, table: &str) {
+        self.table = table.to_string();
+    }
+
     /// Applies tx as one atomic batch. An empty tx sends nothing and returns Ok with zero stats.
     pub fn apply(&mut self, tx: &Transaction) -> Result<ApplyStats, NftError> {
         if tx.ops.is_empty() {
@@ -185,8 +212,8 @@ impl NftablesBackend {
         }
         let base = batch_base(self.seq);
         let empty = HashMap::new();
-        let known = self.known_sets.get(&tx.family).unwrap_or(&empty);
-        let (batch, origins) = build_batch(tx, known, base, self.end_ack)?;
+        let known = self.known_sets.get(&(tx.family, self.table.clone())).unwrap_or(&empty);
+        let (batch, origins) = build_batch(tx, known, base, self.end_ack, &self.table)?;
         self.send_batch(tx, &batch, &origins, base)
     }
 
@@ -194,7 +221,8 @@ impl NftablesBackend {
     /// `apply_prepared` and nothing else on this backend in between (the parts of a cold start).
     pub fn preparer(&self, family: Family) -> Preparer {
         Preparer {
-            known: self.known_sets.get(&family).cloned().unwrap_or_default(),
+            known: self.known_sets.get(&(family, self.table.clone())).cloned().unwrap_or_default(),
+            table: self.table.clone(),
             seq: self.seq,
             end_ack: self.end_ack,
         }
@@ -262,7 +290,7 @@ impl NftablesBackend {
         if replies.lost && !replies.end_acked {
             return Err(NftError::RepliesLost);
         }
-        remember_sets(self.known_sets.entry(tx.family).or_default(), tx);
+        remember_sets(self.known_sets.entry((tx.family, self.table.clone())).or_default(), tx);
         Ok(stats)
     }
 
@@ -276,7 +304,7 @@ impl NftablesBackend {
         let seq = self.seq;
         self.seq += 1;
         self.drain_stale();
-        let req = gettable_request(seq, self.sock.portid(), family);
+        let req = gettable_request(seq, self.sock.portid(), family, &self.table);
         self.sock.send_plain(&req).ok()?;
         let deadline = Instant::now() + BARRIER_TIMEOUT;
         loop {
@@ -395,6 +423,7 @@ fn remember_sets(sets: &mut HashMap<String, SetDef>, tx: &Transaction) {
 /// stops at the first failure, so that is the only case it needs.
 pub struct Preparer {
     known: HashMap<String, SetDef>,
+    table: String,
     seq: u32,
     end_ack: bool,
 }
@@ -413,7 +442,7 @@ impl Preparer {
             return Ok(Prepared { tx, batch: Batch::new(), origins: Vec::new(), base: 0 });
         }
         let base = batch_base(self.seq);
-        let (batch, origins) = build_batch(&tx, &self.known, base, self.end_ack)?;
+        let (batch, origins) = build_batch(&tx, &self.known, base, self.end_ack, &self.table)?;
         // BEGIN, the messages, END, and the GETGEN barrier's number (see `send_batch`).
         self.seq = base + origins.len() as u32 + 3;
         remember_sets(&mut self.known, &tx);
@@ -427,8 +456,9 @@ fn build_batch(
     known: &HashMap<String, SetDef>,
     base: u32,
     end_ack: bool,
+    table: &str,
 ) -> Result<(Batch, Vec<MsgOrigin>), NftError> {
-    let mut lowerer = Lowerer::new(tx.family, known);
+    let mut lowerer = Lowerer::new(tx.family, known).on_table(table);
     let mut batch = Batch::new();
     let mut origins: Vec<MsgOrigin> = Vec::new();
     batch.begin(base);
@@ -453,7 +483,7 @@ fn build_batch(
 /// `tx` itself (true of full transactions), without touching the kernel: for size estimates
 /// and byte-level tests. Sequence numbers start at 1.
 pub fn encode(tx: &Transaction) -> Result<Vec<u8>, NftError> {
-    let (batch, _) = build_batch(tx, &HashMap::new(), 1, true)?;
+    let (batch, _) = build_batch(tx, &HashMap::new(), 1, true, rules::ir::TABLE)?;
     Ok(batch.bytes().to_vec())
 }
 
@@ -580,12 +610,12 @@ fn getgen_request(seq: u32, portid: u32) -> Vec<u8> {
 }
 
 /// NFT_MSG_GETTABLE for kproxy's table of `family`, asking for an ACK.
-fn gettable_request(seq: u32, portid: u32, family: Family) -> Vec<u8> {
+fn gettable_request(seq: u32, portid: u32, family: Family, table: &str) -> Vec<u8> {
     const NFT_MSG_GETTABLE: u16 = 1;
     const NFTA_TABLE_NAME: u16 = 1;
     const NLM_F_ACK: u16 = 4;
     let mut attrs = Vec::new();
-    nla_put_strz(&mut attrs, NFTA_TABLE_NAME, rules::ir::TABLE);
+    nla_put_strz(&mut attrs, NFTA_TABLE_NAME, table);
     let family = super::lower::nfproto(family) as u8;
     nfnl_message(NFNL_SUBSYS_NFTABLES, NFT_MSG_GETTABLE, NLM_F_REQUEST | NLM_F_ACK, seq, portid, family, &attrs)
 }
