@@ -31,6 +31,10 @@ impl crate::sync::Backend for NftablesBackend {
     fn table_exists(&mut self, family: rules::model::Family) -> Option<bool> {
         NftablesBackend::table_exists(self, family)
     }
+    fn set_table(&mut self, table: &str) -> bool {
+        NftablesBackend::set_table(self, table);
+        true
+    }
     fn preparer(&mut self, family: rules::model::Family) -> Option<crate::backend::nftables::Preparer> {
         Some(NftablesBackend::preparer(self, family))
     }
@@ -130,8 +134,14 @@ pub fn cleanup() -> Result<(), CleanupError> {
     let nft = (|| {
         let mut b = NftablesBackend::new()?;
         for f in [Family::V4, Family::V6] {
-            b.apply(&rules::transaction::cleanup(f))?;
-            info!(family = f.label(), "deleted table {} {}", f.nft(), rules::ir::TABLE);
+            b.delete_tables(f)?;
+            info!(
+                family = f.label(),
+                "deleted table {} {} (and {}, if any)",
+                f.nft(),
+                rules::ir::TABLE,
+                rules::ir::RESTART_TABLE
+            );
         }
         Ok::<(), crate::backend::nftables::NftError>(())
     })();
@@ -246,10 +256,13 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let mut nfacct_counters = false;
     let mut proxier: Box<dyn Engine> = match cfg.mode {
         // The other mode's rules (ours or upstream's) go once this mode's are in place.
-        ProxyMode::Nftables => Box::new(CleanupAfterFirstSync::new(
-            Proxier::new(cfg.clone(), FaultHook::from_env(NftablesBackend::new()?)),
-            crate::backend::iptables::remove_leftovers_logged,
-        )),
+        ProxyMode::Nftables => {
+            let mut p = Proxier::new(cfg.clone(), FaultHook::from_env(NftablesBackend::new()?));
+            if let Some(n) = crate::sync::cold_start_part_from_env() {
+                p.cold_start_part = n;
+            }
+            Box::new(CleanupAfterFirstSync::new(p, crate::backend::iptables::remove_leftovers_logged))
+        }
         ProxyMode::Iptables => {
             let ipt = IptablesProxier::new(cfg.clone())?;
             nfacct_counters = ipt.nfacct_counters();

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use rules::conntrack::StaleUdpFlows;
-use rules::ir::Ruleset;
+use rules::ir::{Ruleset, RESTART_TABLE};
 use rules::model::{BuildConfig, ClusterState, Family, NodeInfo};
 use rules::transaction::TxStats;
 use rules::Transaction;
@@ -45,6 +45,11 @@ pub trait Backend {
     fn preparer(&mut self, _family: Family) -> Option<Preparer> {
         None
     }
+    /// Points later applies (and `table_exists`) at the table named `table`; `false` when the
+    /// backend has only `kube-proxy` (a restart then replaces it in one transaction).
+    fn set_table(&mut self, _table: &str) -> bool {
+        false
+    }
     /// Applies one part of a cold start (after the parts before it, with nothing in between).
     fn apply_ready(&mut self, part: &Ready) -> Result<ApplyStats, Box<dyn std::error::Error + Send + Sync>> {
         self.apply(part.tx())
@@ -53,6 +58,10 @@ pub trait Backend {
 
 /// What a failed apply says.
 type ApplyError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A ruleset sent in parts: what the kernel holds, or on a failure what it holds as far as known
+/// and the error.
+type PartsSent = Result<Ruleset, (Box<Ruleset>, ApplyError)>;
 
 /// `tx` as a cold-start part: lowered now when there is a preparer.
 fn ready(preparer: &mut Option<Preparer>, tx: Transaction) -> Result<Ready, ApplyError> {
@@ -124,6 +133,17 @@ pub struct FaultHook<B> {
 /// The environment variable of [`FaultHook`].
 pub const FAIL_APPLY_ENV: &str = "KPROXY_TEST_FAIL_APPLY";
 
+/// Test hook: Services per part of a cold start (or restart) in parts, instead of
+/// [`COLD_START_PART_SERVICES`], so that tests with a handful of Services take that path.
+pub const COLD_START_PART_ENV: &str = "KPROXY_TEST_COLD_START_PART";
+
+/// [`COLD_START_PART_ENV`]'s value, when set to a number of at least 1 (logged, as it is a test hook).
+pub fn cold_start_part_from_env() -> Option<usize> {
+    let n = std::env::var(COLD_START_PART_ENV).ok()?.parse::<usize>().ok().filter(|n| *n >= 1)?;
+    warn!("{COLD_START_PART_ENV} is set: cold starts go in parts of {n} Services (a test hook)");
+    Some(n)
+}
+
 impl<B> FaultHook<B> {
     pub fn from_env(inner: B) -> Self {
         let flag = std::env::var_os(FAIL_APPLY_ENV).filter(|v| !v.is_empty()).map(PathBuf::from);
@@ -159,6 +179,9 @@ impl<B: Backend> Backend for FaultHook<B> {
     }
     fn preparer(&mut self, family: Family) -> Option<Preparer> {
         self.inner.preparer(family)
+    }
+    fn set_table(&mut self, table: &str) -> bool {
+        self.inner.set_table(table)
     }
     fn apply_ready(&mut self, part: &Ready) -> Result<ApplyStats, Box<dyn std::error::Error + Send + Sync>> {
         self.check()?;
@@ -501,6 +524,7 @@ impl<B: Backend> Proxier<B> {
                 Plan::Partial(p) => &p.tx,
                 Plan::Full { tx, .. } => tx,
             };
+            let previous_unknown = previous.is_none();
             let mut fr =
                 FamilyReport { build: t1 - t0, diff: t2 - t1, ..FamilyReport::new(family, previous.is_none()) };
             let mut result = Ok(ApplyStats::default());
@@ -527,6 +551,9 @@ impl<B: Backend> Proxier<B> {
                         Plan::Full { ruleset, .. } => {
                             report.big_full |= ruleset.element_count() >= COMPACT_THRESHOLD;
                             self.kernel_holds_full(family, *ruleset);
+                            if previous_unknown {
+                                self.remove_restart_table(family);
+                            }
                         }
                     }
                     self.synced(family, state, &mut fr);
@@ -563,11 +590,13 @@ pub const COLD_START_PART_SERVICES: usize = 2_500;
 
 impl<B: Backend> Proxier<B> {
     /// A cold start in parts (see [`COLD_START_PART_SERVICES`]), or `None` when the family is
-    /// small enough for one transaction or its table may exist. First the layout without
-    /// Services (base chains, shared sets, the ServiceCIDRs), then each part as a partial build
-    /// against what is applied; a part the partial build cannot decide alone (a frontend
-    /// conflict) ends the parts with one full diff from what is applied. On a failure the
-    /// family's kernel state counts as unknown (the next sync is full), as for any failed sync.
+    /// small enough for one transaction or whether its table exists cannot be told. On a new node
+    /// (no table): first the layout without Services (base chains, shared sets, the
+    /// ServiceCIDRs), then each part as a partial build against what is applied; a part the
+    /// partial build cannot decide alone (a frontend conflict) ends the parts with one full diff
+    /// from what is applied. Over an existing table (a restart), see `restart_in_parts`. On a
+    /// failure the family's kernel state counts as unknown (the next sync is full), as for any
+    /// failed sync.
     fn cold_start_in_parts(
         &mut self,
         family: Family,
@@ -585,11 +614,121 @@ impl<B: Backend> Proxier<B> {
             .map(|(spn, _)| (spn.namespace().to_string(), spn.name().to_string()))
             .collect();
         services.dedup();
-        if services.len() <= part_size || self.backend.table_exists(family) != Some(false) {
+        if services.len() <= part_size {
             return None;
         }
-        let t0 = Instant::now();
+        let restart = match self.backend.table_exists(family) {
+            Some(false) => false,
+            Some(true) if self.restart_table_absent(family) => true,
+            _ => return None,
+        };
         let mut fr = FamilyReport::new(family, true);
+        let sent = if restart {
+            self.restart_in_parts(family, state, inputs, &services, &mut fr)
+        } else {
+            self.send_in_parts(family, state, inputs, &services, &mut fr)
+        };
+        let applied = match sent {
+            Ok(applied) => applied,
+            Err((applied, e)) => {
+                fr.counts = counts(state, &applied);
+                self.failed(family, &mut fr, &*e);
+                return Some((fr, Some(e)));
+            }
+        };
+        info!(
+            family = family.label(),
+            services = services.len(),
+            commits = fr.commits,
+            longest_commit_ms = fr.longest_commit.as_secs_f64() * 1e3,
+            "{}",
+            if restart {
+                format!("restart sent in parts (the {} table was there: rebuilt next to it)", family.label())
+            } else {
+                format!("cold start sent in parts (no {} table was there)", family.label())
+            }
+        );
+        self.kernel_holds_full(family, applied);
+        self.synced(family, state, &mut fr);
+        Some((fr, None))
+    }
+
+    /// Deletes kproxy's restart table of `family` if a restart that failed half-way left it (the
+    /// `kube-proxy` table was just replaced whole). A failure is logged; the next first sync tries
+    /// again.
+    fn remove_restart_table(&mut self, family: Family) {
+        if !self.backend.set_table(RESTART_TABLE) {
+            return;
+        }
+        if self.backend.table_exists(family) != Some(false) {
+            match self.backend.apply(&rules::transaction::cleanup(family)) {
+                Ok(_) => info!(family = family.label(), "deleted the table {RESTART_TABLE} a failed restart left"),
+                Err(e) => warn!(family = family.label(), "deleting the table {RESTART_TABLE}: {e}"),
+            }
+        }
+        self.backend.set_table(rules::ir::TABLE);
+    }
+
+    /// Whether the backend can build into kproxy's restart table and it is not there (a restart
+    /// that failed half-way leaves it; the retry then replaces `kube-proxy` in one transaction,
+    /// which is always whole, and removes it after).
+    fn restart_table_absent(&mut self, family: Family) -> bool {
+        if !self.backend.set_table(RESTART_TABLE) {
+            return false;
+        }
+        let absent = self.backend.table_exists(family) == Some(false);
+        self.backend.set_table(rules::ir::TABLE);
+        absent
+    }
+
+    /// A cold start over an existing `kube-proxy` table (a restart) in parts, so that no commit
+    /// holds the kernel's nftables lock for the whole ruleset: (1) the new ruleset in parts into
+    /// a second table, `kproxy-restart`, next to the old one; (2) the old table deleted (one
+    /// transaction; deleting costs the kernel a fraction of building); (3) the new ruleset in
+    /// parts into `kube-proxy`, the second table serving meanwhile; (4) the second table deleted.
+    /// At every moment one whole ruleset is hooked (the old one, then the second table) next to
+    /// at most a consistent part of the new one. Both tables hook the same points; NAT takes the
+    /// first chain that sets a mapping (the older table's, registered first), and the filters of
+    /// both agree on every Service each holds. Costs about twice a fresh node's cold start.
+    fn restart_in_parts(
+        &mut self,
+        family: Family,
+        state: &ClusterState,
+        inputs: &Inputs<'_>,
+        services: &[(String, String)],
+        fr: &mut FamilyReport,
+    ) -> PartsSent {
+        let delete = |p: &mut Self, fr: &mut FamilyReport, table: &str| {
+            p.backend.set_table(table);
+            p.commit_part(family, Ok(Ready::Tx(rules::transaction::cleanup(family))), fr)
+        };
+        let result = (|| {
+            // Until (3) starts, `kube-proxy` holds the old ruleset, or nothing.
+            let unknown = |e| (Box::new(Ruleset::new(family)), e);
+            self.backend.set_table(RESTART_TABLE);
+            self.send_in_parts(family, state, inputs, services, fr).map_err(|(_, e)| unknown(e))?;
+            delete(self, fr, rules::ir::TABLE).map_err(unknown)?;
+            self.backend.set_table(rules::ir::TABLE);
+            let applied = self.send_in_parts(family, state, inputs, services, fr)?;
+            delete(self, fr, RESTART_TABLE).map_err(|e| (Box::new(applied.clone()), e))?;
+            Ok(applied)
+        })();
+        self.backend.set_table(rules::ir::TABLE);
+        result
+    }
+
+    /// Sends the whole ruleset of `family` in parts into a table that is not there: the layout,
+    /// then the Services part by part (see `cold_start_in_parts`). Returns what the kernel holds.
+    fn send_in_parts(
+        &mut self,
+        family: Family,
+        state: &ClusterState,
+        inputs: &Inputs<'_>,
+        services: &[(String, String)],
+        fr: &mut FamilyReport,
+    ) -> PartsSent {
+        let part_size = self.cold_start_part.max(1);
+        let t0 = Instant::now();
         let base_state = ClusterState { service_cidrs: state.service_cidrs.clone(), ..ClusterState::default() };
         let mut base = desired_from(&self.cfg, family, &base_state, inputs, None).ruleset;
         let (node_ips, bc) = build_inputs(&self.cfg, family, inputs);
@@ -607,7 +746,7 @@ impl<B: Backend> Proxier<B> {
         // rendezvous channel: a built part waits for the kernel to take it, so at most two parts'
         // transactions are alive (one committing, one built), not three.
         let (to_kernel, from_builder) = std::sync::mpsc::sync_channel::<Result<Ready, ApplyError>>(0);
-        let (services, node_ips, bc) = (&services, &node_ips, &bc);
+        let (node_ips, bc) = (&node_ips, &bc);
         let (mut applied, build, needs_full, mut err) = std::thread::scope(|s| {
             let builder = s.spawn(move || {
                 let (mut applied, mut build, none) = (base, Duration::ZERO, ClusterState::default());
@@ -627,10 +766,10 @@ impl<B: Backend> Proxier<B> {
                 }
                 (applied, build, false)
             });
-            let mut err = self.commit_part(family, base_tx, &mut fr).err();
+            let mut err = self.commit_part(family, base_tx, fr).err();
             if err.is_none() {
                 for part in from_builder.iter() {
-                    if let Err(e) = self.commit_part(family, part, &mut fr) {
+                    if let Err(e) = self.commit_part(family, part, fr) {
                         err = Some(e);
                         break;
                     }
@@ -652,24 +791,12 @@ impl<B: Backend> Proxier<B> {
             let tx = rules::diff(Some(&applied), &built.ruleset);
             applied = built.ruleset;
             fr.build += t.elapsed();
-            err = self.commit_part(family, Ok(Ready::Tx(tx)), &mut fr).err();
+            err = self.commit_part(family, Ok(Ready::Tx(tx)), fr).err();
         }
-        if let Some(e) = err {
-            fr.counts = counts(state, &applied);
-            self.failed(family, &mut fr, &*e);
-            return Some((fr, Some(e)));
+        match err {
+            Some(e) => Err((Box::new(applied), e)),
+            None => Ok(applied),
         }
-        info!(
-            family = family.label(),
-            services = services.len(),
-            commits = fr.commits,
-            longest_commit_ms = fr.longest_commit.as_secs_f64() * 1e3,
-            "cold start sent in parts (no {} table was there)",
-            family.label()
-        );
-        self.kernel_holds_full(family, applied);
-        self.synced(family, state, &mut fr);
-        Some((fr, None))
     }
 
     /// The kernel holds `ruleset`, built in full, for `family`: keep it (stripped of what later

@@ -1038,6 +1038,71 @@ fn a_cold_start_in_parts_lists_like_one_transaction() {
     assert_same_listing(&x.list_table("ip"), &y.list_table("ip"), "cold start in parts");
 }
 
+/// A restart over an existing table (stale: it holds a Service since deleted) in parts: the
+/// ruleset goes into `kproxy-restart` next to the old table, the old one is deleted, the ruleset
+/// goes into `kube-proxy` in parts, `kproxy-restart` is deleted; the kernel then lists exactly
+/// what one transaction of the full ruleset gives. A `kproxy-restart` table left by a restart
+/// that failed half-way makes the next one replace `kube-proxy` in one transaction (always
+/// whole) and delete the leftover.
+#[test]
+fn a_restart_in_parts_lists_like_one_transaction_and_leaves_one_table() {
+    use clap::Parser;
+    use kproxy::sync::{Inputs, Proxier};
+    let cfg = kproxy::config::Flags::try_parse_from([
+        "kproxy",
+        "--manifests",
+        "/nonexistent",
+        "--hostname-override",
+        "node-a",
+        "--cluster-cidr",
+        "10.0.0.0/8",
+    ])
+    .expect("flags")
+    .into_config()
+    .expect("config");
+    let mut st = policies(Family::V4);
+    for sp in cluster_ips().services.into_values() {
+        st.add_service(sp);
+    }
+    for (spn, eps) in cluster_ips().endpoints {
+        for e in eps {
+            st.add_endpoint(&spn, e);
+        }
+    }
+    let node = NodeInfo { name: "node-a".into(), primary_ips: vec![ip("192.168.0.2")], ..Default::default() };
+    let empty = ClusterState::default();
+    let state = |f: Family| if f == Family::V4 { &st } else { &empty };
+    let inputs = Inputs { state: &state, node: &node, local_ips: &[], changes: None };
+    let full = kproxy::sync::desired(&cfg, Family::V4, &inputs, None).ruleset;
+    let y = Netns::new();
+    y.nft_script(&diff(None, &full).to_string()).expect("nft -f of the full ruleset");
+    let services: std::collections::BTreeSet<_> = st.services.keys().map(|s| (s.namespace(), s.name())).collect();
+    let tables = |ns: &Netns| ns.nft(&["list", "tables"]).expect("list tables");
+
+    // The old table: the same cluster plus a Service deleted while kproxy was down.
+    let mut old = st.clone();
+    old.add_service(svc("gone", "old", "http", Protocol::Tcp, "172.30.77.1", 80));
+    let x = Netns::new();
+    let mut be = x.backend().expect("backend");
+    be.apply(&diff(None, &build(&old, &[ip("192.168.0.2")], &v4_cfg(), None).ruleset)).expect("old table");
+    let mut p = Proxier::new(cfg.clone(), be);
+    p.cold_start_part = 2;
+    let r = p.sync(&inputs).expect("restart in parts");
+    let parts = 1 + services.len().div_ceil(2);
+    assert_eq!(r.families[0].commits, 2 * parts + 2, "two tables in parts, two deletes: {:?}", r.families[0]);
+    assert_same_listing(&x.list_table("ip"), &y.list_table("ip"), "restart in parts");
+    assert!(!tables(&x).contains("kproxy-restart"), "{}", tables(&x));
+
+    // A restart table left behind: one transaction, then it is gone.
+    x.nft_script("add table ip kproxy-restart\nadd chain ip kproxy-restart leftover\n").expect("leftover");
+    let mut q = Proxier::new(cfg, x.backend().expect("backend"));
+    q.cold_start_part = 2;
+    let r = q.sync(&inputs).expect("restart after a failed one");
+    assert_eq!(r.families[0].commits, 1, "{:?}", r.families[0]);
+    assert_same_listing(&x.list_table("ip"), &y.list_table("ip"), "restart in one transaction");
+    assert!(!tables(&x).contains("kproxy-restart"), "{}", tables(&x));
+}
+
 /// Transactions lowered ahead by a `Preparer` (the cold start lowers each part on its builder
 /// thread) apply as `apply` applies them: a run whose later parts use sets the earlier ones
 /// create, one applied after something else used the socket (lowered again: the sequence numbers

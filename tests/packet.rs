@@ -390,6 +390,86 @@ fn restarts_under_continuous_traffic_lose_no_connection() {
     assert!(gap < Duration::from_millis(500), "largest gap between attempts {gap:?}");
 }
 
+/// Issue 6: a restart over an existing table with more Services than a cold-start part rebuilds
+/// the ruleset in parts next to the old table (`kproxy-restart`), then replaces `kube-proxy` in
+/// parts, so no commit holds the whole ruleset. Traffic to a ClusterIP from a pod (source kept)
+/// and to a NodePort from outside (masqueraded) loses no connection through it, the change made
+/// while kproxy was down takes effect, and the second table is gone afterwards. Parts of one
+/// Service (a test hook) make a few hundred Services take this path, for long enough that many
+/// connections are made during it.
+#[test]
+fn restart_in_parts_under_traffic_loses_no_connection() {
+    const FILLERS: u16 = 300;
+    let t = Topo::new();
+    let cip = ip(172, 30, 0, 60);
+    let svc = Service::cluster_ip("restart", cip).port("http", Tcp, 80, ECHO_TCP).node_port(30060);
+    let slice = |pods: &[Pod]| Slice::of("restart").port("http", Tcp, ECHO_TCP).endpoints(pods);
+    t.apply(&svc, &slice(&[Pod::B1, Pod::B2]));
+    // Enough Services in parts of one that the restart takes a while: traffic meets each of its
+    // stages (old table alone, old + second table, second alone, second + part of the new).
+    for i in 1..=FILLERS {
+        let name = format!("filler{i}");
+        let other = Service::cluster_ip(&name, ip(172, 30, 1 + (i / 250) as u8, (i % 250) as u8))
+            .port("http", Tcp, 80, ECHO_TCP);
+        t.apply(&other, &Slice::of(&name).port("http", Tcp, ECHO_TCP).endpoints(&[Pod::B3]));
+    }
+    let mut k = t.kproxy_with_env(t.kproxy_args(&[]), &[("KPROXY_TEST_COLD_START_PART", "1")]);
+    let mut client = t.prober(Host::Pod(Pod::Client));
+    await_answer(&mut k, &mut client, Tcp, cip, 80);
+    drop(client);
+    assert!(k.log().contains("cold start sent in parts"), "a fresh node goes in parts:\n{}", k.log());
+
+    let pods = t.traffic_loop(Host::Pod(Pod::Client), Tcp, cip, 80, Duration::from_millis(20), T1);
+    let ext = t.traffic_loop(Host::Ext, Tcp, NODE_IP, 30060, Duration::from_millis(20), T1);
+    pods.wait_more(10, Duration::from_secs(5));
+    ext.wait_more(10, Duration::from_secs(5));
+    k.terminate();
+    t.apply(&svc, &slice(&[Pod::B2, Pod::B3]));
+    pods.wait_more(10, Duration::from_secs(5));
+    k.start();
+    let up = pods.len();
+    let want: BTreeSet<String> = [Pod::B2, Pod::B3].iter().map(|p| p.name().to_string()).collect();
+    poll("the restarted kproxy programs the new endpoints", FIRST_SYNC, || {
+        k.assert_running();
+        let r = pods.results();
+        let recent: BTreeSet<String> = r[up.max(r.len().saturating_sub(20))..]
+            .iter()
+            .filter_map(|(_, a)| a.backend().map(str::to_string))
+            .collect();
+        (r.len() >= up + 20 && recent == want && k.log().contains("sync done"))
+            .then_some(())
+            .ok_or_else(|| format!("last 20: {recent:?}"))
+    });
+    let log = k.log();
+    assert!(log.contains("restart sent in parts"), "the restart goes in parts:\n{log}");
+    let sync = log.lines().find(|l| l.contains("sync done")).expect("a sync line");
+    eprintln!("{sync}");
+    let tables = String::from_utf8_lossy(&t.nft(&["list", "tables"]).stdout).into_owned();
+    assert!(!tables.contains("kproxy-restart") && tables.contains("kube-proxy"), "{tables}");
+    pods.wait_more(10, Duration::from_secs(5));
+    ext.wait_more(10, Duration::from_secs(5));
+    for (what, lp, src) in [("pod -> ClusterIP", pods, Pod::Client.ip()), ("ext -> NodePort", ext, NODE_BRIDGE_IP)] {
+        let results = lp.stop();
+        let failed: Vec<_> = results.iter().filter(|(_, a)| a.backend().is_none()).collect();
+        eprintln!(
+            "{what}: {} connections: {:?}",
+            results.len(),
+            tally(&results.iter().map(|(_, a)| a.clone()).collect::<Vec<_>>())
+        );
+        assert!(
+            failed.is_empty(),
+            "{what}: {} of {} connections failed: {failed:?}\n{log}",
+            failed.len(),
+            results.len()
+        );
+        for (_, a) in &results {
+            if let Outcome::Answer { src: seen, .. } = &a.outcome {
+                assert_eq!(*seen, src, "{what}: source seen by the backend");
+            }
+        }
+    }
+}
+
 /// Test 6: `--cleanup` deletes kproxy's table (and nothing else), is idempotent, and afterwards
 /// the ClusterIP is just an unrouted address again. Also: SIGTERM leaves the table in place.
 #[test]

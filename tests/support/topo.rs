@@ -807,8 +807,13 @@ impl Topo {
 
     /// Starts kproxy in the node namespace on this topology's manifests.
     pub fn kproxy(&self, extra: &[&str]) -> Kproxy<'_> {
-        let mut args: Vec<String> = vec![
-            "--manifests".into(),
+        self.kproxy_with_args(self.kproxy_args(extra))
+    }
+
+    /// The arguments `kproxy` starts kproxy with (this topology's manifests), plus `extra`.
+    pub fn kproxy_args(&self, extra: &[&str]) -> Vec<String> {
+        let mut args = vec![
+            "--manifests".to_string(),
             self.manifests_dir().to_string_lossy().into_owned(),
             "--hostname-override".into(),
             NODE.into(),
@@ -821,13 +826,19 @@ impl Topo {
             "2".into(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
-        self.kproxy_with_args(args)
+        args
     }
 
     /// Starts kproxy in the node namespace with exactly `args`: for tests that feed it from
     /// somewhere other than the manifests directory (a fake API server).
     pub fn kproxy_with_args(&self, args: Vec<String>) -> Kproxy<'_> {
-        let mut k = Kproxy { topo: self, child: None, args, generation: 0 };
+        self.kproxy_with_env(args, &[])
+    }
+
+    /// `kproxy_with_args` with extra environment variables (test hooks), kept across restarts.
+    pub fn kproxy_with_env(&self, args: Vec<String>, env: &[(&str, &str)]) -> Kproxy<'_> {
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let mut k = Kproxy { topo: self, child: None, args, env, generation: 0 };
         k.start();
         k
     }
@@ -1011,6 +1022,8 @@ pub struct Kproxy<'t> {
     topo: &'t Topo,
     child: Option<Child>,
     args: Vec<String>,
+    /// Extra environment of every start (test hooks).
+    env: Vec<(String, String)>,
     generation: u32,
 }
 
@@ -1030,6 +1043,7 @@ impl Kproxy<'_> {
             .topo
             .cmd(Host::Node, env!("CARGO_BIN_EXE_kproxy"))
             .args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             // Plain text in the log file (tracing colours its output unless told not to).
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
