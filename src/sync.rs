@@ -56,6 +56,14 @@ pub trait Backend {
     }
 }
 
+/// The cold start's parts: `part_size` Services each, except a first one of a fifth of that (at
+/// parts of 10 or more), so the kernel starts on the first commit sooner: while the first part
+/// is built, nothing else can be sent.
+fn parts(services: &[(String, String)], part_size: usize) -> impl Iterator<Item = &[(String, String)]> {
+    let first = if part_size >= 10 { part_size / 5 } else { part_size }.min(services.len());
+    std::iter::once(&services[..first]).chain(services[first..].chunks(part_size)).filter(|p| !p.is_empty())
+}
+
 /// What a failed apply says.
 type ApplyError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -578,14 +586,14 @@ impl<B: Backend> Proxier<B> {
 /// there are more (issue 6: no single commit holding the nftables lock for seconds at 50k
 /// services). Each part holds whole Services, built as if they had just been added, so traffic
 /// never meets a half-built Service; Services of later parts are simply not there yet, as before
-/// kproxy started. Over an existing table (a restart) the replacement stays one transaction,
-/// since deleting the old rules first would break the Services of later parts meanwhile.
-/// 2,500 rather than 5,000 (measured from manifests, 2026-11-25): at 10k services x 10 endpoints
+/// kproxy started. Over an existing table (a restart) the parts go through a second table first
+/// (see `Proxier::restart_in_parts`): deleting the old rules first would break the Services of
+/// later parts meanwhile. 2,500 rather than 5,000 (measured from manifests, 2026-11-25): at 10k services x 10 endpoints
 /// the longest commit 0.47 -> 0.24 s, the cold start's peak memory 172 -> 137 MiB and the first
 /// sync no slower (1.10-1.15 vs 1.20-1.22 s); at 50k x 5 the longest commit 0.52 -> 0.31 s for a
 /// first sync ~0.3 s longer (5.0 vs 4.6-4.9 s). Parts of 1,000 cost 1.6-2.6 s more at 50k (cause
-/// not measured: `build_partial`'s walk over every slot block is a few ms per part, so per-commit
-/// kernel cost growing with the table is the likelier one).
+/// not measured by experiment; a profile at 50k shows the kernel validating the whole table on
+/// every commit, which grows with what is already there).
 pub const COLD_START_PART_SERVICES: usize = 2_500;
 
 impl<B: Backend> Proxier<B> {
@@ -750,7 +758,7 @@ impl<B: Backend> Proxier<B> {
         let (mut applied, build, needs_full, mut err) = std::thread::scope(|s| {
             let builder = s.spawn(move || {
                 let (mut applied, mut build, none) = (base, Duration::ZERO, ClusterState::default());
-                for part in services.chunks(part_size) {
+                for part in parts(services, part_size) {
                     let t = Instant::now();
                     let keys: BTreeSet<(String, String)> = part.iter().cloned().collect();
                     let after = state.restrict(&keys);
@@ -1145,6 +1153,19 @@ mod tests {
 
     /// Syncs from a tracker's changes are partial, and leave the kernel exactly as a full build of
     /// the same state would; a node change makes the next one full.
+    #[test]
+    fn the_first_part_is_smaller_so_the_kernel_starts_sooner() {
+        let services: Vec<(String, String)> = (0..23).map(|i| ("ns".to_string(), format!("s{i:02}"))).collect();
+        let sizes = |n: usize, part: usize| parts(&services[..n], part).map(<[_]>::len).collect::<Vec<_>>();
+        assert_eq!(sizes(23, 10), vec![2, 10, 10, 1]);
+        assert_eq!(sizes(23, 3), vec![3, 3, 3, 3, 3, 3, 3, 2]);
+        assert_eq!(sizes(1, 10), vec![1]);
+        assert!(sizes(0, 10).is_empty());
+        // Every Service once, in order.
+        let all: Vec<_> = parts(&services, 10).flatten().cloned().collect();
+        assert_eq!(all, services);
+    }
+
     #[test]
     fn a_cold_start_without_a_table_goes_in_parts_of_whole_services() {
         let mut st = ClusterState::default();
