@@ -105,6 +105,24 @@ pub struct FakeBackend {
     pub transactions: Vec<Transaction>,
     /// Transactions committed.
     pub commits: usize,
+    /// When set, the backend has other tables than `kube-proxy` (`set_table` works): `kernels`
+    /// holds the current table's, `other_tables` the others', and `table` names the current one
+    /// (empty: `kube-proxy`).
+    pub tables: bool,
+    pub table: String,
+    pub other_tables: BTreeMap<(Family, String), rules::fake::FakeKernel>,
+}
+
+impl FakeBackend {
+    /// The kernel of `family`'s table `table`, whichever is current.
+    pub fn kernel_of(&self, family: Family, table: &str) -> Option<&rules::fake::FakeKernel> {
+        let current = if self.table.is_empty() { rules::ir::TABLE } else { &self.table };
+        if table == current {
+            self.kernels.get(&family)
+        } else {
+            self.other_tables.get(&(family, table.to_string()))
+        }
+    }
 }
 
 impl Backend for FakeBackend {
@@ -126,6 +144,24 @@ impl Backend for FakeBackend {
     }
     fn table_exists(&mut self, family: Family) -> Option<bool> {
         Some(self.kernels.get(&family).is_some_and(|k| k.has_table()))
+    }
+    fn set_table(&mut self, table: &str) -> bool {
+        if !self.tables {
+            return false;
+        }
+        let current = if self.table.is_empty() { rules::ir::TABLE.to_string() } else { self.table.clone() };
+        if table != current {
+            for (f, k) in std::mem::take(&mut self.kernels) {
+                self.other_tables.insert((f, current.clone()), k);
+            }
+            let mine: Vec<(Family, String)> = self.other_tables.keys().filter(|(_, t)| t == table).cloned().collect();
+            for key in mine {
+                let k = self.other_tables.remove(&key).expect("listed");
+                self.kernels.insert(key.0, k);
+            }
+            self.table = table.to_string();
+        }
+        true
     }
 }
 
@@ -559,12 +595,17 @@ impl<B: Backend> Proxier<B> {
                         Plan::Full { ruleset, .. } => {
                             report.big_full |= ruleset.element_count() >= COMPACT_THRESHOLD;
                             self.kernel_holds_full(family, *ruleset);
-                            if previous_unknown {
-                                self.remove_restart_table(family);
-                            }
                         }
                     }
                     self.synced(family, state, &mut fr);
+                    if previous_unknown {
+                        if let Err(e) = self.remove_restart_table(family) {
+                            self.failed(family, &mut fr, &*e);
+                            if first_err.is_none() {
+                                first_err = Some((family.label(), e));
+                            }
+                        }
+                    }
                 }
                 Err(e) => {
                     if let Plan::Full { ruleset, .. } = &plan {
@@ -634,7 +675,14 @@ impl<B: Backend> Proxier<B> {
         let sent = if restart {
             self.restart_in_parts(family, state, inputs, &services, &mut fr)
         } else {
-            self.send_in_parts(family, state, inputs, &services, &mut fr)
+            self.send_in_parts(family, state, inputs, &services, &mut fr).and_then(|applied| {
+                // `kube-proxy` was not there, but a restart killed half-way may have left the
+                // second table.
+                match self.remove_restart_table(family) {
+                    Ok(()) => Ok(applied),
+                    Err(e) => Err((Box::new(applied), e)),
+                }
+            })
         };
         let applied = match sent {
             Ok(applied) => applied,
@@ -661,20 +709,22 @@ impl<B: Backend> Proxier<B> {
         Some((fr, None))
     }
 
-    /// Deletes kproxy's restart table of `family` if a restart that failed half-way left it (the
-    /// `kube-proxy` table was just replaced whole). A failure is logged; the next first sync tries
-    /// again.
-    fn remove_restart_table(&mut self, family: Family) {
+    /// Deletes kproxy's restart table of `family` if a restart that failed half-way (or was
+    /// killed) left it, once `kube-proxy` holds a whole ruleset again: hooked, a stale second
+    /// table would still act on what `kube-proxy` does not match. A failure fails the sync, so the
+    /// next one is full and tries again.
+    fn remove_restart_table(&mut self, family: Family) -> Result<(), ApplyError> {
         if !self.backend.set_table(RESTART_TABLE) {
-            return;
+            return Ok(());
         }
-        if self.backend.table_exists(family) != Some(false) {
-            match self.backend.apply(&rules::transaction::cleanup(family)) {
-                Ok(_) => info!(family = family.label(), "deleted the table {RESTART_TABLE} a failed restart left"),
-                Err(e) => warn!(family = family.label(), "deleting the table {RESTART_TABLE}: {e}"),
-            }
-        }
+        let result = match self.backend.table_exists(family) {
+            Some(false) => Ok(()),
+            _ => self.backend.apply(&rules::transaction::cleanup(family)).map(|_| {
+                info!(family = family.label(), "deleted the table {RESTART_TABLE} a restart left");
+            }),
+        };
         self.backend.set_table(rules::ir::TABLE);
+        result
     }
 
     /// Whether the backend can build into kproxy's restart table and it is not there (a restart
@@ -695,9 +745,12 @@ impl<B: Backend> Proxier<B> {
     /// transaction; deleting costs the kernel a fraction of building); (3) the new ruleset in
     /// parts into `kube-proxy`, the second table serving meanwhile; (4) the second table deleted.
     /// At every moment one whole ruleset is hooked (the old one, then the second table) next to
-    /// at most a consistent part of the new one. Both tables hook the same points; NAT takes the
-    /// first chain that sets a mapping (the older table's, registered first), and the filters of
-    /// both agree on every Service each holds. Costs about twice a fresh node's cold start.
+    /// at most a consistent part of the new one, made of whole Services. Both tables hook the same
+    /// points at the same priorities; the newer table's chains run first (the kernel inserts a
+    /// hook before those of equal priority), NAT takes the first chain that sets a mapping, and a
+    /// Service the newer table does not hold yet falls through to the whole one. Costs about twice
+    /// a fresh node's cold start. Any failure counts as a failed sync: the next one replaces
+    /// `kube-proxy` whole in one transaction and then deletes the second table.
     fn restart_in_parts(
         &mut self,
         family: Family,
@@ -1151,8 +1204,6 @@ mod tests {
         assert_eq!(p.next_periodic, t0 + Duration::from_secs(30));
     }
 
-    /// Syncs from a tracker's changes are partial, and leave the kernel exactly as a full build of
-    /// the same state would; a node change makes the next one full.
     #[test]
     fn the_first_part_is_smaller_so_the_kernel_starts_sooner() {
         let services: Vec<(String, String)> = (0..23).map(|i| ("ns".to_string(), format!("s{i:02}"))).collect();
@@ -1225,7 +1276,8 @@ mod tests {
         assert_eq!(sync_v4(&mut q, &st).unwrap().families[0].commits, 1);
         assert_eq!(q.backend.kernels[&Family::V4].dump(Family::V4), one_go(&st));
 
-        // A restart finds the table: the replacement is one transaction.
+        // A restart finds the table; with a backend that has no second table, the replacement
+        // is one transaction (see the next test for restarts in parts).
         let mut again = Proxier::new(cfg(), std::mem::take(&mut p.backend));
         again.cold_start_part = 3;
         let r = sync_v4(&mut again, &st).unwrap();
@@ -1242,6 +1294,68 @@ mod tests {
         assert_eq!(p.backend.kernels[&Family::V4].dump(Family::V4), one_go(&st));
     }
 
+    /// A restart over an existing table goes in parts through the second table (layout + parts
+    /// into `kproxy-restart`, the old `kube-proxy` deleted, layout + parts into `kube-proxy`,
+    /// `kproxy-restart` deleted) and ends with what one transaction gives and no second table.
+    /// A failure at any of its commits fails the sync; the next sync replaces `kube-proxy` whole
+    /// (in one transaction, or in parts when it is gone) and removes the second table.
+    #[test]
+    fn a_restart_goes_in_parts_through_a_second_table_and_recovers_from_a_failure_at_any_step() {
+        let mut st = ClusterState::default();
+        for i in 0..7u8 {
+            let sp =
+                ServicePort::cluster_ip("ns", &format!("s{i}"), "http", Protocol::Tcp, &format!("172.30.0.{i}"), 80);
+            st.add_service(sp.clone());
+            st.add_endpoint(&sp.name, Endpoint::ready(&format!("10.1.0.{i}"), 8080));
+        }
+        let mut old = st.clone();
+        let gone = ServicePort::cluster_ip("ns", "gone", "http", Protocol::Tcp, "172.30.0.99", 80);
+        old.add_service(gone);
+        let one_go = |st: &ClusterState| {
+            let mut p = Proxier::new(cfg(), FakeBackend::default());
+            p.cold_start_part = usize::MAX;
+            sync_v4(&mut p, st).unwrap();
+            p.backend.kernels[&Family::V4].dump(Family::V4)
+        };
+        let want = one_go(&st);
+        // A node whose kube-proxy table holds `old`, and a fresh kproxy with parts of 3.
+        let restarted = |fail_after: Option<usize>| {
+            let mut first = Proxier::new(cfg(), FakeBackend { tables: true, ..Default::default() });
+            sync_v4(&mut first, &old).unwrap();
+            let mut backend = std::mem::take(&mut first.backend);
+            backend.commits = 0;
+            backend.fail_after_commits = fail_after;
+            let mut p = Proxier::new(cfg(), backend);
+            p.cold_start_part = 3;
+            p
+        };
+        let no_second_table =
+            |p: &Proxier<FakeBackend>| p.backend.kernel_of(Family::V4, RESTART_TABLE).is_none_or(|k| !k.has_table());
+
+        let mut p = restarted(None);
+        let r = sync_v4(&mut p, &st).unwrap();
+        // Parts of 3 with a first part of 3 (parts under 10 are not shortened): 7 Services = 3.
+        assert_eq!(r.families[0].commits, 2 * (1 + 3) + 2, "{:?}", r.families[0]);
+        assert_eq!(p.backend.kernel_of(Family::V4, rules::ir::TABLE).unwrap().dump(Family::V4), want);
+        assert!(no_second_table(&p));
+        assert_eq!(p.backend.table, rules::ir::TABLE, "the backend is left on kube-proxy");
+
+        for step in 0..10 {
+            let mut p = restarted(Some(step));
+            assert!(sync_v4(&mut p, &st).is_err(), "failure at commit {step}");
+            assert_eq!(p.backend.table, rules::ir::TABLE, "failure at commit {step}: back on kube-proxy");
+            sync_v4(&mut p, &st).unwrap_or_else(|e| panic!("after a failure at commit {step}: {e}"));
+            assert_eq!(
+                p.backend.kernel_of(Family::V4, rules::ir::TABLE).unwrap().dump(Family::V4),
+                want,
+                "after a failure at commit {step}"
+            );
+            assert!(no_second_table(&p), "after a failure at commit {step}");
+        }
+    }
+
+    /// Syncs from a tracker's changes are partial, and leave the kernel exactly as a full build of
+    /// the same state would; a node change makes the next one full.
     #[test]
     fn tracker_changes_sync_partially_to_the_full_result() {
         use crate::model::ChangeTracker;

@@ -1120,6 +1120,7 @@ fn prepared_transactions_apply_like_transactions() {
     let p2 = prep.prepare(diff(Some(&layout), &full)).expect("lowered with the sets of the first");
     be.apply_prepared(&p1).expect("first part");
     be.apply_prepared(&p2).expect("second part");
+    assert_eq!(be.relowered(), 0, "a run with nothing in between is sent as prepared");
     let y = Netns::new();
     y.nft_script(&diff(None, &full).to_string()).expect("nft -f of the full ruleset");
     assert_same_listing(&x.list_table("ip"), &y.list_table("ip"), "prepared parts");
@@ -1129,6 +1130,7 @@ fn prepared_transactions_apply_like_transactions() {
     let again = prep.prepare(diff(Some(&full), &layout)).expect("lowered");
     assert_eq!(be.table_exists(Family::V4), Some(true)); // the socket is used in between
     be.apply_prepared(&back).expect("applied after the socket was used");
+    assert_eq!(be.relowered(), 1, "lowered again: the sequence numbers moved on");
     let z = Netns::new();
     z.nft_script(&diff(None, &layout).to_string()).expect("nft -f of the layout");
     assert_same_listing(&x.list_table("ip"), &z.list_table("ip"), "prepared, lowered again");

@@ -138,6 +138,8 @@ pub struct NftablesBackend {
     known_sets: HashMap<(Family, String), HashMap<String, SetDef>>,
     /// The table transactions are applied to: `kube-proxy`, or kproxy's restart table.
     table: String,
+    /// Prepared transactions `apply_prepared` had to lower again (see `relowered`).
+    relowered: usize,
     recv_buf: Vec<u8>,
     /// Ask for the END ACK (kernels 6.10+ send it); off only to test the GETGEN fallback.
     end_ack: bool,
@@ -175,6 +177,7 @@ impl NftablesBackend {
             seq,
             known_sets: HashMap::new(),
             table: rules::ir::TABLE.to_string(),
+            relowered: 0,
             recv_buf: vec![0; RECV_BUF],
             end_ack: true,
         })
@@ -235,10 +238,18 @@ impl NftablesBackend {
         if p.tx.ops.is_empty() {
             return Ok(ApplyStats::default());
         }
-        if p.base != batch_base(self.seq) {
+        if p.base != batch_base(self.seq) || p.table != self.table {
+            self.relowered += 1;
             return self.apply(&p.tx);
         }
         self.send_batch(&p.tx, &p.batch, &p.origins, p.base)
+    }
+
+    /// How many prepared transactions were lowered again because the socket was used in between
+    /// (tests check that a run of parts is sent as prepared).
+    #[doc(hidden)]
+    pub fn relowered(&self) -> usize {
+        self.relowered
     }
 
     /// Sends one batch built for `tx` with BEGIN at `base` and reads the kernel's verdict.
@@ -431,6 +442,7 @@ pub struct Preparer {
 /// A transaction and the batch `apply_prepared` sends for it.
 pub struct Prepared {
     pub tx: Transaction,
+    table: String,
     batch: Batch,
     origins: Vec<MsgOrigin>,
     base: u32,
@@ -439,14 +451,14 @@ pub struct Prepared {
 impl Preparer {
     pub fn prepare(&mut self, tx: Transaction) -> Result<Prepared, NftError> {
         if tx.ops.is_empty() {
-            return Ok(Prepared { tx, batch: Batch::new(), origins: Vec::new(), base: 0 });
+            return Ok(Prepared { tx, table: self.table.clone(), batch: Batch::new(), origins: Vec::new(), base: 0 });
         }
         let base = batch_base(self.seq);
         let (batch, origins) = build_batch(&tx, &self.known, base, self.end_ack, &self.table)?;
         // BEGIN, the messages, END, and the GETGEN barrier's number (see `send_batch`).
         self.seq = base + origins.len() as u32 + 3;
         remember_sets(&mut self.known, &tx);
-        Ok(Prepared { tx, batch, origins, base })
+        Ok(Prepared { tx, table: self.table.clone(), batch, origins, base })
     }
 }
 
