@@ -988,13 +988,10 @@ fn ten_thousand_services_in_one_batch() {
     assert_eq!(service_chains as u32, SERVICES);
 }
 
-/// A cold start into a namespace without kproxy's table goes in parts (the layout, then whole
-/// Services per transaction) and leaves the kernel listing exactly what one transaction of the
-/// full ruleset gives; the backend tells whether the table is there.
-#[test]
-fn a_cold_start_in_parts_lists_like_one_transaction() {
+/// For the tests of syncs in parts: node-a's daemon configuration, a cluster of the policy mix
+/// plus the ClusterIP Services (several Services, so parts of two make several parts), the node.
+fn parts_fixture() -> (kproxy::config::Config, ClusterState, NodeInfo) {
     use clap::Parser;
-    use kproxy::sync::{Inputs, Proxier};
     let cfg = kproxy::config::Flags::try_parse_from([
         "kproxy",
         "--manifests",
@@ -1017,6 +1014,16 @@ fn a_cold_start_in_parts_lists_like_one_transaction() {
         }
     }
     let node = NodeInfo { name: "node-a".into(), primary_ips: vec![ip("192.168.0.2")], ..Default::default() };
+    (cfg, st, node)
+}
+
+/// A cold start into a namespace without kproxy's table goes in parts (the layout, then whole
+/// Services per transaction) and leaves the kernel listing exactly what one transaction of the
+/// full ruleset gives; the backend tells whether the table is there.
+#[test]
+fn a_cold_start_in_parts_lists_like_one_transaction() {
+    use kproxy::sync::{Inputs, Proxier};
+    let (cfg, st, node) = parts_fixture();
     let empty = ClusterState::default();
     let state = |f: Family| if f == Family::V4 { &st } else { &empty };
     let inputs = Inputs { state: &state, node: &node, local_ips: &[], changes: None };
@@ -1046,30 +1053,8 @@ fn a_cold_start_in_parts_lists_like_one_transaction() {
 /// whole) and delete the leftover.
 #[test]
 fn a_restart_in_parts_lists_like_one_transaction_and_leaves_one_table() {
-    use clap::Parser;
     use kproxy::sync::{Inputs, Proxier};
-    let cfg = kproxy::config::Flags::try_parse_from([
-        "kproxy",
-        "--manifests",
-        "/nonexistent",
-        "--hostname-override",
-        "node-a",
-        "--cluster-cidr",
-        "10.0.0.0/8",
-    ])
-    .expect("flags")
-    .into_config()
-    .expect("config");
-    let mut st = policies(Family::V4);
-    for sp in cluster_ips().services.into_values() {
-        st.add_service(sp);
-    }
-    for (spn, eps) in cluster_ips().endpoints {
-        for e in eps {
-            st.add_endpoint(&spn, e);
-        }
-    }
-    let node = NodeInfo { name: "node-a".into(), primary_ips: vec![ip("192.168.0.2")], ..Default::default() };
+    let (cfg, st, node) = parts_fixture();
     let empty = ClusterState::default();
     let state = |f: Family| if f == Family::V4 { &st } else { &empty };
     let inputs = Inputs { state: &state, node: &node, local_ips: &[], changes: None };
