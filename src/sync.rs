@@ -114,10 +114,18 @@ pub struct FakeBackend {
 }
 
 impl FakeBackend {
+    /// The table `kernels` holds.
+    fn current_table(&self) -> &str {
+        if self.table.is_empty() {
+            rules::ir::TABLE
+        } else {
+            &self.table
+        }
+    }
+
     /// The kernel of `family`'s table `table`, whichever is current.
     pub fn kernel_of(&self, family: Family, table: &str) -> Option<&rules::fake::FakeKernel> {
-        let current = if self.table.is_empty() { rules::ir::TABLE } else { &self.table };
-        if table == current {
+        if table == self.current_table() {
             self.kernels.get(&family)
         } else {
             self.other_tables.get(&(family, table.to_string()))
@@ -149,7 +157,7 @@ impl Backend for FakeBackend {
         if !self.tables {
             return false;
         }
-        let current = if self.table.is_empty() { rules::ir::TABLE.to_string() } else { self.table.clone() };
+        let current = self.current_table().to_string();
         if table != current {
             for (f, k) in std::mem::take(&mut self.kernels) {
                 self.other_tables.insert((f, current.clone()), k);
@@ -569,8 +577,7 @@ impl<B: Backend> Proxier<B> {
                 Plan::Full { tx, .. } => tx,
             };
             let previous_unknown = previous.is_none();
-            let mut fr =
-                FamilyReport { build: t1 - t0, diff: t2 - t1, ..FamilyReport::new(family, previous.is_none()) };
+            let mut fr = FamilyReport { build: t1 - t0, diff: t2 - t1, ..FamilyReport::new(family, previous_unknown) };
             let mut result = Ok(ApplyStats::default());
             if tx.is_empty() {
                 debug!(family = family.label(), "no changes");
@@ -629,8 +636,8 @@ impl<B: Backend> Proxier<B> {
 /// never meets a half-built Service; Services of later parts are simply not there yet, as before
 /// kproxy started. Over an existing table (a restart) the parts go through a second table first
 /// (see `Proxier::restart_in_parts`): deleting the old rules first would break the Services of
-/// later parts meanwhile. 2,500 rather than 5,000 (measured from manifests, 2026-11-25): at 10k services x 10 endpoints
-/// the longest commit 0.47 -> 0.24 s, the cold start's peak memory 172 -> 137 MiB and the first
+/// later parts meanwhile. 2,500 rather than 5,000 (measured from manifests, 2026-11-25): at 10k
+/// services x 10 endpoints the longest commit 0.47 -> 0.24 s, the cold start's peak memory 172 -> 137 MiB and the first
 /// sync no slower (1.10-1.15 vs 1.20-1.22 s); at 50k x 5 the longest commit 0.52 -> 0.31 s for a
 /// first sync ~0.3 s longer (5.0 vs 4.6-4.9 s). Parts of 1,000 cost 1.6-2.6 s more at 50k (cause
 /// not measured by experiment; a profile at 50k shows the kernel validating the whole table on
@@ -709,34 +716,36 @@ impl<B: Backend> Proxier<B> {
         Some((fr, None))
     }
 
+    /// Runs `f` on the backend pointed at kproxy's restart table, then points it back at
+    /// `kube-proxy`; `None` when the backend has no second table.
+    fn on_restart_table<R>(&mut self, f: impl FnOnce(&mut B) -> R) -> Option<R> {
+        if !self.backend.set_table(RESTART_TABLE) {
+            return None;
+        }
+        let r = f(&mut self.backend);
+        self.backend.set_table(rules::ir::TABLE);
+        Some(r)
+    }
+
     /// Deletes kproxy's restart table of `family` if a restart that failed half-way (or was
     /// killed) left it, once `kube-proxy` holds a whole ruleset again: hooked, a stale second
     /// table would still act on what `kube-proxy` does not match. A failure fails the sync, so the
     /// next one is full and tries again.
     fn remove_restart_table(&mut self, family: Family) -> Result<(), ApplyError> {
-        if !self.backend.set_table(RESTART_TABLE) {
-            return Ok(());
-        }
-        let result = match self.backend.table_exists(family) {
+        self.on_restart_table(|b| match b.table_exists(family) {
             Some(false) => Ok(()),
-            _ => self.backend.apply(&rules::transaction::cleanup(family)).map(|_| {
+            _ => b.apply(&rules::transaction::cleanup(family)).map(|_| {
                 info!(family = family.label(), "deleted the table {RESTART_TABLE} a restart left");
             }),
-        };
-        self.backend.set_table(rules::ir::TABLE);
-        result
+        })
+        .unwrap_or(Ok(()))
     }
 
     /// Whether the backend can build into kproxy's restart table and it is not there (a restart
     /// that failed half-way leaves it; the retry then replaces `kube-proxy` in one transaction,
     /// which is always whole, and removes it after).
     fn restart_table_absent(&mut self, family: Family) -> bool {
-        if !self.backend.set_table(RESTART_TABLE) {
-            return false;
-        }
-        let absent = self.backend.table_exists(family) == Some(false);
-        self.backend.set_table(rules::ir::TABLE);
-        absent
+        self.on_restart_table(|b| b.table_exists(family) == Some(false)).unwrap_or(false)
     }
 
     /// A cold start over an existing `kube-proxy` table (a restart) in parts, so that no commit
@@ -768,8 +777,8 @@ impl<B: Backend> Proxier<B> {
             let unknown = |e| (Box::new(Ruleset::new(family)), e);
             self.backend.set_table(RESTART_TABLE);
             self.send_in_parts(family, state, inputs, services, fr).map_err(|(_, e)| unknown(e))?;
+            // The backend stays on `kube-proxy` after deleting it, for (3).
             delete(self, fr, rules::ir::TABLE).map_err(unknown)?;
-            self.backend.set_table(rules::ir::TABLE);
             let applied = self.send_in_parts(family, state, inputs, services, fr)?;
             delete(self, fr, RESTART_TABLE).map_err(|e| (Box::new(applied.clone()), e))?;
             Ok(applied)

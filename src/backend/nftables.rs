@@ -309,11 +309,8 @@ impl NftablesBackend {
     /// one NFT_MSG_GETTABLE request. `None` when the kernel's answer says neither (no answer in
     /// time, or an error other than ENOENT), so the caller must assume it may exist.
     pub fn table_exists(&mut self, family: Family) -> Option<bool> {
-        if self.seq > u32::MAX / 2 {
-            self.seq = 1;
-        }
-        let seq = self.seq;
-        self.seq += 1;
+        let seq = batch_base(self.seq);
+        self.seq = seq + 1;
         self.drain_stale();
         let req = gettable_request(seq, self.sock.portid(), family, &self.table);
         self.sock.send_plain(&req).ok()?;
@@ -330,7 +327,6 @@ impl NftablesBackend {
         }
     }
 
-    /// Tracks set declarations after a committed transaction.
     /// Discards whatever is queued on the socket.
     fn drain_stale(&mut self) {
         while let Ok(Some(_)) = self.sock.recv(&mut self.recv_buf, None) {}
@@ -402,8 +398,8 @@ impl NftablesBackend {
     }
 }
 
-/// Where the next batch's BEGIN goes, given the backend's next sequence number: wrapped early so
-/// that a batch never straddles u32::MAX.
+/// Where the next request (a batch's BEGIN) goes, given the backend's next sequence number:
+/// wrapped early so that a batch never straddles u32::MAX.
 fn batch_base(seq: u32) -> u32 {
     if seq > u32::MAX / 2 {
         1
