@@ -221,21 +221,20 @@ impl ChangeTracker {
 
         // Each Service's merged state is recomputed once at the end, not once for the Service and
         // again for each of its slices (at 50k Services that was half of a cold start's load).
-        let mut changed = false;
-        let mut touched = BTreeSet::new();
-        let keys: BTreeSet<Key> = self.services.keys().chain(new_services.keys()).cloned().collect();
-        for key in keys {
-            let new = new_services.remove(&key);
-            changed |= self.set_service(key, new, &mut touched);
-        }
-        let keys: BTreeSet<Key> = self.slices.keys().chain(new_slices.keys()).cloned().collect();
-        for key in keys {
-            let new = new_slices.remove(&key);
-            changed |= self.set_slice(key, new, &mut touched);
-        }
-        for key in &touched {
-            self.refresh(key);
-        }
+        let mut changed = self.then_refresh(|t, touched| {
+            let mut changed = false;
+            let keys: BTreeSet<Key> = t.services.keys().chain(new_services.keys()).cloned().collect();
+            for key in keys {
+                let new = new_services.remove(&key);
+                changed |= t.set_service(key, new, touched);
+            }
+            let keys: BTreeSet<Key> = t.slices.keys().chain(new_slices.keys()).cloned().collect();
+            for key in keys {
+                let new = new_slices.remove(&key);
+                changed |= t.set_slice(key, new, touched);
+            }
+            changed
+        });
         changed |= self.put_node(new_node);
         (changed, rejected)
     }
@@ -456,9 +455,9 @@ impl ChangeTracker {
         self.then_refresh(|t, touched| t.set_slice(key, new, touched))
     }
 
-    /// Makes a change that lists the Services it touched, then refreshes those.
-    fn then_refresh(&mut self, change: impl FnOnce(&mut Self, &mut Vec<Key>) -> bool) -> bool {
-        let mut touched = Vec::new();
+    /// Makes a change that lists the Services it touched, then refreshes each of those once.
+    fn then_refresh(&mut self, change: impl FnOnce(&mut Self, &mut BTreeSet<Key>) -> bool) -> bool {
+        let mut touched = BTreeSet::new();
         let changed = change(self, &mut touched);
         for k in &touched {
             self.refresh(k);
@@ -468,7 +467,7 @@ impl ChangeTracker {
 
     /// `put_service` without the refresh: the Services whose merged state is now out of date are
     /// added to `touched`, for the caller to refresh (once each, however many objects changed).
-    fn set_service(&mut self, key: Key, new: Option<ServiceInfo>, touched: &mut impl Extend<Key>) -> bool {
+    fn set_service(&mut self, key: Key, new: Option<ServiceInfo>, touched: &mut BTreeSet<Key>) -> bool {
         if self.services.get(&key) == new.as_ref() {
             return false;
         }
@@ -476,13 +475,13 @@ impl ChangeTracker {
             Some(info) => self.services.insert(key.clone(), info),
             None => self.services.remove(&key),
         };
-        touched.extend([key.clone()]);
+        touched.insert(key.clone());
         self.pending_services.insert(key);
         true
     }
 
     /// `put_slice` without the refresh (see `set_service`).
-    fn set_slice(&mut self, key: Key, new: Option<SliceInfo>, touched: &mut impl Extend<Key>) -> bool {
+    fn set_slice(&mut self, key: Key, new: Option<SliceInfo>, touched: &mut BTreeSet<Key>) -> bool {
         let old = self.slices.get(&key);
         if old == new.as_ref() {
             return false;

@@ -76,17 +76,9 @@ fn load_dir_on(dir: &Path, threads: usize) -> Snapshot {
         }
         file.found
     };
-    let threads = threads.min(files.len());
-    if threads <= 1 {
-        for path in &files {
-            let found = parse(path);
-            loader.take(found);
-        }
-        return loader.snap;
-    }
     let next = std::sync::atomic::AtomicUsize::new(0);
     let mut parsed: Vec<(usize, Vec<Found>)> = std::thread::scope(|s| {
-        let workers: Vec<_> = (0..threads)
+        let workers: Vec<_> = (0..threads.clamp(1, files.len().max(1)))
             .map(|_| {
                 s.spawn(|| {
                     let mut out = Vec::new();
