@@ -361,33 +361,11 @@ fn restarts_under_continuous_traffic_lose_no_connection() {
         eprintln!("while down after {how}: {old:?}");
         k.start();
         let up = lp.len();
-        let want: BTreeSet<String> = next.iter().map(|p| p.name().to_string()).collect();
         // The new process has synced once the loop shows exactly the new endpoint set.
-        poll(&format!("restarted kproxy ({how}) programs {want:?}"), FIRST_SYNC, || {
-            k.assert_running();
-            let r = lp.results();
-            let recent: BTreeSet<String> = r[up.max(r.len().saturating_sub(20))..]
-                .iter()
-                .filter_map(|(_, a)| a.backend().map(str::to_string))
-                .collect();
-            (r.len() >= up + 20 && recent == want).then_some(()).ok_or_else(|| format!("last 20: {recent:?}"))
-        });
+        await_backends(&format!("restarted kproxy ({how})"), &mut k, &lp, up, &next, |_| true);
     }
     lp.wait_more(10, Duration::from_secs(5));
-    let results = lp.stop();
-
-    let failed: Vec<_> = results.iter().filter(|(_, a)| a.backend().is_none()).collect();
-    let counts = tally(&results.iter().map(|(_, a)| a.clone()).collect::<Vec<_>>());
-    eprintln!("{} connections: {counts:?}", results.len());
-    assert!(failed.is_empty(), "{} of {} connections failed: {failed:?}", failed.len(), results.len());
-    for (_, a) in &results {
-        if let Outcome::Answer { src, .. } = &a.outcome {
-            assert_eq!(*src, Pod::Client.ip(), "pod source must be kept");
-        }
-    }
-    // The loop really ran throughout: no gap between attempts much longer than the interval.
-    let gap = results.windows(2).map(|w| w[1].0.saturating_sub(w[0].0)).max().unwrap();
-    assert!(gap < Duration::from_millis(500), "largest gap between attempts {gap:?}");
+    assert_unbroken("pod -> ClusterIP", &lp.stop(), Pod::Client.ip(), "");
 }
 
 /// Issue 6: a restart over an existing table with more Services than a cold-start part rebuilds
@@ -431,18 +409,9 @@ fn restart_in_parts_under_traffic_loses_no_connection() {
     pods.wait_more(10, Duration::from_secs(5));
     k.start();
     let up = pods.len();
-    let want: BTreeSet<String> = [Pod::B2, Pod::B3].iter().map(|p| p.name().to_string()).collect();
-    poll("the restarted kproxy programs the new endpoints", FIRST_SYNC, || {
-        k.assert_running();
-        let r = pods.results();
-        let recent: BTreeSet<String> = r[up.max(r.len().saturating_sub(20))..]
-            .iter()
-            .filter_map(|(_, a)| a.backend().map(str::to_string))
-            .collect();
-        (r.len() >= up + 20 && recent == want && k.log().contains("sync done"))
-            .then_some(())
-            .ok_or_else(|| format!("last 20: {recent:?}"))
-    });
+    // The new endpoints answer as soon as the second table holds them; the restart is done at
+    // its sync line.
+    await_backends("the restarted kproxy", &mut k, &pods, up, &[Pod::B2, Pod::B3], |k| k.log().contains("sync done"));
     let log = k.log();
     assert!(log.contains("restart sent in parts"), "the restart goes in parts:\n{log}");
     let sync = log.lines().find(|l| l.contains("sync done")).expect("a sync line");
@@ -452,28 +421,56 @@ fn restart_in_parts_under_traffic_loses_no_connection() {
     pods.wait_more(10, Duration::from_secs(5));
     ext.wait_more(10, Duration::from_secs(5));
     for (what, lp, src) in [("pod -> ClusterIP", pods, Pod::Client.ip()), ("ext -> NodePort", ext, NODE_BRIDGE_IP)] {
-        let results = lp.stop();
-        let failed: Vec<_> = results.iter().filter(|(_, a)| a.backend().is_none()).collect();
-        eprintln!(
-            "{what}: {} connections: {:?}",
-            results.len(),
-            tally(&results.iter().map(|(_, a)| a.clone()).collect::<Vec<_>>())
-        );
-        assert!(
-            failed.is_empty(),
-            "{what}: {} of {} connections failed: {failed:?}\n{log}",
-            failed.len(),
-            results.len()
-        );
-        // The loop ran throughout the restart: no gap between attempts much longer than the interval.
-        let gap = results.windows(2).map(|w| w[1].0.saturating_sub(w[0].0)).max().unwrap();
-        assert!(gap < Duration::from_millis(500), "{what}: largest gap between attempts {gap:?}");
-        for (_, a) in &results {
-            if let Outcome::Answer { src: seen, .. } = &a.outcome {
-                assert_eq!(*seen, src, "{what}: source seen by the backend");
-            }
+        assert_unbroken(what, &lp.stop(), src, &log);
+    }
+}
+
+/// Every attempt of a traffic loop was answered (`context` is added to the failure message).
+fn assert_all_answered(what: &str, results: &[(Duration, Attempt)], context: &str) {
+    let failed: Vec<_> = results.iter().filter(|(_, a)| a.backend().is_none()).collect();
+    let counts = tally(&results.iter().map(|(_, a)| a.clone()).collect::<Vec<_>>());
+    eprintln!("{what}: {} connections: {counts:?}", results.len());
+    assert!(
+        failed.is_empty(),
+        "{what}: {} of {} connections failed: {failed:?}\n{context}",
+        failed.len(),
+        results.len()
+    );
+}
+
+/// `assert_all_answered`, every backend saw `src` as the source, and the loop really ran
+/// throughout: no gap between attempts much longer than its interval.
+fn assert_unbroken(what: &str, results: &[(Duration, Attempt)], src: Ipv4Addr, context: &str) {
+    assert_all_answered(what, results, context);
+    for (_, a) in results {
+        if let Outcome::Answer { src: seen, .. } = &a.outcome {
+            assert_eq!(*seen, src, "{what}: source seen by the backend");
         }
     }
+    let gap = results.windows(2).map(|w| w[1].0.saturating_sub(w[0].0)).max().unwrap();
+    assert!(gap < Duration::from_millis(500), "{what}: largest gap between attempts {gap:?}");
+}
+
+/// Waits (up to `FIRST_SYNC`, kproxy running) until the last 20 attempts of `lp` since attempt
+/// `since` were answered by exactly `want`, and `done` holds of kproxy.
+fn await_backends(
+    what: &str,
+    k: &mut Kproxy,
+    lp: &TrafficLoop,
+    since: usize,
+    want: &[Pod],
+    done: impl Fn(&Kproxy) -> bool,
+) {
+    let want: BTreeSet<String> = want.iter().map(|p| p.name().to_string()).collect();
+    poll(&format!("{what} programs {want:?}"), FIRST_SYNC, || {
+        k.assert_running();
+        let r = lp.results();
+        let recent: BTreeSet<String> = r[since.max(r.len().saturating_sub(20))..]
+            .iter()
+            .filter_map(|(_, a)| a.backend().map(str::to_string))
+            .collect();
+        (r.len() >= since + 20 && recent == want && done(k)).then_some(()).ok_or_else(|| format!("last 20: {recent:?}"))
+    });
 }
 
 /// Test 6: `--cleanup` deletes kproxy's table (and nothing else), is idempotent, and afterwards
@@ -1217,14 +1214,7 @@ fn mode_switch_under_traffic_loses_no_connection_and_leaves_nothing_behind() {
         eprintln!("switched to {to:?}, {from:?} rules removed after {took:?}");
         lp.wait_more(20, Duration::from_secs(5));
     }
-    let results = lp.stop();
-    let failed: Vec<_> = results.iter().filter(|(_, a)| a.backend().is_none()).collect();
-    eprintln!(
-        "{} connections: {:?}",
-        results.len(),
-        tally(&results.iter().map(|(_, a)| a.clone()).collect::<Vec<_>>())
-    );
-    assert!(failed.is_empty(), "{} of {} connections failed: {failed:?}", failed.len(), results.len());
+    assert_all_answered("pod -> ClusterIP", &lp.stop(), "");
     assert!(!t.kube_iptables_lines().iter().any(|l| l.contains("KUBE-SVC-")), "{:?}", t.kube_iptables_lines());
 }
 
