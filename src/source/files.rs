@@ -126,7 +126,8 @@ impl Loader {
         for f in found {
             match f {
                 Found::Rejected(r) => self.snap.rejected.push(r),
-                Found::Object { kind, id: (ns, name), here, keep } => {
+                Found::Object { id: (ns, name), here, obj } => {
+                    let kind = obj.kind();
                     match self.seen.get(&(kind, ns.clone(), name.clone())) {
                         Some(first) => {
                             let reason =
@@ -135,7 +136,7 @@ impl Loader {
                         }
                         None => {
                             self.seen.insert((kind, ns, name), format!("{} {}", here.path.display(), here.at));
-                            keep(&mut self.snap);
+                            obj.keep(&mut self.snap);
                         }
                     }
                 }
@@ -149,11 +150,39 @@ enum Found {
     Rejected(Rejected),
     /// A valid object, kept unless an earlier one (in this or an earlier file) has its name.
     Object {
-        kind: &'static str,
         id: (String, String),
         here: Here,
-        keep: Box<dyn FnOnce(&mut Snapshot) + Send>,
+        obj: Kept,
     },
+}
+
+/// A valid object of a kind the snapshot holds (boxed: a `Found` list holds many, of mixed sizes).
+enum Kept {
+    Service(Box<Service>),
+    Slice(Box<EndpointSlice>),
+    Node(Box<Node>),
+    /// A ServiceCIDR object's CIDRs.
+    ServiceCidrs(Vec<rules::model::Cidr>),
+}
+
+impl Kept {
+    fn kind(&self) -> &'static str {
+        match self {
+            Kept::Service(_) => "Service",
+            Kept::Slice(_) => "EndpointSlice",
+            Kept::Node(_) => "Node",
+            Kept::ServiceCidrs(_) => "ServiceCIDR",
+        }
+    }
+
+    fn keep(self, s: &mut Snapshot) {
+        match self {
+            Kept::Service(o) => s.services.push(*o),
+            Kept::Slice(o) => s.slices.push(*o),
+            Kept::Node(o) => s.nodes.push(*o),
+            Kept::ServiceCidrs(c) => s.service_cidrs.extend(c),
+        }
+    }
 }
 
 /// Where in which file an object was found.
@@ -263,7 +292,7 @@ impl FileLoader {
                     default_namespace(&mut svc.metadata);
                     let checked = convert::service(&svc).map(|_| ());
                     let id = ident(&svc.metadata);
-                    self.accept(path, at, "Service", id, checked, |s| s.services.push(svc));
+                    self.accept(path, at, id, checked, Kept::Service(Box::new(svc)));
                 }
             }
             Some("EndpointSlice") => {
@@ -276,7 +305,7 @@ impl FileLoader {
                     }
                     let checked = convert::endpoint_slice(&slice).map(|_| ());
                     let id = ident(&slice.metadata);
-                    self.accept(path, at, "EndpointSlice", id, checked, |s| s.slices.push(slice));
+                    self.accept(path, at, id, checked, Kept::Slice(Box::new(slice)));
                 }
             }
             Some("Node") => {
@@ -284,7 +313,7 @@ impl FileLoader {
                     node.metadata.namespace = None; // cluster-scoped
                     let checked = convert::node(&node).map(|_| ());
                     let id = ident(&node.metadata);
-                    self.accept(path, at, "Node", id, checked, |s| s.nodes.push(node));
+                    self.accept(path, at, id, checked, Kept::Node(Box::new(node)));
                 }
             }
             Some("ServiceCIDR") => {
@@ -302,7 +331,7 @@ impl FileLoader {
                         Some(reason) => Err(Rejected::new("ServiceCIDR", "", &name, reason)),
                     };
                     let id = ident(&o.metadata);
-                    self.accept(path, at, "ServiceCIDR", id, checked, |s| s.service_cidrs.extend(cidrs));
+                    self.accept(path, at, id, checked, Kept::ServiceCidrs(cidrs));
                 }
             }
             // `kind: List` (kubectl) and typed lists such as `ServiceList` (API responses).
@@ -365,21 +394,13 @@ impl FileLoader {
 
     /// Records a deserialized object: rejected if it failed validation, else for `Loader::take`
     /// to keep unless it is a duplicate.
-    fn accept(
-        &mut self,
-        path: &Path,
-        at: &str,
-        kind: &'static str,
-        id: (String, String),
-        checked: Result<(), Rejected>,
-        keep: impl FnOnce(&mut Snapshot) + Send + 'static,
-    ) {
+    fn accept(&mut self, path: &Path, at: &str, id: (String, String), checked: Result<(), Rejected>, obj: Kept) {
         if let Err(mut r) = checked {
             r.reason = format!("{at}: {}", r.reason);
             return self.reject(r.in_file(path));
         }
         let here = Here { path: path.to_path_buf(), at: at.to_string() };
-        self.found.push(Found::Object { kind, id, here, keep: Box::new(keep) });
+        self.found.push(Found::Object { id, here, obj });
     }
 }
 
