@@ -104,7 +104,7 @@ fn bad_objects_are_rejected_one_line_each_and_good_ones_are_programmed() {
     }
 
     let mut tracker = ChangeTracker::new("node-a");
-    let (changed, rejected) = tracker.replace_all(snap.services, snap.slices, snap.nodes, "node-a");
+    let (changed, rejected) = tracker.replace_converted(snap.services, snap.slices, snap.nodes, "node-a");
     assert!(changed);
     assert!(rejected.is_empty(), "the loader already refused every bad object: {rejected:?}");
 
@@ -128,29 +128,7 @@ fn upserting_each_object_gives_the_same_state() {
     let mut tracker = ChangeTracker::new("node-a");
     let mut refused = Vec::new();
     for doc in raw_documents(&dir) {
-        let kind = doc.get("kind").and_then(|k| k.as_str()).unwrap_or("").to_string();
-        let res = match kind.as_str() {
-            "Service" => match serde_yaml::from_value::<Service>(doc) {
-                Ok(s) => tracker.upsert_service(&s),
-                Err(_) => continue, // a type error is the loader's business, tested above
-            },
-            "EndpointSlice" => match serde_yaml::from_value::<EndpointSlice>(doc) {
-                Ok(mut s) => {
-                    // What the API server's defaulting would have done (the loader does it too).
-                    for p in s.ports.iter_mut().flatten() {
-                        p.name.get_or_insert_with(String::new);
-                    }
-                    tracker.upsert_slice(&s)
-                }
-                Err(_) => continue,
-            },
-            "Node" => match serde_yaml::from_value::<Node>(doc) {
-                Ok(n) => tracker.set_node(&n),
-                Err(_) => continue,
-            },
-            _ => continue,
-        };
-        if let Err(r) = res {
+        if let Some(Err(r)) = upsert_doc(&mut tracker, doc) {
             refused.push(r.to_string());
         }
     }
@@ -164,6 +142,25 @@ fn upserting_each_object_gives_the_same_state() {
     for family in [Family::V4, Family::V6] {
         assert_eq!(tracker.cluster_state(family), expected_state(family), "{family:?}");
     }
+}
+
+/// Types one YAML document by its kind and hands it to the tracker as a watch event would; `None`
+/// for other kinds and for documents that do not deserialize (the loader's business).
+fn upsert_doc(tracker: &mut ChangeTracker, doc: serde_yaml::Value) -> Option<Result<bool, kproxy::model::Rejected>> {
+    let kind = doc.get("kind").and_then(|k| k.as_str()).unwrap_or("").to_string();
+    Some(match kind.as_str() {
+        "Service" => tracker.upsert_service(&serde_yaml::from_value::<Service>(doc).ok()?),
+        "EndpointSlice" => {
+            let mut s = serde_yaml::from_value::<EndpointSlice>(doc).ok()?;
+            // What the API server's defaulting would have done (the loader does it too).
+            for p in s.ports.iter_mut().flatten() {
+                p.name.get_or_insert_with(String::new);
+            }
+            tracker.upsert_slice(&s)
+        }
+        "Node" => tracker.set_node(&serde_yaml::from_value::<Node>(doc).ok()?),
+        _ => return None,
+    })
 }
 
 /// Every YAML document in the fixture files that parses (List items unpacked).
@@ -225,14 +222,14 @@ fn fixing_a_file_brings_its_object_in() {
     let mut tracker = ChangeTracker::new("n");
     let snap = load_dir(&dir);
     assert_eq!(snap.rejected.len(), 1);
-    let (changed, _) = tracker.replace_all(snap.services, snap.slices, snap.nodes, "n");
+    let (changed, _) = tracker.replace_converted(snap.services, snap.slices, snap.nodes, "n");
     assert!(!changed, "nothing valid, nothing changed");
 
     fs::write(dir.join("s.yaml"), bad.replace("port: 0", "port: 8")).unwrap();
     assert!(watcher.changed());
     let snap = load_dir(&dir);
     assert!(snap.rejected.is_empty());
-    let (changed, _) = tracker.replace_all(snap.services, snap.slices, snap.nodes, "n");
+    let (changed, _) = tracker.replace_converted(snap.services, snap.slices, snap.nodes, "n");
     assert!(changed);
     assert_eq!(tracker.cluster_state(Family::V4).services.len(), 1);
     let _ = fs::remove_dir_all(&dir);
@@ -449,19 +446,15 @@ fn mutated_manifests_never_panic() {
 
         // As the files source does: replace everything.
         let (_, rejected) =
-            tracker.replace_all(snap.services.clone(), snap.slices.clone(), snap.nodes.clone(), "node-a");
-        assert!(rejected.is_empty(), "iteration {iteration}: loader let an invalid object through: {rejected:?}");
+            tracker.replace_converted(snap.services.clone(), snap.slices.clone(), snap.nodes.clone(), "node-a");
+        assert!(rejected.is_empty(), "iteration {iteration}: the loader let a duplicate through: {rejected:?}");
         check_invariants(&snap, &tracker);
 
-        // As a watch would: incremental upserts on a long-lived tracker.
-        for s in &snap.services {
-            let _ = watch_tracker.upsert_service(s);
-        }
-        for s in &snap.slices {
-            let _ = watch_tracker.upsert_slice(s);
-        }
-        for n in &snap.nodes {
-            let _ = watch_tracker.set_node(n);
+        // As a watch would: each document as an incremental upsert on a long-lived tracker.
+        for chunk in String::from_utf8_lossy(&mutated).split("\n---\n") {
+            if let Ok(doc) = serde_yaml::from_str::<serde_yaml::Value>(chunk) {
+                let _ = upsert_doc(&mut watch_tracker, doc);
+            }
         }
         check_invariants(&Snapshot::default(), &watch_tracker);
         let _ = watch_tracker.take_pending();
@@ -487,7 +480,7 @@ fn mutated_files_on_disk_never_hide_the_good_file() {
         }
         let snap = load_dir(&dir);
         let mut tracker = ChangeTracker::new("node-a");
-        tracker.replace_all(snap.services.clone(), snap.slices.clone(), snap.nodes.clone(), "node-a");
+        tracker.replace_converted(snap.services.clone(), snap.slices.clone(), snap.nodes.clone(), "node-a");
         check_invariants(&snap, &tracker);
         let st = tracker.cluster_state(Family::V4);
         let web = rules::model::ServicePortName::new("default", "web", "http", Protocol::Tcp);

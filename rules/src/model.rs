@@ -120,6 +120,10 @@ impl ServicePortName {
     pub fn protocol(&self) -> Protocol {
         self.0.protocol
     }
+    /// An equal name in a new allocation of the calling thread (a clone shares the old one).
+    pub fn fresh_copy(&self) -> Self {
+        Self::new(self.namespace(), self.name(), self.port_name(), self.protocol())
+    }
 }
 
 impl fmt::Debug for ServicePortName {
@@ -172,6 +176,10 @@ pub struct ServicePort {
 }
 
 impl ServicePort {
+    /// An equal port whose name is a new allocation too (see [`ServicePortName::fresh_copy`]).
+    pub fn fresh_copy(&self) -> Self {
+        ServicePort { name: self.name.fresh_copy(), ..self.clone() }
+    }
     /// Fixture builder: a ClusterIP service port.
     pub fn cluster_ip(ns: &str, name: &str, port_name: &str, proto: Protocol, ip: &str, port: u16) -> Self {
         ServicePort {

@@ -161,10 +161,8 @@ impl ChangeTracker {
         name == self.node_name && self.put_node(None)
     }
 
-    /// Replaces everything with exactly these objects (the files source: each read of the
-    /// directory is the whole truth). Returns whether the model changed, and the rejected objects,
-    /// which are treated as absent. Of two objects with one (namespace, name), the first is kept.
-    /// Takes owned `Vec`s or borrowed slices alike.
+    /// [`Self::replace_converted`] for API objects: converts them first (a rejection for each
+    /// invalid one, before the duplicates).
     pub fn replace_all(
         &mut self,
         services: impl AsRef<[Service]>,
@@ -172,50 +170,63 @@ impl ChangeTracker {
         nodes: impl AsRef<[Node]>,
         own_node_name: &str,
     ) -> (bool, Vec<Rejected>) {
-        let (services, slices, nodes) = (services.as_ref(), slices.as_ref(), nodes.as_ref());
+        fn ok<T>(rejected: &mut Vec<Rejected>, r: Result<Converted<T>, Rejected>) -> Option<T> {
+            r.map_err(|r| rejected.push(r)).ok().and_then(Converted::proxied)
+        }
+        let mut rejected = Vec::new();
+        let services: Vec<ServiceInfo> =
+            services.as_ref().iter().filter_map(|s| ok(&mut rejected, convert::service(s))).collect();
+        let slices: Vec<SliceInfo> =
+            slices.as_ref().iter().filter_map(|s| ok(&mut rejected, convert::endpoint_slice(s))).collect();
+        let mut own_nodes = Vec::new();
+        for n in nodes.as_ref().iter().filter(|n| n.metadata.name.as_deref() == Some(own_node_name)) {
+            match convert::node(n) {
+                Ok(info) => own_nodes.push(info),
+                Err(r) => rejected.push(r),
+            }
+        }
+        let (changed, more) = self.replace_converted(services, slices, own_nodes, own_node_name);
+        rejected.extend(more);
+        (changed, rejected)
+    }
+
+    /// Replaces everything with the given converted objects (a full read of a source), as if each
+    /// missing object were deleted and each given one upserted. Returns whether anything changed,
+    /// and a rejection for each duplicate (the first one is kept). Of `nodes`, only the one named
+    /// `own_node_name` is used.
+    pub fn replace_converted(
+        &mut self,
+        services: Vec<ServiceInfo>,
+        slices: Vec<SliceInfo>,
+        nodes: Vec<NodeInfo>,
+        own_node_name: &str,
+    ) -> (bool, Vec<Rejected>) {
         self.node_name = own_node_name.to_string();
         let mut rejected = Vec::new();
-
         let mut new_services: BTreeMap<Key, ServiceInfo> = BTreeMap::new();
-        for svc in services {
-            match convert::service(svc) {
-                Ok(Converted::Proxied(info)) => {
-                    let key = (info.namespace.clone(), info.name.clone());
-                    match new_services.entry(key) {
-                        Entry::Occupied(e) => rejected.push(duplicate("Service", e.key())),
-                        Entry::Vacant(e) => {
-                            e.insert(info);
-                        }
-                    }
+        for info in services {
+            match new_services.entry((info.namespace.clone(), info.name.clone())) {
+                Entry::Occupied(e) => rejected.push(duplicate("Service", e.key())),
+                Entry::Vacant(e) => {
+                    e.insert(info);
                 }
-                Ok(Converted::Skipped(_)) => {}
-                Err(r) => rejected.push(r),
             }
         }
         let mut new_slices: BTreeMap<Key, SliceInfo> = BTreeMap::new();
-        for slice in slices {
-            match convert::endpoint_slice(slice) {
-                Ok(Converted::Proxied(info)) => {
-                    let key = (info.namespace.clone(), info.name.clone());
-                    match new_slices.entry(key) {
-                        Entry::Occupied(e) => rejected.push(duplicate("EndpointSlice", e.key())),
-                        Entry::Vacant(e) => {
-                            e.insert(info);
-                        }
-                    }
+        for info in slices {
+            match new_slices.entry((info.namespace.clone(), info.name.clone())) {
+                Entry::Occupied(e) => rejected.push(duplicate("EndpointSlice", e.key())),
+                Entry::Vacant(e) => {
+                    e.insert(info);
                 }
-                Ok(Converted::Skipped(_)) => {}
-                Err(r) => rejected.push(r),
             }
         }
         let mut new_node = None;
-        for n in nodes.iter().filter(|n| n.metadata.name.as_deref() == Some(own_node_name)) {
-            match convert::node(n) {
-                Ok(info) if new_node.is_none() => new_node = Some(info),
-                Ok(_) => {
-                    rejected.push(Rejected::new("Node", "", own_node_name, "duplicate Node; the first one is used"))
-                }
-                Err(r) => rejected.push(r),
+        for info in nodes.into_iter().filter(|n| n.name == own_node_name) {
+            if new_node.is_none() {
+                new_node = Some(info);
+            } else {
+                rejected.push(Rejected::new("Node", "", own_node_name, "duplicate Node; the first one is used"));
             }
         }
 

@@ -18,9 +18,11 @@ use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::ServiceCIDR;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use rules::model::NodeInfo;
 use serde::de::DeserializeOwned;
+use serde_json::value::RawValue;
 
-use crate::model::{convert, Rejected};
+use crate::model::{convert, Converted, Rejected, ServiceInfo, SliceInfo};
 
 /// Files larger than this are refused unread: no real manifest is this big, and reading it on
 /// every change would stall the source.
@@ -34,13 +36,16 @@ const FULL_HASH_EVERY: u64 = 40;
 /// timestamps (1-2 s), two same-sized writes within one tick leave size and mtime unchanged.
 const RECENT: Duration = Duration::from_secs(3);
 
-/// Everything one read of the directory found. Objects here are valid (or valid but not proxied,
-/// such as headless Services); everything else is in `rejected`.
+/// Everything one read of the directory found, converted for the tracker. Objects here are valid;
+/// valid ones that are not proxied (such as headless Services) are only counted in `skipped`;
+/// everything else is in `rejected`.
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
-    pub services: Vec<Service>,
-    pub slices: Vec<EndpointSlice>,
-    pub nodes: Vec<Node>,
+    pub services: Vec<ServiceInfo>,
+    pub slices: Vec<SliceInfo>,
+    pub nodes: Vec<NodeInfo>,
+    /// Valid Services and EndpointSlices that are deliberately not proxied.
+    pub skipped: usize,
     /// The CIDRs of every ServiceCIDR (networking.k8s.io/v1) object.
     pub service_cidrs: Vec<rules::model::Cidr>,
     pub rejected: Vec<Rejected>,
@@ -48,7 +53,11 @@ pub struct Snapshot {
 
 impl Snapshot {
     pub fn is_empty(&self) -> bool {
-        self.services.is_empty() && self.slices.is_empty() && self.nodes.is_empty() && self.rejected.is_empty()
+        self.services.is_empty()
+            && self.slices.is_empty()
+            && self.nodes.is_empty()
+            && self.skipped == 0
+            && self.rejected.is_empty()
     }
 }
 
@@ -96,7 +105,19 @@ fn load_dir_on(dir: &Path, threads: usize) -> Snapshot {
     for (_, found) in parsed {
         loader.take(found);
     }
-    loader.snap
+    drop(loader.seen);
+    let mut snap = loader.snap;
+    // Service ports outlive the compaction after a large sync (the merged state and the kept
+    // ruleset share them, and the compaction copies only what holds them), so they are copied
+    // once more here, on the calling thread, one after another: left where the parsers made them,
+    // among the freed objects they came from, they held mostly empty pages (at 50k Services the
+    // resident set after start-up was 4 MiB larger).
+    for svc in &mut snap.services {
+        for p in &mut svc.ports {
+            *p = std::sync::Arc::new(p.fresh_copy());
+        }
+    }
+    snap
 }
 
 /// Threads `load_dir` parses files on, at most.
@@ -156,13 +177,15 @@ enum Found {
     },
 }
 
-/// A valid object of a kind the snapshot holds (boxed: a `Found` list holds many, of mixed sizes).
+/// A valid object, converted (the parser threads do the conversion, not the tracker).
 enum Kept {
-    Service(Box<Service>),
-    Slice(Box<EndpointSlice>),
-    Node(Box<Node>),
+    Service(ServiceInfo),
+    Slice(SliceInfo),
+    Node(NodeInfo),
     /// A ServiceCIDR object's CIDRs.
     ServiceCidrs(Vec<rules::model::Cidr>),
+    /// A valid object of this kind that is deliberately not proxied (headless, FQDN, ...).
+    Skipped(&'static str),
 }
 
 impl Kept {
@@ -172,15 +195,21 @@ impl Kept {
             Kept::Slice(_) => "EndpointSlice",
             Kept::Node(_) => "Node",
             Kept::ServiceCidrs(_) => "ServiceCIDR",
+            Kept::Skipped(kind) => kind,
         }
     }
 
     fn keep(self, s: &mut Snapshot) {
         match self {
-            Kept::Service(o) => s.services.push(*o),
-            Kept::Slice(o) => s.slices.push(*o),
-            Kept::Node(o) => s.nodes.push(*o),
+            // The ports outlive the compaction after a large sync (the merged state and the kept
+            // ruleset share them), so they are copied here, on the thread that keeps them: left in
+            // a parser thread's memory, among the freed objects they were made from, each would
+            // hold a mostly empty page (+6-8 MiB resident at 50k Services).
+            Kept::Service(o) => s.services.push(o),
+            Kept::Slice(o) => s.slices.push(o),
+            Kept::Node(o) => s.nodes.push(o),
             Kept::ServiceCidrs(c) => s.service_cidrs.extend(c),
+            Kept::Skipped(_) => s.skipped += 1,
         }
     }
 }
@@ -195,16 +224,6 @@ struct Here {
 #[derive(Default)]
 struct FileLoader {
     found: Vec<Found>,
-}
-
-/// Where a document's typed form is read from; decides how good the error positions are.
-enum DocSource<'a> {
-    /// One YAML document's text; errors carry field path and line (shifted by `first_line`).
-    Yaml { text: &'a str, first_line: usize },
-    /// A whole JSON file holding one value; errors carry line and column.
-    Json { text: &'a str },
-    /// An already parsed value (a `List` item, or one of several JSON values).
-    Value,
 }
 
 impl FileLoader {
@@ -235,16 +254,17 @@ impl FileLoader {
                         continue;
                     }
                 };
-                self.add_value(path, &at, &value, DocSource::Yaml { text: doc.text, first_line: doc.first_line }, true);
+                let text = Some((doc.text, doc.first_line));
+                self.add_doc(path, &at, &YamlDoc { value: &value, text }, true);
             }
         }
     }
 
     fn add_json(&mut self, path: &Path, text: &str) {
-        // Straight from the text into the value type the YAML path uses (no serde_json::Value in
-        // between: at 50k services that copy and its conversion were seconds of start-up).
+        // Each value is kept as its text and typed straight from it: building a value tree first
+        // (and dropping it) took about six times as long as typing the objects themselves.
         let mut values = Vec::new();
-        for v in serde_json::Deserializer::from_str(text).into_iter::<serde_yaml::Value>() {
+        for v in serde_json::Deserializer::from_str(text).into_iter::<&RawValue>() {
             match v {
                 Ok(v) => values.push(v),
                 Err(e) => {
@@ -255,69 +275,72 @@ impl FileLoader {
                 }
             }
         }
-        let single = values.len() == 1;
-        for (i, value) in values.iter().enumerate() {
-            let at = format!("value {}", i + 1);
-            let src = if single { DocSource::Json { text } } else { DocSource::Value };
-            self.add_value(path, &at, value, src, true);
+        for (i, raw) in values.into_iter().enumerate() {
+            let doc = JsonDoc::new(text, raw);
+            self.add_doc(path, &format!("value {}", i + 1), &doc, true);
         }
     }
 
-    /// One document (or `List` item): dispatch on `kind`, deserialize, default, validate.
-    fn add_value(&mut self, path: &Path, at: &str, value: &serde_yaml::Value, src: DocSource, top: bool) {
-        if value.is_null() {
-            tracing::debug!(file = %path.display(), at, "skipping empty document");
-            return;
-        }
-        let Some(map) = value.as_mapping() else {
-            let what = match value {
-                serde_yaml::Value::Sequence(_) => "a sequence",
-                serde_yaml::Value::Mapping(_) => "a mapping",
-                serde_yaml::Value::Tagged(_) => "a tagged value",
-                _ => "a scalar",
-            };
+    /// One document (or `List` item): dispatch on `kind`, deserialize, default, validate, convert.
+    fn add_doc<D: Untyped>(&mut self, path: &Path, at: &str, doc: &D, top: bool) {
+        let what = match doc.shape() {
+            Shape::Mapping => None,
+            Shape::Null => {
+                tracing::debug!(file = %path.display(), at, "skipping empty document");
+                return;
+            }
+            Shape::Sequence => Some("a sequence"),
+            Shape::Tagged => Some("a tagged value"),
+            Shape::Scalar => Some("a scalar"),
+        };
+        if let Some(what) = what {
             let reason = format!("{at}: not a Kubernetes object (the document is {what}, not a mapping)");
             return self.reject(Rejected::file(path, reason));
-        };
-        let meta = |field: &str| {
-            map.get("metadata").and_then(|m| m.get(field)).and_then(|v| v.as_str()).unwrap_or("").to_string()
-        };
-        let (mut ns, name) = (meta("namespace"), meta("name"));
+        }
+        let (mut ns, name) = (doc.meta("namespace"), doc.meta("name"));
         if ns.is_empty() {
             ns = "default".to_string(); // what the namespaced kinds get defaulted to below
         }
-        match map.get("kind").and_then(|k| k.as_str()) {
-            Some("Service") => {
-                if let Some(mut svc) = self.typed::<Service>(path, at, "Service", &ns, &name, value, &src) {
+        let fail = |kind: &'static str, ns: &str, e: String| Rejected::new(kind, ns, &name, format!("{at}: {e}"));
+        match doc.kind().as_deref() {
+            Some("Service") => match doc.typed::<Service>() {
+                Ok(mut svc) => {
                     default_namespace(&mut svc.metadata);
-                    let checked = convert::service(&svc).map(|_| ());
                     let id = ident(&svc.metadata);
-                    self.accept(path, at, id, checked, Kept::Service(Box::new(svc)));
+                    let kept = convert::service(&svc).map(|c| match c {
+                        Converted::Proxied(info) => Kept::Service(info),
+                        Converted::Skipped(_) => Kept::Skipped("Service"),
+                    });
+                    self.accept(path, at, id, kept);
                 }
-            }
-            Some("EndpointSlice") => {
-                if let Some(mut slice) = self.typed::<EndpointSlice>(path, at, "EndpointSlice", &ns, &name, value, &src)
-                {
+                Err(e) => self.reject(fail("Service", &ns, e).in_file(path)),
+            },
+            Some("EndpointSlice") => match doc.typed::<EndpointSlice>() {
+                Ok(mut slice) => {
                     default_namespace(&mut slice.metadata);
                     for p in slice.ports.iter_mut().flatten() {
                         p.name.get_or_insert_with(String::new);
                         p.protocol.get_or_insert_with(|| "TCP".to_string());
                     }
-                    let checked = convert::endpoint_slice(&slice).map(|_| ());
                     let id = ident(&slice.metadata);
-                    self.accept(path, at, id, checked, Kept::Slice(Box::new(slice)));
+                    let kept = convert::endpoint_slice(&slice).map(|c| match c {
+                        Converted::Proxied(info) => Kept::Slice(info),
+                        Converted::Skipped(_) => Kept::Skipped("EndpointSlice"),
+                    });
+                    self.accept(path, at, id, kept);
                 }
-            }
-            Some("Node") => {
-                if let Some(mut node) = self.typed::<Node>(path, at, "Node", "", &name, value, &src) {
+                Err(e) => self.reject(fail("EndpointSlice", &ns, e).in_file(path)),
+            },
+            Some("Node") => match doc.typed::<Node>() {
+                Ok(mut node) => {
                     node.metadata.namespace = None; // cluster-scoped
-                    let checked = convert::node(&node).map(|_| ());
                     let id = ident(&node.metadata);
-                    self.accept(path, at, id, checked, Kept::Node(Box::new(node)));
+                    self.accept(path, at, id, convert::node(&node).map(Kept::Node));
                 }
-            }
-            Some("ServiceCIDR") => {
-                if let Some(o) = self.typed::<ServiceCIDR>(path, at, "ServiceCIDR", "", &name, value, &src) {
+                Err(e) => self.reject(fail("Node", "", e).in_file(path)),
+            },
+            Some("ServiceCIDR") => match doc.typed::<ServiceCIDR>() {
+                Ok(o) => {
                     let mut cidrs = Vec::new();
                     let mut bad = None;
                     for c in o.spec.as_ref().and_then(|s| s.cidrs.as_ref()).into_iter().flatten() {
@@ -326,28 +349,28 @@ impl FileLoader {
                             Err(e) => bad = Some(format!("spec.cidrs: {e}")),
                         }
                     }
-                    let checked = match bad {
-                        None => Ok(()),
+                    let kept = match bad {
+                        None => Ok(Kept::ServiceCidrs(cidrs)),
                         Some(reason) => Err(Rejected::new("ServiceCIDR", "", &name, reason)),
                     };
-                    let id = ident(&o.metadata);
-                    self.accept(path, at, id, checked, Kept::ServiceCidrs(cidrs));
+                    self.accept(path, at, ident(&o.metadata), kept);
                 }
-            }
+                Err(e) => self.reject(fail("ServiceCIDR", "", e).in_file(path)),
+            },
             // `kind: List` (kubectl) and typed lists such as `ServiceList` (API responses).
-            Some(k) if k == "List" || (k.ends_with("List") && map.contains_key("items")) => {
+            Some(k) if k == "List" || (k.ends_with("List") && doc.has_items()) => {
                 if !top {
                     let reason = format!("{at}: a {k} nested inside a List is not supported");
                     return self.reject(Rejected::file(path, reason));
                 }
-                match map.get("items") {
-                    None | Some(serde_yaml::Value::Null) => {}
-                    Some(serde_yaml::Value::Sequence(items)) => {
+                match doc.items() {
+                    Items::None => {}
+                    Items::Sequence(items) => {
                         for (i, item) in items.iter().enumerate() {
-                            self.add_value(path, &format!("{at} items[{i}]"), item, DocSource::Value, false);
+                            self.add_doc(path, &format!("{at} items[{i}]"), item, false);
                         }
                     }
-                    Some(_) => {
+                    Items::Other => {
                         let reason = format!("{at}: {k}.items is not a sequence");
                         self.reject(Rejected::file(path, reason));
                     }
@@ -363,44 +386,271 @@ impl FileLoader {
         }
     }
 
-    /// Deserializes into `T`; on failure records a rejection naming the object as far as known.
-    #[allow(clippy::too_many_arguments)]
-    fn typed<T: DeserializeOwned>(
-        &mut self,
-        path: &Path,
-        at: &str,
-        kind: &'static str,
-        ns: &str,
-        name: &str,
-        value: &serde_yaml::Value,
-        src: &DocSource,
-    ) -> Option<T> {
-        let res = match src {
-            DocSource::Yaml { text, first_line } => {
-                serde_yaml::from_str::<T>(text).map_err(|e| relocate(&e, *first_line))
+    /// Records a converted object: rejected if it failed validation, else for `Loader::take` to
+    /// keep unless it is a duplicate.
+    fn accept(&mut self, path: &Path, at: &str, id: (String, String), kept: Result<Kept, Rejected>) {
+        match kept {
+            Ok(obj) => {
+                let here = Here { path: path.to_path_buf(), at: at.to_string() };
+                self.found.push(Found::Object { id, here, obj });
             }
-            DocSource::Json { text } => serde_json::from_str::<T>(text).map_err(|e| e.to_string()),
-            DocSource::Value => T::deserialize(value).map_err(|e| e.to_string()),
-        };
-        match res {
-            Ok(t) => Some(t),
-            Err(e) => {
-                let r = Rejected::new(kind, ns, name, format!("{at}: {e}")).in_file(path);
-                self.reject(r);
-                None
+            Err(mut r) => {
+                r.reason = format!("{at}: {}", r.reason);
+                self.reject(r.in_file(path));
             }
         }
     }
+}
 
-    /// Records a deserialized object: rejected if it failed validation, else for `Loader::take`
-    /// to keep unless it is a duplicate.
-    fn accept(&mut self, path: &Path, at: &str, id: (String, String), checked: Result<(), Rejected>, obj: Kept) {
-        if let Err(mut r) = checked {
-            r.reason = format!("{at}: {}", r.reason);
-            return self.reject(r.in_file(path));
+/// What a document is, before its kind is looked at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+enum Shape {
+    #[default]
+    Null,
+    Mapping,
+    Sequence,
+    Tagged,
+    Scalar,
+}
+
+/// A `List`'s `items`.
+enum Items<T> {
+    /// Absent or null.
+    None,
+    Sequence(Vec<T>),
+    /// Anything else.
+    Other,
+}
+
+/// A document or `List` item whose kind is not known yet: a YAML value or a JSON text. Dispatch
+/// reads a few fields; the object is then typed from whichever form is fastest and says best
+/// where an error is.
+trait Untyped: Sized {
+    fn shape(&self) -> Shape;
+    /// `kind`, if it is a string.
+    fn kind(&self) -> Option<String>;
+    /// `metadata.<field>`, if it is a string; else empty.
+    fn meta(&self, field: &str) -> String;
+    fn has_items(&self) -> bool;
+    fn items(&self) -> Items<Self>;
+    fn typed<T: DeserializeOwned>(&self) -> Result<T, String>;
+}
+
+/// A YAML document, or an item of a YAML `List`.
+struct YamlDoc<'a> {
+    value: &'a serde_yaml::Value,
+    /// The document's text, to type a whole document from (better error positions); `None` for
+    /// a `List` item, typed from the value.
+    text: Option<(&'a str, usize)>,
+}
+
+impl Untyped for YamlDoc<'_> {
+    fn shape(&self) -> Shape {
+        match self.value {
+            serde_yaml::Value::Null => Shape::Null,
+            serde_yaml::Value::Mapping(_) => Shape::Mapping,
+            serde_yaml::Value::Sequence(_) => Shape::Sequence,
+            serde_yaml::Value::Tagged(_) => Shape::Tagged,
+            _ => Shape::Scalar,
         }
-        let here = Here { path: path.to_path_buf(), at: at.to_string() };
-        self.found.push(Found::Object { id, here, obj });
+    }
+    fn kind(&self) -> Option<String> {
+        self.value.get("kind").and_then(|k| k.as_str()).map(str::to_string)
+    }
+    fn meta(&self, field: &str) -> String {
+        self.value.get("metadata").and_then(|m| m.get(field)).and_then(|v| v.as_str()).unwrap_or("").to_string()
+    }
+    fn has_items(&self) -> bool {
+        self.value.get("items").is_some()
+    }
+    fn items(&self) -> Items<Self> {
+        match self.value.get("items") {
+            None | Some(serde_yaml::Value::Null) => Items::None,
+            Some(serde_yaml::Value::Sequence(items)) => {
+                Items::Sequence(items.iter().map(|value| YamlDoc { value, text: None }).collect())
+            }
+            Some(_) => Items::Other,
+        }
+    }
+    fn typed<T: DeserializeOwned>(&self) -> Result<T, String> {
+        match self.text {
+            Some((text, first_line)) => serde_yaml::from_str::<T>(text).map_err(|e| relocate(&e, first_line)),
+            None => T::deserialize(self.value).map_err(|e| e.to_string()),
+        }
+    }
+}
+
+/// A JSON value (a file may hold several) or an item of a JSON `List`, as its text.
+struct JsonDoc<'a> {
+    /// The whole file, to give error positions in it.
+    file: &'a str,
+    raw: &'a RawValue,
+    head: Head<'a>,
+}
+
+impl<'a> JsonDoc<'a> {
+    fn new(file: &'a str, raw: &'a RawValue) -> Self {
+        // The text parsed once already, so reading the few dispatch fields cannot fail.
+        let head = serde_json::from_str(raw.get()).unwrap_or_default();
+        JsonDoc { file, raw, head }
+    }
+}
+
+impl Untyped for JsonDoc<'_> {
+    fn shape(&self) -> Shape {
+        self.head.shape
+    }
+    fn kind(&self) -> Option<String> {
+        self.head.kind.clone()
+    }
+    fn meta(&self, field: &str) -> String {
+        let m = &self.head.meta;
+        match field {
+            "namespace" => m.namespace.clone(),
+            "name" => m.name.clone(),
+            _ => None,
+        }
+        .unwrap_or_default()
+    }
+    fn has_items(&self) -> bool {
+        self.head.items.is_some()
+    }
+    fn items(&self) -> Items<Self> {
+        let Some(items) = self.head.items else { return Items::None };
+        if items.get() == "null" {
+            return Items::None;
+        }
+        match serde_json::from_str::<Vec<&RawValue>>(items.get()) {
+            Ok(v) => Items::Sequence(v.into_iter().map(|raw| JsonDoc::new(self.file, raw)).collect()),
+            Err(_) => Items::Other,
+        }
+    }
+    fn typed<T: DeserializeOwned>(&self) -> Result<T, String> {
+        serde_json::from_str::<T>(self.raw.get()).map_err(|e| json_error_in_file(&e, self.file, self.raw.get()))
+    }
+}
+
+/// A serde_json error in `part` (a slice of `file`) with its position moved into `file`.
+fn json_error_in_file(e: &serde_json::Error, file: &str, part: &str) -> String {
+    let msg = e.to_string();
+    if e.line() == 0 {
+        return msg;
+    }
+    let suffix = format!(" at line {} column {}", e.line(), e.column());
+    let Some(text) = msg.strip_suffix(&suffix) else { return msg };
+    let offset = (part.as_ptr() as usize).saturating_sub(file.as_ptr() as usize).min(file.len());
+    let before = &file[..offset];
+    let line = before.matches('\n').count() + e.line();
+    let column = match e.line() {
+        1 => offset - before.rfind('\n').map_or(0, |i| i + 1) + e.column(),
+        _ => e.column(),
+    };
+    format!("{text} at line {line} column {column}")
+}
+
+/// The fields of a JSON object that dispatch reads, and what kind of value it is.
+#[derive(Default)]
+struct Head<'a> {
+    shape: Shape,
+    kind: Option<String>,
+    meta: MetaHead,
+    items: Option<&'a RawValue>,
+}
+
+/// `metadata.name` and `metadata.namespace` when they are strings.
+#[derive(Default, serde::Deserialize)]
+struct MetaHead {
+    #[serde(default, deserialize_with = "string_or_none")]
+    name: Option<String>,
+    #[serde(default, deserialize_with = "string_or_none")]
+    namespace: Option<String>,
+}
+
+/// A string, or `None` for a value of any other type.
+fn string_or_none<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    let v = <&RawValue as serde::Deserialize>::deserialize(d)?;
+    Ok(serde_json::from_str::<String>(v.get()).ok())
+}
+
+impl<'de> serde::Deserialize<'de> for Head<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor};
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Head<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON value")
+            }
+            fn visit_unit<E>(self) -> Result<Self::Value, E> {
+                Ok(Head::default())
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+                Ok(Head { shape: Shape::Scalar, ..Default::default() })
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+                Ok(Head { shape: Shape::Scalar, ..Default::default() })
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+                Ok(Head { shape: Shape::Scalar, ..Default::default() })
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+                Ok(Head { shape: Shape::Scalar, ..Default::default() })
+            }
+            fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+                Ok(Head { shape: Shape::Scalar, ..Default::default() })
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(Head { shape: Shape::Sequence, ..Default::default() })
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut head = Head { shape: Shape::Mapping, ..Default::default() };
+                while let Some(key) = map.next_key::<Field>()? {
+                    match key {
+                        Field::Kind => head.kind = serde_json::from_str(map.next_value::<&RawValue>()?.get()).ok(),
+                        Field::Metadata => {
+                            let raw = map.next_value::<&RawValue>()?;
+                            head.meta = serde_json::from_str(raw.get()).unwrap_or_default();
+                        }
+                        Field::Items => head.items = Some(map.next_value::<&RawValue>()?),
+                        Field::Other => {
+                            map.next_value::<IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(head)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// A key of a JSON object, as far as dispatch cares.
+enum Field {
+    Kind,
+    Metadata,
+    Items,
+    Other,
+}
+
+impl<'de> serde::Deserialize<'de> for Field {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Field;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a field name")
+            }
+            fn visit_str<E>(self, s: &str) -> Result<Field, E> {
+                Ok(match s {
+                    "kind" => Field::Kind,
+                    "metadata" => Field::Metadata,
+                    "items" => Field::Items,
+                    _ => Field::Other,
+                })
+            }
+        }
+        d.deserialize_str(V)
     }
 }
 
@@ -672,16 +922,26 @@ mod tests {
     fn lines(s: &Snapshot) -> Vec<String> {
         s.rejected.iter().map(|r| r.to_string()).collect()
     }
-    fn names<T: k8s_openapi::Metadata<Ty = ObjectMeta>>(v: &[T]) -> Vec<String> {
-        v.iter()
-            .map(|o| {
-                format!(
-                    "{}/{}",
-                    o.metadata().namespace.as_deref().unwrap_or(""),
-                    o.metadata().name.as_deref().unwrap_or("")
-                )
-            })
-            .collect()
+    trait Named {
+        fn id(&self) -> String;
+    }
+    impl Named for ServiceInfo {
+        fn id(&self) -> String {
+            format!("{}/{}", self.namespace, self.name)
+        }
+    }
+    impl Named for SliceInfo {
+        fn id(&self) -> String {
+            format!("{}/{}", self.namespace, self.name)
+        }
+    }
+    impl Named for NodeInfo {
+        fn id(&self) -> String {
+            format!("/{}", self.name)
+        }
+    }
+    fn names<T: Named>(v: &[T]) -> Vec<String> {
+        v.iter().map(Named::id).collect()
     }
 
     const SVC: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: ns1}\nspec: {clusterIP: 10.0.0.1, ports: [{port: 80}]}\n";
@@ -714,8 +974,8 @@ mod tests {
         assert_eq!(names(&s.slices), vec!["ns1/web-1"]);
         assert_eq!(names(&s.nodes), vec!["/node-a"]);
         // API defaulting: an omitted slice port name is "" and the protocol TCP.
-        let p = &s.slices[0].ports.as_ref().unwrap()[0];
-        assert_eq!((p.name.as_deref(), p.protocol.as_deref()), (Some(""), Some("TCP")));
+        let p = &s.slices[0].ports[0];
+        assert_eq!((p.name.as_str(), p.protocol), ("", rules::model::Protocol::Tcp));
     }
 
     #[test]
@@ -760,6 +1020,39 @@ mod tests {
         assert!(l[0].contains("duplicate of the object in two.json value 1"), "{l:?}");
         let l = lines(&parse("t.json", "{\"kind\": \"Service\", "));
         assert!(l[0].starts_with("t.json: value 1: not valid JSON"), "{l:?}");
+    }
+
+    /// A JSON `List` (what `kubectl get -o json` and the API give): every item is dispatched on
+    /// its `kind` wherever that field is, typed from its own text, and an error names the item
+    /// and its line and column in the file.
+    #[test]
+    fn json_lists_name_the_item_and_its_place_in_the_file() {
+        let svc = |name: &str, port: &str| {
+            format!("  {{\"spec\": {{\"clusterIP\": \"10.0.0.1\", \"ports\": [{{\"port\": {port}}}]}},\n   \"metadata\": {{\"name\": \"{name}\", \"namespace\": \"ns1\"}}, \"kind\": \"Service\"}}")
+        };
+        let text = format!(
+            "{{\"apiVersion\": \"v1\", \"kind\": \"List\", \"items\": [\n{},\n{},\n  null, 7, [1], {{\"kind\": 5}},\n  {{\"kind\": \"List\", \"items\": []}}, {{\"kind\": \"ConfigMap\"}}\n]}}",
+            svc("a", "80"),
+            svc("b", "\"x\"")
+        );
+        let s = parse("l.json", &text);
+        assert_eq!(names(&s.services), vec!["ns1/a"]);
+        let l = lines(&s);
+        assert_eq!(
+            l,
+            vec![
+                "l.json: Service ns1/b: value 1 items[1]: invalid type: string \"x\", expected i32 at line 4 column 59",
+                "l.json: value 1 items[3]: not a Kubernetes object (the document is a scalar, not a mapping)",
+                "l.json: value 1 items[4]: not a Kubernetes object (the document is a sequence, not a mapping)",
+                "l.json: value 1 items[5]: not a Kubernetes object (no string `kind` field)",
+                "l.json: value 1 items[6]: a List nested inside a List is not supported",
+            ]
+        );
+        let line4 = text.lines().nth(3).unwrap();
+        assert_eq!(&line4[56..59], "\"x\"", "column 59 is the end of the bad value");
+        let l = lines(&parse("i.json", "{\"kind\": \"ServiceList\", \"items\": {\"a\": 1}}"));
+        assert_eq!(l, vec!["i.json: value 1: ServiceList.items is not a sequence"]);
+        assert!(parse("n.json", "{\"kind\": \"List\", \"items\": null}\nnull").is_empty());
     }
 
     #[test]
@@ -887,7 +1180,7 @@ mod tests {
         assert_eq!(lines(&s), lines(&seq.snap));
         // And that is what the files say: s0..s6 from the first seven files, 33 duplicates,
         // 8 bad documents, one unreadable file.
-        let ips: Vec<_> = s.services.iter().map(|x| x.spec.as_ref().unwrap().cluster_ip.clone().unwrap()).collect();
+        let ips: Vec<_> = s.services.iter().map(|x| x.ports[0].cluster_ip.to_string()).collect();
         assert_eq!(ips, (0..7).map(|k| format!("10.0.0.{k}")).collect::<Vec<_>>());
         let l = lines(&s);
         assert_eq!(l.iter().filter(|l| l.contains("duplicate of the object in")).count(), 33, "{l:?}");
@@ -903,7 +1196,7 @@ mod tests {
         d.write("2.yaml", &SVC.replace("10.0.0.1", "10.0.0.2"));
         let s = load_dir(&d.0);
         assert_eq!(s.services.len(), 1);
-        assert_eq!(s.services[0].spec.as_ref().unwrap().cluster_ip.as_deref(), Some("10.0.0.1"));
+        assert_eq!(s.services[0].ports[0].cluster_ip.to_string(), "10.0.0.1");
         let l = lines(&s);
         assert!(l[0].contains("2.yaml: Service ns1/web: document 1 (line 1): duplicate of the object in"), "{l:?}");
         assert!(l[0].contains("1.yaml document 1"), "{l:?}");
