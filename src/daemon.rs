@@ -59,16 +59,17 @@ fn load_into(cfg: &Config, tracker: &mut ChangeTracker, metrics: Option<&Metrics
     let started = Instant::now();
     let snap = load_dir(dir);
     let read = started.elapsed();
-    let counts = (snap.services.len(), snap.slices.len(), snap.nodes.len());
+    let counts = (snap.services.len(), snap.slices.len(), snap.nodes.len(), snap.skipped);
     // ServiceCIDR objects in the directory play the part the API's ServiceCIDRs play.
     let cidrs_changed = tracker.set_service_cidrs(snap.service_cidrs.iter().copied());
-    let (changed, rejected) = tracker.replace_all(snap.services, snap.slices, snap.nodes, &cfg.hostname);
+    let (changed, rejected) = tracker.replace_converted(snap.services, snap.slices, snap.nodes, &cfg.hostname);
     let changed = changed || cidrs_changed;
     info!(
         dir = %dir.display(),
         services = counts.0,
         endpoint_slices = counts.1,
         nodes = counts.2,
+        not_proxied = counts.3,
         rejected = snap.rejected.len() + rejected.len(),
         changed,
         read_ms = read.as_secs_f64() * 1e3,
@@ -363,7 +364,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                     let t0 = Instant::now();
                     crate::memory::release_free_memory();
                     let mut t = tracker.lock().expect("tracker lock");
-                    let fresh = t.dense_copy();
+                    let fresh = crate::memory::on_fresh_heap(|| t.dense_copy());
                     *t = fresh;
                     drop(t);
                     proxier.compact();

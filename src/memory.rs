@@ -26,6 +26,21 @@ pub fn release_free_memory() {
     }
 }
 
+/// Runs `f` on a new thread and returns what it made. The thread's allocator heap starts empty,
+/// so a copy made there fills fresh pages one after another, instead of the holes left in the
+/// calling thread's pages by everything a cold start allocated and freed; when the original is
+/// then dropped, whole pages fall empty and can be returned. (Which holes a copy made in place
+/// lands in depends on the whole history of the heap: reading the manifests differently moved
+/// the resident set after start-up at 50k Services by 5 MiB.)
+pub fn on_fresh_heap<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|s| {
+        std::thread::Builder::new().name("kproxy-compact".into()).spawn_scoped(s, f).map(|h| h.join())
+    })
+    .ok()
+    .and_then(Result::ok)
+    .expect("the compaction thread")
+}
+
 /// `mi_option_arena_eager_commit`'s place in mimalloc's `mi_option_t` (libmimalloc-sys 0.1.49
 /// builds mimalloc v3: show_errors, show_stats, verbose, deprecated_eager_commit,
 /// arena_eager_commit). libmimalloc-sys does not export it; a test below checks in a child
@@ -73,6 +88,18 @@ extern "C" {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_fresh_heap_is_another_thread_and_its_result_comes_back() {
+        let here = std::thread::current().id();
+        let (id, name, v) = on_fresh_heap(|| {
+            let t = std::thread::current();
+            (t.id(), t.name().map(str::to_string), vec![1u8; 4096])
+        });
+        assert_ne!(id, here);
+        assert_eq!(name.as_deref(), Some("kproxy-compact"));
+        assert_eq!(v.len(), 4096);
+    }
 
     fn option() -> std::ffi::c_long {
         // SAFETY: reads an option by number.

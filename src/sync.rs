@@ -451,7 +451,7 @@ impl<B: Backend> Engine for Proxier<B> {
     }
     fn compact(&mut self) {
         for rs in self.applied.values_mut() {
-            *rs = rs.dense_copy();
+            *rs = crate::memory::on_fresh_heap(|| rs.dense_copy());
         }
     }
 }
