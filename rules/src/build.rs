@@ -190,19 +190,8 @@ pub fn categorize_endpoints(
     node_zone: Option<&str>,
 ) -> Categorized {
     let fam = sp.family();
-    let mut by_addr: BTreeMap<(IpAddr, u16), &Endpoint> = BTreeMap::new();
-    for ep in eps.iter().filter(|e| Family::of(&e.ip) == fam && e.port != 0) {
-        by_addr
-            .entry((ep.ip, ep.port))
-            .and_modify(|cur| {
-                if cur.terminating && !ep.terminating {
-                    *cur = ep;
-                }
-            })
-            .or_insert(ep);
-    }
-    let mut all: Vec<&Endpoint> = by_addr.into_values().collect();
-    all.sort_by_cached_key(|e| e.addr_string());
+    let mut all: Vec<&Endpoint> = eps.iter().filter(|e| Family::of(&e.ip) == fam && e.port != 0).collect();
+    crate::model::order_unique(&mut all);
     let pick = |f: &dyn Fn(&Endpoint) -> bool| all.iter().filter(|e| f(e)).map(|e| (*e).clone()).collect::<Vec<_>>();
     let fallback = |e: &Endpoint| e.serving && e.terminating;
 

@@ -138,7 +138,8 @@ pub fn parse_file(path: &Path, bytes: &[u8]) -> Snapshot {
 #[derive(Default)]
 struct Loader {
     snap: Snapshot,
-    seen: BTreeMap<(&'static str, String, String), String>,
+    /// Where each kept object was found, for naming it in a duplicate's rejection.
+    seen: BTreeMap<(&'static str, String, String), Here>,
 }
 
 impl Loader {
@@ -149,14 +150,19 @@ impl Loader {
                 Found::Rejected(r) => self.snap.rejected.push(r),
                 Found::Object { id: (ns, name), here, obj } => {
                     let kind = obj.kind();
-                    match self.seen.get(&(kind, ns.clone(), name.clone())) {
-                        Some(first) => {
-                            let reason =
-                                format!("{}: duplicate of the object in {first}; the first one is used", here.at);
-                            self.snap.rejected.push(Rejected::new(kind, &ns, &name, reason).in_file(&here.path));
+                    match self.seen.entry((kind, ns, name)) {
+                        std::collections::btree_map::Entry::Occupied(e) => {
+                            let (first, (_, ns, name)) = (e.get(), e.key());
+                            let reason = format!(
+                                "{}: duplicate of the object in {} {}; the first one is used",
+                                here.at,
+                                first.path.display(),
+                                first.at
+                            );
+                            self.snap.rejected.push(Rejected::new(kind, ns, name, reason).in_file(&here.path));
                         }
-                        None => {
-                            self.seen.insert((kind, ns, name), format!("{} {}", here.path.display(), here.at));
+                        std::collections::btree_map::Entry::Vacant(e) => {
+                            e.insert(here);
                             obj.keep(&mut self.snap);
                         }
                     }
