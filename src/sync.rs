@@ -56,12 +56,22 @@ pub trait Backend {
     }
 }
 
-/// The cold start's parts: `part_size` Services each, except a first one of a fifth of that (at
-/// parts of 10 or more), so the kernel starts on the first commit sooner: while the first part
-/// is built, nothing else can be sent.
+/// The cold start's parts: `part_size` Services each, except that they start at a fifth of that
+/// (at parts of 10 or more) and double up to it. While the first part is built the kernel has
+/// nothing to do; after that, building a part takes about half as long as the kernel takes to
+/// commit one of the same size, so each part can be built while the one half its size commits.
 fn parts(services: &[(String, String)], part_size: usize) -> impl Iterator<Item = &[(String, String)]> {
-    let first = if part_size >= 10 { part_size / 5 } else { part_size }.min(services.len());
-    std::iter::once(&services[..first]).chain(services[first..].chunks(part_size)).filter(|p| !p.is_empty())
+    let mut size = if part_size >= 10 { part_size / 5 } else { part_size }.max(1);
+    let mut rest = services;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let (part, tail) = rest.split_at(size.min(rest.len()));
+        rest = tail;
+        size = (size * 2).min(part_size.max(1));
+        Some(part)
+    })
 }
 
 /// What a failed apply says.
@@ -1214,10 +1224,11 @@ mod tests {
     }
 
     #[test]
-    fn the_first_part_is_smaller_so_the_kernel_starts_sooner() {
-        let services: Vec<(String, String)> = (0..23).map(|i| ("ns".to_string(), format!("s{i:02}"))).collect();
+    fn the_parts_start_small_and_double_so_the_kernel_starts_sooner() {
+        let services: Vec<(String, String)> = (0..40).map(|i| ("ns".to_string(), format!("s{i:02}"))).collect();
         let sizes = |n: usize, part: usize| parts(&services[..n], part).map(<[_]>::len).collect::<Vec<_>>();
-        assert_eq!(sizes(23, 10), vec![2, 10, 10, 1]);
+        assert_eq!(sizes(23, 10), vec![2, 4, 8, 9]);
+        assert_eq!(sizes(40, 10), vec![2, 4, 8, 10, 10, 6]);
         assert_eq!(sizes(23, 3), vec![3, 3, 3, 3, 3, 3, 3, 2]);
         assert_eq!(sizes(1, 10), vec![1]);
         assert!(sizes(0, 10).is_empty());
