@@ -9,11 +9,12 @@
 
 use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use rules::model::{Cidr, ClusterState, Endpoint, Family, NodeInfo, Protocol, ServicePortName};
+use rules::model::{Cidr, ClusterState, Endpoint, Family, NodeInfo, Protocol, ServicePort, ServicePortName};
 
 use super::convert::{self, Converted, ServiceInfo, SliceInfo};
 use super::Rejected;
@@ -259,29 +260,83 @@ impl ChangeTracker {
     /// start-up's load). The same result as setting each object and refreshing each Service.
     fn fill(&mut self, services: BTreeMap<Key, ServiceInfo>, slices: BTreeMap<Key, SliceInfo>) -> bool {
         let changed = !services.is_empty() || !slices.is_empty();
-        // In key order, so each Service's list of slices comes out sorted.
-        for (key, s) in &slices {
-            self.slices_by_service.entry((s.namespace.clone(), s.service_name.clone())).or_default().push(key.clone());
-        }
-        self.services = services;
-        self.slices = slices;
-        self.pending_services.extend(self.services.keys().cloned());
-        self.pending_endpoints.extend(self.slices_by_service.keys().cloned());
-        let touched: BTreeSet<&Key> = self.services.keys().chain(self.slices_by_service.keys()).collect();
-        let mut states: BTreeMap<Family, ClusterState> = std::mem::take(&mut self.states);
-        for key in touched {
-            // The states hold nothing of these Services yet: the earlier version to remember is
-            // empty (as `refresh` would record it).
-            if self.changes.services.insert(key.clone()) {
-                for f in FAMILIES {
-                    self.changes.old.entry(f).or_default();
+        // Every map below is made from sorted input in one pass (`collect` into a B-tree sorts,
+        // which is linear on sorted input, and builds it bottom-up): inserting one key at a time
+        // compared strings at every level, most of a 50k-Service start-up's load.
+        // Slices grouped by their Service, each group in slice-key order (a stable sort).
+        let mut owned: Vec<(Key, &Key, &SliceInfo)> =
+            slices.iter().map(|(k, s)| ((s.namespace.clone(), s.service_name.clone()), k, s)).collect();
+        owned.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut groups: Vec<(Key, Vec<&SliceInfo>)> = Vec::new();
+        let mut by_service: Vec<(Key, Vec<Key>)> = Vec::new();
+        for (owner, key, slice) in owned {
+            match groups.last_mut() {
+                Some((o, g)) if *o == owner => {
+                    g.push(slice);
+                    by_service.last_mut().expect("one entry per group").1.push(key.clone());
+                }
+                _ => {
+                    by_service.push((owner.clone(), vec![key.clone()]));
+                    groups.push((owner, vec![slice]));
                 }
             }
+        }
+        // Each Service that has a Service object or slices, once, in key order, with its slices.
+        let mut merged: BTreeMap<Family, MergedFamily> = BTreeMap::new();
+        let mut touched: Vec<Key> = Vec::with_capacity(services.len().max(groups.len()));
+        let (mut svcs, mut groups) = (services.iter().peekable(), groups.iter().peekable());
+        loop {
+            let (key, svc, slices) = match (svcs.peek(), groups.peek()) {
+                (None, None) => break,
+                (Some((k, _)), Some((g, _))) if k == &g => {
+                    let ((k, svc), (_, sl)) = (svcs.next().expect("peeked"), groups.next().expect("peeked"));
+                    (k, Some(svc), sl.as_slice())
+                }
+                (Some((k, _)), Some((g, _))) if *k > g => {
+                    let (g, sl) = groups.next().expect("peeked");
+                    (g, None, sl.as_slice())
+                }
+                (Some(_), _) => {
+                    let (k, svc) = svcs.next().expect("peeked");
+                    (k, Some(svc), &[][..])
+                }
+                (None, Some(_)) => {
+                    let (g, sl) = groups.next().expect("peeked");
+                    (g, None, sl.as_slice())
+                }
+            };
+            touched.push(key.clone());
+            let Some(svc) = svc else { continue };
             for f in FAMILIES {
-                self.merge_service(key, f, states.entry(f).or_default());
+                let (ports, eps) = merged.entry(f).or_default();
+                let family_slices: Vec<&SliceInfo> = slices.iter().copied().filter(|s| s.family == f).collect();
+                for sp in svc.ports.iter().filter(|p| p.family() == f) {
+                    let e = merge_endpoints(&family_slices, sp.name.port_name(), sp.name.protocol());
+                    if !e.is_empty() {
+                        eps.push((sp.name.clone(), e));
+                    }
+                    ports.push((sp.name.clone(), sp.clone()));
+                }
             }
         }
-        self.states = states;
+        for (f, (ports, eps)) in merged {
+            // The states hold no Service yet (only ServiceCIDRs).
+            let st = self.states.entry(f).or_default();
+            st.services = ports.into_iter().collect();
+            st.endpoints = eps.into_iter().collect();
+        }
+        self.slices_by_service = by_service.into_iter().collect();
+        extend_sorted(&mut self.pending_services, services.keys().cloned());
+        extend_sorted(&mut self.pending_endpoints, self.slices_by_service.keys().cloned());
+        // The earlier version of each Service to remember is empty (as `refresh` records it).
+        if touched.iter().any(|k| !self.changes.services.contains(k)) {
+            for f in FAMILIES {
+                self.changes.old.entry(f).or_default();
+            }
+        }
+        extend_sorted(&mut self.changes.services, touched);
+        self.services = services;
+        self.slices = slices;
         changed
     }
 
@@ -566,6 +621,18 @@ impl ChangeTracker {
         self.node = new;
         self.changes.full = true;
         true
+    }
+}
+
+/// One family's merged service ports and endpoints, before they become a state's maps.
+type MergedFamily = (Vec<(ServicePortName, Arc<ServicePort>)>, Vec<(ServicePortName, Vec<Endpoint>)>);
+
+/// Adds sorted `keys` to `set`, in one pass when the set is empty.
+fn extend_sorted(set: &mut BTreeSet<Key>, keys: impl IntoIterator<Item = Key>) {
+    if set.is_empty() {
+        *set = keys.into_iter().collect();
+    } else {
+        set.extend(keys);
     }
 }
 
@@ -994,6 +1061,7 @@ spec: {clusterIP: 172.30.0.42, ipFamilies: [IPv4, IPv6], clusterIPs: [172.30.0.4
                 "[{addresses: [10.0.1.2], conditions: {ready: false, terminating: true}}, {addresses: [10.0.1.1]}]",
             ),
             slice("m", "gone", "IPv4", "[{name: http, port: 80}]", "[{addresses: [10.0.9.9]}]"),
+            slice("y", "zz-after-all", "IPv4", "[{name: http, port: 80}]", "[{addresses: [10.0.9.8]}]"),
             slice("b", "svc2", "IPv6", "[{name: http, port: 8080}]", "[{addresses: ['fd00::7']}]"),
             slice("c", "svc2", "IPv4", "[{name: http, port: 8080}]", "[{addresses: [10.0.2.1]}]"),
         ];
@@ -1022,7 +1090,7 @@ spec: {clusterIP: 172.30.0.42, ipFamilies: [IPv4, IPv6], clusterIPs: [172.30.0.4
         assert_eq!(filled.take_pending(), one_by_one.take_pending());
         let (a, b) = (filled.take_changes(), one_by_one.take_changes());
         assert_eq!(a.services, b.services);
-        assert_eq!(a.services.len(), 3, "svc1, svc2 and the missing Service of slice m");
+        assert_eq!(a.services.len(), 4, "svc1, svc2 and the missing Services of slices m and y");
         for f in FAMILIES {
             assert_eq!(a.before(f), b.before(f));
             assert_eq!(a.after(f), b.after(f));
