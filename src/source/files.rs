@@ -268,22 +268,24 @@ impl FileLoader {
 
     fn add_json(&mut self, path: &Path, text: &str) {
         // Each value is kept as its text and typed straight from it: building a value tree first
-        // (and dropping it) took about six times as long as typing the objects themselves.
-        let mut values = Vec::new();
-        for v in serde_json::Deserializer::from_str(text).into_iter::<&RawValue>() {
-            match v {
-                Ok(v) => values.push(v),
-                Err(e) => {
+        // (and dropping it) took about six times as long as typing the objects themselves. The
+        // dispatch fields are read in the same pass that finds where each value ends.
+        let mut values = serde_json::Deserializer::from_str(text).into_iter::<Head>();
+        for i in 1.. {
+            let start = values.byte_offset();
+            match values.next() {
+                None => break,
+                Some(Ok(head)) => {
+                    let raw = text[start..values.byte_offset()].trim_start();
+                    self.add_doc(path, &format!("value {i}"), &JsonDoc { file: text, raw, head }, true);
+                }
+                Some(Err(e)) => {
                     // A JSON syntax error cannot be resumed after; keep what came before it.
-                    let reason = format!("value {}: not valid JSON: {e}", values.len() + 1);
+                    let reason = format!("value {i}: not valid JSON: {e}");
                     self.reject(Rejected::file(path, reason));
                     break;
                 }
             }
-        }
-        for (i, raw) in values.into_iter().enumerate() {
-            let doc = JsonDoc::new(text, raw);
-            self.add_doc(path, &format!("value {}", i + 1), &doc, true);
         }
     }
 
@@ -490,16 +492,9 @@ impl Untyped for YamlDoc<'_> {
 struct JsonDoc<'a> {
     /// The whole file, to give error positions in it.
     file: &'a str,
-    raw: &'a RawValue,
+    /// The value's text: a slice of `file`.
+    raw: &'a str,
     head: Head<'a>,
-}
-
-impl<'a> JsonDoc<'a> {
-    fn new(file: &'a str, raw: &'a RawValue) -> Self {
-        // The text parsed once already, so reading the few dispatch fields cannot fail.
-        let head = serde_json::from_str(raw.get()).unwrap_or_default();
-        JsonDoc { file, raw, head }
-    }
 }
 
 impl Untyped for JsonDoc<'_> {
@@ -522,17 +517,22 @@ impl Untyped for JsonDoc<'_> {
         self.head.items.is_some()
     }
     fn items(&self) -> Items<Self> {
-        let Some(items) = self.head.items else { return Items::None };
-        if items.get() == "null" {
-            return Items::None;
-        }
-        match serde_json::from_str::<Vec<&RawValue>>(items.get()) {
-            Ok(v) => Items::Sequence(v.into_iter().map(|raw| JsonDoc::new(self.file, raw)).collect()),
-            Err(_) => Items::Other,
+        match &self.head.items {
+            None | Some(Items::None) => Items::None,
+            Some(Items::Other) => Items::Other,
+            Some(Items::Sequence(v)) => Items::Sequence(
+                v.iter()
+                    .map(|raw| {
+                        // Parsed once already, so reading the few dispatch fields cannot fail.
+                        let head = serde_json::from_str(raw.get()).unwrap_or_default();
+                        JsonDoc { file: self.file, raw: raw.get(), head }
+                    })
+                    .collect(),
+            ),
         }
     }
     fn typed<T: DeserializeOwned>(&self) -> Result<T, String> {
-        serde_json::from_str::<T>(self.raw.get()).map_err(|e| json_error_in_file(&e, self.file, self.raw.get()))
+        serde_json::from_str::<T>(self.raw).map_err(|e| json_error_in_file(&e, self.file, self.raw))
     }
 }
 
@@ -560,7 +560,8 @@ struct Head<'a> {
     shape: Shape,
     kind: Option<String>,
     meta: MetaHead,
-    items: Option<&'a RawValue>,
+    /// `items`, when the key is there (null or not).
+    items: Option<Items<&'a RawValue>>,
 }
 
 /// `metadata.name` and `metadata.namespace` when they are strings.
@@ -618,13 +619,56 @@ impl<'de> serde::Deserialize<'de> for Head<'de> {
                             let raw = map.next_value::<&RawValue>()?;
                             head.meta = serde_json::from_str(raw.get()).unwrap_or_default();
                         }
-                        Field::Items => head.items = Some(map.next_value::<&RawValue>()?),
+                        Field::Items => head.items = Some(map.next_value::<Items<&'de RawValue>>()?),
                         Field::Other => {
                             map.next_value::<IgnoredAny>()?;
                         }
                     }
                 }
                 Ok(head)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Items<&'de RawValue> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor};
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Items<&'de RawValue>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON value")
+            }
+            fn visit_unit<E>(self) -> Result<Self::Value, E> {
+                Ok(Items::None)
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+                Ok(Items::Other)
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+                Ok(Items::Other)
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+                Ok(Items::Other)
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+                Ok(Items::Other)
+            }
+            fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+                Ok(Items::Other)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(0));
+                while let Some(item) = seq.next_element()? {
+                    items.push(item);
+                }
+                Ok(Items::Sequence(items))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(Items::Other)
             }
         }
         d.deserialize_any(V)
