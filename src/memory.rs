@@ -33,12 +33,17 @@ pub fn release_free_memory() {
 /// lands in depends on the whole history of the heap: reading the manifests differently moved
 /// the resident set after start-up at 50k Services by 5 MiB.)
 pub fn on_fresh_heap<T: Send>(f: impl FnOnce() -> T + Send) -> T {
-    std::thread::scope(|s| {
-        std::thread::Builder::new().name("kproxy-compact".into()).spawn_scoped(s, f).map(|h| h.join())
-    })
-    .ok()
-    .and_then(Result::ok)
-    .expect("the compaction thread")
+    let mut f = Some(f);
+    let made = std::thread::scope(|s| {
+        let run = || (f.take().expect("runs once"))();
+        std::thread::Builder::new().name("kproxy-compact".into()).spawn_scoped(s, run).map(|h| h.join())
+    });
+    match made {
+        Ok(Ok(t)) => t,
+        Ok(Err(panic)) => std::panic::resume_unwind(panic),
+        // No thread to be had (a pids limit): the copy is made here, laid out less well.
+        Err(_) => (f.take().expect("not run"))(),
+    }
 }
 
 /// `mi_option_arena_eager_commit`'s place in mimalloc's `mi_option_t` (libmimalloc-sys 0.1.49
@@ -99,6 +104,9 @@ mod tests {
         assert_ne!(id, here);
         assert_eq!(name.as_deref(), Some("kproxy-compact"));
         assert_eq!(v.len(), 4096);
+        let caught = std::panic::catch_unwind(|| on_fresh_heap(|| -> u8 { panic!("the copy failed") }));
+        let payload = caught.expect_err("the panic comes back");
+        assert_eq!(payload.downcast_ref::<&str>(), Some(&"the copy failed"), "with its own message");
     }
 
     fn option() -> std::ffi::c_long {

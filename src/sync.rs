@@ -69,7 +69,7 @@ fn parts(services: &[(String, String)], part_size: usize) -> impl Iterator<Item 
         }
         let (part, tail) = rest.split_at(size.min(rest.len()));
         rest = tail;
-        size = (size * 2).min(part_size.max(1));
+        size = size.saturating_mul(2).min(part_size.max(1));
         Some(part)
     })
 }

@@ -432,17 +432,31 @@ fn mutated_manifests_never_panic() {
     assert!(seed_snap.rejected.is_empty(), "{:?}", seed_snap.rejected);
     assert_eq!((seed_snap.services.len(), seed_snap.slices.len(), seed_snap.nodes.len()), (1, 1, 1));
 
+    // The same objects as JSON values, one after another, for the JSON reader.
+    let seed_json: String = SEED_DOC
+        .split("\n---\n")
+        .map(|d| serde_json::to_string_pretty(&serde_yaml::from_str::<serde_json::Value>(d).unwrap()).unwrap())
+        .collect::<Vec<_>>()
+        .join("\n");
+    let json_snap = parse_file(Path::new("seed.json"), seed_json.as_bytes());
+    assert!(json_snap.rejected.is_empty(), "{:?}", json_snap.rejected);
+    assert_eq!((json_snap.services.len(), json_snap.slices.len(), json_snap.nodes.len()), (1, 1, 1));
+
     let mut rng = Rng(0x6b70_726f_7879_2024);
     let mut tracker = ChangeTracker::new("node-a");
     let mut watch_tracker = ChangeTracker::new("node-a");
-    let mut accepted = 0;
-    let mut refused = 0;
-    for iteration in 0..600 {
-        let mutated = mutate(&mut rng, SEED_DOC.as_bytes());
-        let name = if iteration % 7 == 0 { "m.json" } else { "m.yaml" };
+    let (mut accepted, mut refused, mut json_accepted, mut json_refused) = (0, 0, 0, 0);
+    for iteration in 0..700 {
+        let json = iteration % 4 == 0;
+        let (name, seed) = if json { ("m.json", seed_json.as_str()) } else { ("m.yaml", SEED_DOC) };
+        let mutated = mutate(&mut rng, seed.as_bytes());
         let snap = parse_file(Path::new(name), &mutated);
         accepted += snap.services.len() + snap.slices.len();
         refused += snap.rejected.len();
+        if json {
+            json_accepted += snap.services.len() + snap.slices.len();
+            json_refused += snap.rejected.len();
+        }
 
         // As the files source does: replace everything.
         let (_, rejected) =
@@ -463,6 +477,7 @@ fn mutated_manifests_never_panic() {
     // The mutations must exercise both paths, or the test proves nothing.
     assert!(accepted > 100, "accepted {accepted}");
     assert!(refused > 100, "refused {refused}");
+    assert!(json_accepted > 20 && json_refused > 20, "JSON: accepted {json_accepted}, refused {json_refused}");
 }
 
 /// A few mutated files through the real directory reader, next to an untouched good file.

@@ -833,3 +833,102 @@ mod tests {
         assert_eq!(n.to_string(), "ns1/svc1");
     }
 }
+
+#[cfg(test)]
+mod order_unique_against_the_old_way {
+    use super::*;
+    use std::collections::BTreeMap;
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+    }
+    /// The merge before `order_unique`: a B-tree by address, then a sort by the strings.
+    fn old(eps: &[Endpoint]) -> Vec<Endpoint> {
+        let mut m: BTreeMap<(IpAddr, u16), Endpoint> = BTreeMap::new();
+        for e in eps {
+            match m.entry((e.ip, e.port)) {
+                std::collections::btree_map::Entry::Vacant(v) => {
+                    v.insert(e.clone());
+                }
+                std::collections::btree_map::Entry::Occupied(mut o) => {
+                    if o.get().terminating && !e.terminating {
+                        o.insert(e.clone());
+                    }
+                }
+            }
+        }
+        let mut v: Vec<Endpoint> = m.into_values().collect();
+        v.sort_by_cached_key(Endpoint::addr_string);
+        v
+    }
+    fn ip(rng: &mut Rng) -> IpAddr {
+        match rng.below(6) {
+            0 => IpAddr::V4(std::net::Ipv4Addr::from(rng.next() as u32)),
+            1 => IpAddr::V4(std::net::Ipv4Addr::new(10, 0, rng.below(3) as u8, rng.below(12) as u8)),
+            2 => IpAddr::V6(std::net::Ipv6Addr::from(((rng.next() as u128) << 64) | rng.next() as u128)),
+            3 => IpAddr::V6(std::net::Ipv6Addr::from(0xffff_0000_0000u128 | rng.below(1 << 32) as u128)),
+            4 => IpAddr::V6(std::net::Ipv6Addr::from(rng.below(1 << 32) as u128)),
+            _ => {
+                let mut seg = [0u16; 8];
+                for s in &mut seg {
+                    *s = match rng.below(3) {
+                        0 => 0,
+                        1 => rng.below(16) as u16,
+                        _ => 0xffff,
+                    }
+                }
+                IpAddr::V6(std::net::Ipv6Addr::from(seg))
+            }
+        }
+    }
+    #[test]
+    fn order_unique_equals_old_randomized() {
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        for _ in 0..20000 {
+            let pool: Vec<IpAddr> = (0..1 + rng.below(6)).map(|_| ip(&mut rng)).collect();
+            let ports = [0u16, 1, 8, 80, 800, 8080, 65535];
+            let mut eps = Vec::new();
+            for _ in 0..rng.below(10) {
+                let e = Endpoint {
+                    ip: pool[rng.below(pool.len() as u64) as usize],
+                    port: ports[rng.below(7) as usize],
+                    ready: rng.below(2) == 0,
+                    serving: rng.below(2) == 0,
+                    terminating: rng.below(2) == 0,
+                    ..Endpoint::ready("1.1.1.1", 1)
+                }
+                .on_node(&format!("n{}", rng.below(100)));
+                let k = e.addr_key();
+                assert_eq!(
+                    k.0.iter().take_while(|b| **b != 0).copied().collect::<Vec<u8>>(),
+                    e.addr_string().into_bytes()
+                );
+                eps.push(e);
+            }
+            let want = old(&eps);
+            let mut got = eps.clone();
+            order_unique(&mut got);
+            assert_eq!(got, want);
+            let mut refs: Vec<&Endpoint> = eps.iter().collect();
+            order_unique(&mut refs);
+            assert_eq!(refs.into_iter().cloned().collect::<Vec<_>>(), want);
+        }
+    }
+    /// The longest strings fit the key's 48 bytes.
+    #[test]
+    fn the_longest_addresses_fit() {
+        for ip in ["ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff", "::ffff:255.255.255.255", "255.255.255.255"] {
+            let e = Endpoint { ip: ip.parse().unwrap(), port: 65535, ..Endpoint::ready("1.1.1.1", 1) };
+            assert!(e.addr_string().len() <= 47);
+            assert_eq!(e.addr_key().0.iter().take_while(|b| **b != 0).count(), e.addr_string().len());
+        }
+    }
+}

@@ -1100,3 +1100,138 @@ spec: {clusterIP: 172.30.0.42, ipFamilies: [IPv4, IPv6], clusterIPs: [172.30.0.4
         assert!(!changed);
     }
 }
+
+#[cfg(test)]
+mod fill_against_the_incremental_way {
+    use super::*;
+
+    struct Rng(u64);
+    impl Rng {
+        fn below(&mut self, n: u64) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0 % n
+        }
+    }
+
+    fn gen(rng: &mut Rng) -> (Vec<ServiceInfo>, Vec<SliceInfo>) {
+        let mut services = Vec::new();
+        let nss = ["a", "b", "default"];
+        let names = ["s0", "s1", "s2", "s3", "s10", "x"];
+        for _ in 0..rng.below(8) {
+            let ns = nss[rng.below(3) as usize];
+            let name = names[rng.below(6) as usize];
+            let dual = rng.below(3);
+            let (ips, fams) = match dual {
+                0 => ("[10.0.0.1]".to_string(), "[IPv4]"),
+                1 => ("['fd00::1']".to_string(), "[IPv6]"),
+                _ => ("[10.0.0.1, 'fd00::1']".to_string(), "[IPv4, IPv6]"),
+            };
+            let first = if dual == 1 { "'fd00::1'" } else { "10.0.0.1" };
+            let nports = 1 + rng.below(3);
+            let ports: Vec<String> = (0..nports).map(|i| format!("{{name: p{i}, port: {}}}", 80 + i)).collect();
+            let y = format!("metadata: {{namespace: {ns}, name: {name}}}\nspec: {{clusterIP: {first}, clusterIPs: {ips}, ipFamilies: {fams}, ports: [{}]}}", ports.join(", "));
+            let s: Service = serde_yaml::from_str(&y).unwrap();
+            if let Ok(Converted::Proxied(i)) = convert::service(&s) {
+                services.push(i);
+            }
+        }
+        let mut slices = Vec::new();
+        for k in 0..rng.below(10) {
+            let ns = nss[rng.below(3) as usize];
+            let owner = names[rng.below(6) as usize];
+            let v6 = rng.below(2) == 1;
+            let fam = if v6 { "IPv6" } else { "IPv4" };
+            let nports = 1 + rng.below(3);
+            let ports: Vec<String> = (0..nports)
+                .map(|_| {
+                    let i = rng.below(3);
+                    format!("{{name: p{i}, port: {}}}", 8000 + rng.below(3))
+                })
+                .collect();
+            let neps = rng.below(5);
+            let eps: Vec<String> = (0..neps).map(|_| {
+                let a = rng.below(12);
+                let ip = if v6 { format!("'fd00::{a}'") } else { format!("10.1.0.{a}") };
+                let term = rng.below(3) == 0;
+                format!("{{addresses: [{ip}], nodeName: n{}, conditions: {{ready: {}, serving: true, terminating: {term}}}}}", rng.below(3), !term)
+            }).collect();
+            let y = format!("metadata: {{namespace: {ns}, name: sl{}, labels: {{kubernetes.io/service-name: {owner}}}}}\naddressType: {fam}\nports: [{}]\nendpoints: [{}]", k % 4, ports.join(", "), eps.join(", "));
+            let mut s: EndpointSlice = serde_yaml::from_str(&y).unwrap();
+            for p in s.ports.iter_mut().flatten() {
+                p.protocol.get_or_insert_with(|| "TCP".into());
+            }
+            if let Ok(Converted::Proxied(i)) = convert::endpoint_slice(&s) {
+                slices.push(i);
+            }
+        }
+        (services, slices)
+    }
+
+    /// What `replace_converted` did before `fill`: set each object, refresh each touched Service.
+    fn incremental(t: &mut ChangeTracker, services: Vec<ServiceInfo>, slices: Vec<SliceInfo>) -> bool {
+        let mut ns: BTreeMap<Key, ServiceInfo> = BTreeMap::new();
+        for i in services {
+            ns.entry((i.namespace.clone(), i.name.clone())).or_insert(i);
+        }
+        let mut nsl: BTreeMap<Key, SliceInfo> = BTreeMap::new();
+        for i in slices {
+            nsl.entry((i.namespace.clone(), i.name.clone())).or_insert(i);
+        }
+        t.then_refresh(|t, touched| {
+            let mut changed = false;
+            for (k, v) in ns {
+                changed |= t.set_service(k, Some(v), touched);
+            }
+            for (k, v) in nsl {
+                changed |= t.set_slice(k, Some(v), touched);
+            }
+            changed
+        })
+    }
+
+    /// Random clusters (both families, dual-stack, Services without slices, slices without
+    /// their Service, repeated and terminating endpoints, earlier changes not yet taken): `fill`
+    /// leaves the tracker exactly as setting the objects one by one does.
+    #[test]
+    fn fill_equals_incremental_randomized() {
+        let mut rng = Rng(0x1234_5678_9abc_def1);
+        for iter in 0..3000 {
+            let (services, slices) = gen(&mut rng);
+            let pre = rng.below(3);
+            let mut a = ChangeTracker::new("n");
+            let mut b = ChangeTracker::new("n");
+            for t in [&mut a, &mut b] {
+                if pre >= 1 {
+                    // a Service that came and went, changes not taken
+                    let s: Service = serde_yaml::from_str("metadata: {namespace: a, name: s1}\nspec: {clusterIP: 10.0.0.9, ports: [{name: p0, port: 80}]}").unwrap();
+                    t.upsert_service(&s).unwrap();
+                    if pre == 2 {
+                        let _ = t.take_changes();
+                        let _ = t.take_pending();
+                    }
+                    t.delete_service("a", "s1");
+                }
+                t.set_service_cidrs([Cidr::parse("10.0.0.0/8").unwrap()]);
+            }
+            let ca = a.replace_converted(services.clone(), slices.clone(), vec![], "n").0;
+            let cb = incremental(&mut b, services.clone(), slices.clone());
+            assert_eq!(ca, cb, "iter {iter} changed");
+            for f in FAMILIES {
+                assert_eq!(a.state(f), b.state(f), "iter {iter} {f:?}");
+                assert_eq!(a.state(f), &a.compute_state(f), "iter {iter} {f:?}");
+            }
+            assert_eq!(a.slices_by_service, b.slices_by_service, "iter {iter}");
+            assert_eq!(a.pending_services, b.pending_services, "iter {iter}");
+            assert_eq!(a.pending_endpoints, b.pending_endpoints, "iter {iter}");
+            assert_eq!(a.changes.services, b.changes.services, "iter {iter}");
+            assert_eq!(a.changes.old, b.changes.old, "iter {iter} old");
+            assert_eq!(a.changes.full, b.changes.full);
+            let (x, y) = (a.take_changes(), b.take_changes());
+            assert_eq!(x.new, y.new, "iter {iter} new");
+            assert_eq!(a.services, b.services);
+            assert_eq!(a.slices, b.slices);
+        }
+    }
+}

@@ -207,10 +207,7 @@ impl Kept {
 
     fn keep(self, s: &mut Snapshot) {
         match self {
-            // The ports outlive the compaction after a large sync (the merged state and the kept
-            // ruleset share them), so they are copied here, on the thread that keeps them: left in
-            // a parser thread's memory, among the freed objects they were made from, each would
-            // hold a mostly empty page (+6-8 MiB resident at 50k Services).
+            // (Their ports are copied again at the end of `load_dir_on`.)
             Kept::Service(o) => s.services.push(o),
             Kept::Slice(o) => s.slices.push(o),
             Kept::Node(o) => s.nodes.push(o),
@@ -277,7 +274,8 @@ impl FileLoader {
                 None => break,
                 Some(Ok(head)) => {
                     let raw = text[start..values.byte_offset()].trim_start();
-                    self.add_doc(path, &format!("value {i}"), &JsonDoc { file: text, raw, head }, true);
+                    let doc = JsonDoc { file: text, raw, head, invalid: None };
+                    self.add_doc(path, &format!("value {i}"), &doc, true);
                 }
                 Some(Err(e)) => {
                     // A JSON syntax error cannot be resumed after; keep what came before it.
@@ -291,6 +289,9 @@ impl FileLoader {
 
     /// One document (or `List` item): dispatch on `kind`, deserialize, default, validate, convert.
     fn add_doc<D: Untyped>(&mut self, path: &Path, at: &str, doc: &D, top: bool) {
+        if let Some(e) = doc.invalid() {
+            return self.reject(Rejected::file(path, format!("{at}: not valid JSON: {e}")));
+        }
         let what = match doc.shape() {
             Shape::Mapping => None,
             Shape::Null => {
@@ -434,6 +435,10 @@ enum Items<T> {
 /// reads a few fields; the object is then typed from whichever form is fastest and says best
 /// where an error is.
 trait Untyped: Sized {
+    /// Why the document cannot be read at all, if so.
+    fn invalid(&self) -> Option<&str> {
+        None
+    }
     fn shape(&self) -> Shape;
     /// `kind`, if it is a string.
     fn kind(&self) -> Option<String>;
@@ -495,9 +500,14 @@ struct JsonDoc<'a> {
     /// The value's text: a slice of `file`.
     raw: &'a str,
     head: Head<'a>,
+    /// Why the value cannot be read, for a `List` item.
+    invalid: Option<String>,
 }
 
 impl Untyped for JsonDoc<'_> {
+    fn invalid(&self) -> Option<&str> {
+        self.invalid.as_deref()
+    }
     fn shape(&self) -> Shape {
         self.head.shape
     }
@@ -523,9 +533,13 @@ impl Untyped for JsonDoc<'_> {
             Some(Items::Sequence(v)) => Items::Sequence(
                 v.iter()
                     .map(|raw| {
-                        // Parsed once already, so reading the few dispatch fields cannot fail.
-                        let head = serde_json::from_str(raw.get()).unwrap_or_default();
-                        JsonDoc { file: self.file, raw: raw.get(), head }
+                        // The item's syntax was checked; what the check of its values finds (a
+                        // repeated key, a number out of range) rejects the item alone.
+                        let (head, invalid) = match serde_json::from_str(raw.get()) {
+                            Ok(head) => (head, None),
+                            Err(e) => (Head::default(), Some(json_error_in_file(&e, self.file, raw.get()))),
+                        };
+                        JsonDoc { file: self.file, raw: raw.get(), head, invalid }
                     })
                     .collect(),
             ),
@@ -565,23 +579,180 @@ struct Head<'a> {
 }
 
 /// `metadata.name` and `metadata.namespace` when they are strings.
-#[derive(Default, serde::Deserialize)]
+#[derive(Default)]
 struct MetaHead {
-    #[serde(default, deserialize_with = "string_or_none")]
     name: Option<String>,
-    #[serde(default, deserialize_with = "string_or_none")]
     namespace: Option<String>,
 }
 
-/// A string, or `None` for a value of any other type.
-fn string_or_none<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
-    let v = <&RawValue as serde::Deserialize>::deserialize(d)?;
-    Ok(serde_json::from_str::<String>(v.get()).ok())
+/// Any JSON value, read the way a value tree would have read it and then dropped: numbers in
+/// range, strings valid, serde_json's nesting limit, and no object with one key twice. Objects are
+/// typed from their text by deserializers that skip what they do not know and take the last of a
+/// repeated key; without this, such input would be accepted where reading into a tree refused it.
+/// `Checked<true>` also keeps a string (the dispatch fields); `Checked` allocates nothing.
+struct Checked<const KEEP: bool = false> {
+    string: Option<String>,
+}
+
+impl<'de, const KEEP: bool> serde::Deserialize<'de> for Checked<KEEP> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::{MapAccess, SeqAccess, Visitor};
+        struct V<const KEEP: bool>;
+        impl<'de, const KEEP: bool> Visitor<'de> for V<KEEP> {
+            type Value = Checked<KEEP>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON value")
+            }
+            fn visit_unit<E>(self) -> Result<Checked<KEEP>, E> {
+                Ok(Checked { string: None })
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Checked<KEEP>, E> {
+                Ok(Checked { string: None })
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Checked<KEEP>, E> {
+                Ok(Checked { string: None })
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Checked<KEEP>, E> {
+                Ok(Checked { string: None })
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Checked<KEEP>, E> {
+                Ok(Checked { string: None })
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Checked<KEEP>, E> {
+                Ok(Checked { string: KEEP.then(|| v.to_string()) })
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Checked<KEEP>, A::Error> {
+                while seq.next_element::<Checked>()?.is_some() {}
+                Ok(Checked { string: None })
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Checked<KEEP>, A::Error> {
+                let mut keys = Keys::default();
+                while let Some(k) = map.next_key::<Key<'de>>()? {
+                    keys.first_time::<A::Error>(k.0)?;
+                    map.next_value::<Checked>()?;
+                }
+                Ok(Checked { string: None })
+            }
+        }
+        d.deserialize_any(V::<KEEP>)
+    }
+}
+
+/// An object's key, borrowed from the text unless it has escapes.
+struct Key<'de>(std::borrow::Cow<'de, str>);
+
+impl<'de> serde::Deserialize<'de> for Key<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Key<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a key")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Key<'de>, E> {
+                Ok(Key(std::borrow::Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Key<'de>, E> {
+                Ok(Key(std::borrow::Cow::Owned(v.to_string())))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+/// The keys of one object so far: the first 16 in place (no allocation for the small objects
+/// that make up most of a manifest), a hash set once there are more (a file may hold an object
+/// with a million keys).
+struct Keys<'de> {
+    few: [std::borrow::Cow<'de, str>; 16],
+    n: usize,
+    many: Option<std::collections::HashSet<std::borrow::Cow<'de, str>>>,
+}
+
+impl Default for Keys<'_> {
+    fn default() -> Self {
+        Keys { few: std::array::from_fn(|_| std::borrow::Cow::Borrowed("")), n: 0, many: None }
+    }
+}
+
+impl<'de> Keys<'de> {
+    /// An error naming the key when the object had it already.
+    fn first_time<E: serde::de::Error>(&mut self, k: std::borrow::Cow<'de, str>) -> Result<(), E> {
+        let repeated = match &self.many {
+            Some(m) => m.contains(&k),
+            None => self.few[..self.n].contains(&k),
+        };
+        if repeated {
+            return Err(E::custom(format_args!("duplicate key {:?}", &*k)));
+        }
+        match &mut self.many {
+            Some(m) => {
+                m.insert(k);
+            }
+            None if self.n < self.few.len() => {
+                self.few[self.n] = k;
+                self.n += 1;
+            }
+            None => self.many = Some(self.few.iter().cloned().chain(std::iter::once(k)).collect()),
+        }
+        Ok(())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for MetaHead {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::{MapAccess, SeqAccess, Visitor};
+        // Anything but an object is checked and gives no names.
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = MetaHead;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON value")
+            }
+            fn visit_unit<E>(self) -> Result<MetaHead, E> {
+                Ok(MetaHead::default())
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<MetaHead, E> {
+                Ok(MetaHead::default())
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<MetaHead, E> {
+                Ok(MetaHead::default())
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<MetaHead, E> {
+                Ok(MetaHead::default())
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<MetaHead, E> {
+                Ok(MetaHead::default())
+            }
+            fn visit_str<E>(self, _: &str) -> Result<MetaHead, E> {
+                Ok(MetaHead::default())
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<MetaHead, A::Error> {
+                while seq.next_element::<Checked>()?.is_some() {}
+                Ok(MetaHead::default())
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<MetaHead, A::Error> {
+                let (mut meta, mut keys) = (MetaHead::default(), Keys::default());
+                while let Some(k) = map.next_key::<Key<'de>>()? {
+                    keys.first_time::<A::Error>(k.0.clone())?;
+                    match &*k.0 {
+                        "name" => meta.name = map.next_value::<Checked<true>>()?.string,
+                        "namespace" => meta.namespace = map.next_value::<Checked<true>>()?.string,
+                        _ => {
+                            map.next_value::<Checked>()?;
+                        }
+                    }
+                }
+                Ok(meta)
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 impl<'de> serde::Deserialize<'de> for Head<'de> {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor};
+        use serde::de::{MapAccess, SeqAccess, Visitor};
         struct V;
         impl<'de> Visitor<'de> for V {
             type Value = Head<'de>;
@@ -607,21 +778,20 @@ impl<'de> serde::Deserialize<'de> for Head<'de> {
                 Ok(Head { shape: Shape::Scalar, ..Default::default() })
             }
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                while seq.next_element::<Checked>()?.is_some() {}
                 Ok(Head { shape: Shape::Sequence, ..Default::default() })
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-                let mut head = Head { shape: Shape::Mapping, ..Default::default() };
-                while let Some(key) = map.next_key::<Field>()? {
-                    match key {
-                        Field::Kind => head.kind = serde_json::from_str(map.next_value::<&RawValue>()?.get()).ok(),
-                        Field::Metadata => {
-                            let raw = map.next_value::<&RawValue>()?;
-                            head.meta = serde_json::from_str(raw.get()).unwrap_or_default();
-                        }
-                        Field::Items => head.items = Some(map.next_value::<Items<&'de RawValue>>()?),
-                        Field::Other => {
-                            map.next_value::<IgnoredAny>()?;
+                let (mut head, mut keys) = (Head { shape: Shape::Mapping, ..Default::default() }, Keys::default());
+                while let Some(k) = map.next_key::<Key<'de>>()? {
+                    keys.first_time::<A::Error>(k.0.clone())?;
+                    match &*k.0 {
+                        "kind" => head.kind = map.next_value::<Checked<true>>()?.string,
+                        "metadata" => head.meta = map.next_value()?,
+                        // Each item is checked when it is read on its own.
+                        "items" => head.items = Some(map.next_value::<Items<&'de RawValue>>()?),
+                        _ => {
+                            map.next_value::<Checked>()?;
                         }
                     }
                 }
@@ -634,7 +804,7 @@ impl<'de> serde::Deserialize<'de> for Head<'de> {
 
 impl<'de> serde::Deserialize<'de> for Items<&'de RawValue> {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor};
+        use serde::de::{MapAccess, SeqAccess, Visitor};
         struct V;
         impl<'de> Visitor<'de> for V {
             type Value = Items<&'de RawValue>;
@@ -666,41 +836,12 @@ impl<'de> serde::Deserialize<'de> for Items<&'de RawValue> {
                 }
                 Ok(Items::Sequence(items))
             }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+                <Checked as serde::Deserialize>::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
                 Ok(Items::Other)
             }
         }
         d.deserialize_any(V)
-    }
-}
-
-/// A key of a JSON object, as far as dispatch cares.
-enum Field {
-    Kind,
-    Metadata,
-    Items,
-    Other,
-}
-
-impl<'de> serde::Deserialize<'de> for Field {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl serde::de::Visitor<'_> for V {
-            type Value = Field;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a field name")
-            }
-            fn visit_str<E>(self, s: &str) -> Result<Field, E> {
-                Ok(match s {
-                    "kind" => Field::Kind,
-                    "metadata" => Field::Metadata,
-                    "items" => Field::Items,
-                    _ => Field::Other,
-                })
-            }
-        }
-        d.deserialize_str(V)
     }
 }
 
@@ -995,6 +1136,8 @@ mod tests {
     }
 
     const SVC: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: ns1}\nspec: {clusterIP: 10.0.0.1, ports: [{port: 80}]}\n";
+    /// `SVC` as JSON.
+    const SVC_JSON: &str = "{\"apiVersion\": \"v1\", \"kind\": \"Service\", \"metadata\": {\"name\": \"web\", \"namespace\": \"ns1\"}, \"spec\": {\"clusterIP\": \"10.0.0.1\", \"ports\": [{\"port\": 80}]}}";
 
     #[test]
     fn service_cidrs_are_read_and_bad_ones_rejected() {
@@ -1103,6 +1246,70 @@ mod tests {
         let l = lines(&parse("i.json", "{\"kind\": \"ServiceList\", \"items\": {\"a\": 1}}"));
         assert_eq!(l, vec!["i.json: value 1: ServiceList.items is not a sequence"]);
         assert!(parse("n.json", "{\"kind\": \"List\", \"items\": null}\nnull").is_empty());
+    }
+
+    /// JSON is refused where reading it into a value tree refused it (a repeated key, a number
+    /// out of range, an invalid string), in the fields kproxy reads and in those it skips; in a
+    /// `List` only the item is refused. Rejections come in file order.
+    #[test]
+    fn json_is_as_strict_as_a_value_tree() {
+        let first = |name: &str, text: &str| lines(&parse(name, text)).first().cloned().unwrap_or_default();
+        let l = first("k.json", "{\"kind\": \"Service\", \"kind\": \"ConfigMap\"}\n{\"kind\": \"Service\"}");
+        assert_eq!(l, "k.json: value 1: not valid JSON: duplicate key \"kind\" at line 1 column 26");
+        assert_eq!(
+            lines(&parse("k.json", "{\"kind\": \"Service\", \"kind\": \"ConfigMap\"}\n{}")).len(),
+            1,
+            "no resuming"
+        );
+        let svc = "{\"kind\": \"Service\", \"metadata\": {\"name\": \"a\"}, \"spec\": {\"clusterIP\": \"10.0.0.1\", \"clusterIP\": \"10.0.0.2\"}}";
+        assert!(first("d.json", svc).contains("not valid JSON: duplicate key \"clusterIP\""));
+        let meta = "{\"kind\": \"Service\", \"metadata\": {\"name\": \"a\", \"name\": \"b\"}}";
+        assert!(first("m.json", meta).contains("duplicate key \"name\""));
+        assert!(first("n.json", "{\"kind\": \"ConfigMap\", \"data\": {\"a\": 1e999}}").contains("number out of range"));
+        assert!(first("u.json", "{\"kind\": \"ConfigMap\", \"data\": {\"a\": \"\\ud800\"}}").contains("not valid JSON"));
+        let many: Vec<String> = (0..40).map(|i| format!("\"k{}\": 1", i % 39)).collect();
+        let many = format!("{{\"kind\": \"ConfigMap\", \"data\": {{{}}}}}", many.join(", "));
+        assert!(first("h.json", &many).contains("duplicate key \"k0\""), "found past the short list too");
+
+        // In a List: the item alone, in order with the others.
+        let list = format!(
+            "{{\"kind\": \"List\", \"items\": [\n  {},\n  1e999,\n  {{\"kind\": \"Service\",\n   \"metadata\": {{\"name\": \"c\"}}, \"spec\": {{\"ports\": [{{\"port\": true}}]}}}},\n  {}\n]}}",
+            svc,
+            SVC_JSON
+        );
+        let s = parse("l.json", &list);
+        assert_eq!(names(&s.services), vec!["ns1/web"]);
+        let l = lines(&s);
+        assert_eq!(l.len(), 3, "{l:?}");
+        assert!(
+            l[0].starts_with("l.json: value 1 items[0]: not valid JSON: duplicate key \"clusterIP\" at line 2"),
+            "{l:?}"
+        );
+        assert!(
+            l[1].starts_with("l.json: value 1 items[1]: not valid JSON: number out of range at line 3 column"),
+            "{l:?}"
+        );
+        // An error on an item's second line: the item's own column on that line.
+        assert_eq!(l[2], "l.json: Service default/c: value 1 items[2]: invalid type: boolean `true`, expected i32 at line 5 column 62");
+        assert_eq!(&list.lines().nth(4).unwrap()[58..62], "true", "column 62 ends the bad value");
+
+        // A value, then a syntax error: the value's rejection first.
+        let bad =
+            "{\"kind\": \"Service\", \"metadata\": {\"name\": \"a\"}, \"spec\": {\"ports\": [{\"port\": \"x\"}]}}";
+        let l = lines(&parse("o.json", &format!("{bad}\n{{\"kind\": ")));
+        assert_eq!(l.len(), 2, "{l:?}");
+        assert!(l[0].contains("value 1") && l[1].starts_with("o.json: value 2: not valid JSON"), "{l:?}");
+    }
+
+    /// Valid objects that are not proxied are counted, and still claim their name.
+    #[test]
+    fn objects_not_proxied_are_counted_and_claim_their_name() {
+        let headless = SVC.replace("clusterIP: 10.0.0.1", "clusterIP: None");
+        let fqdn = "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: f, namespace: ns1, labels: {kubernetes.io/service-name: web}}\naddressType: FQDN\nendpoints: [{addresses: [a.example]}]\n";
+        let s = parse("s.yaml", &format!("{headless}---\n{fqdn}---\n{SVC}"));
+        assert_eq!(s.skipped, 2);
+        assert!(s.services.is_empty(), "the headless one came first");
+        assert!(lines(&s)[0].contains("duplicate of the object in s.yaml document 1"), "{:?}", lines(&s));
     }
 
     #[test]
