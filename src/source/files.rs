@@ -1270,6 +1270,9 @@ mod tests {
         let many: Vec<String> = (0..40).map(|i| format!("\"k{}\": 1", i % 39)).collect();
         let many = format!("{{\"kind\": \"ConfigMap\", \"data\": {{{}}}}}", many.join(", "));
         assert!(first("h.json", &many).contains("duplicate key \"k0\""), "found past the short list too");
+        let deep = |n: usize| format!("{{\"kind\": \"ConfigMap\", \"data\": {}{}}}", "[".repeat(n), "]".repeat(n));
+        assert!(parse("p.json", &deep(100)).is_empty(), "deep but within serde_json's limit");
+        assert!(first("p.json", &deep(200)).contains("recursion limit exceeded"));
 
         // In a List: the item alone, in order with the others.
         let list = format!(
