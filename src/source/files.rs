@@ -4,8 +4,9 @@
 //!
 //! The directory stands in for the API server, so two things the API server would do happen here:
 //! its defaulting (namespace `default`; EndpointSlice port name `""` and protocol `TCP`) and the
-//! uniqueness of (kind, namespace, name). Objects are also validated here with the same
-//! conversion the tracker uses, so every rejection can name the file and document it came from.
+//! uniqueness of (kind, namespace, name). Objects are also converted here, on the parser
+//! threads, with the conversion the API source's objects get in the tracker: every rejection can
+//! name the file and document it came from, and the tracker takes the model objects as they are.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
