@@ -218,6 +218,14 @@ impl Kept {
     }
 }
 
+/// A converted object of `kind` as kept: `wrap`ped when proxied, else only counted.
+fn kept<T>(c: Converted<T>, kind: &'static str, wrap: fn(T) -> Kept) -> Kept {
+    match c {
+        Converted::Proxied(info) => wrap(info),
+        Converted::Skipped(_) => Kept::Skipped(kind),
+    }
+}
+
 /// Where in which file an object was found.
 struct Here {
     path: PathBuf,
@@ -311,62 +319,51 @@ impl FileLoader {
         if ns.is_empty() {
             ns = "default".to_string(); // what the namespaced kinds get defaulted to below
         }
-        let fail = |kind: &'static str, ns: &str, e: String| Rejected::new(kind, ns, &name, format!("{at}: {e}"));
         match doc.kind().as_deref() {
-            Some("Service") => match doc.typed::<Service>() {
-                Ok(mut svc) => {
-                    default_namespace(&mut svc.metadata);
-                    let id = ident(&svc.metadata);
-                    let kept = convert::service(&svc).map(|c| match c {
-                        Converted::Proxied(info) => Kept::Service(info),
-                        Converted::Skipped(_) => Kept::Skipped("Service"),
-                    });
-                    self.accept(path, at, id, kept);
+            Some("Service") => {
+                let Some(mut svc) = self.typed_or_reject::<Service>(doc, path, at, "Service", &ns, &name) else {
+                    return;
+                };
+                default_namespace(&mut svc.metadata);
+                let kept = convert::service(&svc).map(|c| kept(c, "Service", Kept::Service));
+                self.accept(path, at, ident(&svc.metadata), kept);
+            }
+            Some("EndpointSlice") => {
+                let kind = "EndpointSlice";
+                let Some(mut slice) = self.typed_or_reject::<EndpointSlice>(doc, path, at, kind, &ns, &name) else {
+                    return;
+                };
+                default_namespace(&mut slice.metadata);
+                for p in slice.ports.iter_mut().flatten() {
+                    p.name.get_or_insert_with(String::new);
+                    p.protocol.get_or_insert_with(|| "TCP".to_string());
                 }
-                Err(e) => self.reject(fail("Service", &ns, e).in_file(path)),
-            },
-            Some("EndpointSlice") => match doc.typed::<EndpointSlice>() {
-                Ok(mut slice) => {
-                    default_namespace(&mut slice.metadata);
-                    for p in slice.ports.iter_mut().flatten() {
-                        p.name.get_or_insert_with(String::new);
-                        p.protocol.get_or_insert_with(|| "TCP".to_string());
+                let kept = convert::endpoint_slice(&slice).map(|c| kept(c, kind, Kept::Slice));
+                self.accept(path, at, ident(&slice.metadata), kept);
+            }
+            Some("Node") => {
+                let Some(mut node) = self.typed_or_reject::<Node>(doc, path, at, "Node", "", &name) else { return };
+                node.metadata.namespace = None; // cluster-scoped
+                self.accept(path, at, ident(&node.metadata), convert::node(&node).map(Kept::Node));
+            }
+            Some("ServiceCIDR") => {
+                let Some(o) = self.typed_or_reject::<ServiceCIDR>(doc, path, at, "ServiceCIDR", "", &name) else {
+                    return;
+                };
+                let mut cidrs = Vec::new();
+                let mut bad = None;
+                for c in o.spec.as_ref().and_then(|s| s.cidrs.as_ref()).into_iter().flatten() {
+                    match rules::model::Cidr::parse(c) {
+                        Ok(c) => cidrs.push(c),
+                        Err(e) => bad = Some(format!("spec.cidrs: {e}")),
                     }
-                    let id = ident(&slice.metadata);
-                    let kept = convert::endpoint_slice(&slice).map(|c| match c {
-                        Converted::Proxied(info) => Kept::Slice(info),
-                        Converted::Skipped(_) => Kept::Skipped("EndpointSlice"),
-                    });
-                    self.accept(path, at, id, kept);
                 }
-                Err(e) => self.reject(fail("EndpointSlice", &ns, e).in_file(path)),
-            },
-            Some("Node") => match doc.typed::<Node>() {
-                Ok(mut node) => {
-                    node.metadata.namespace = None; // cluster-scoped
-                    let id = ident(&node.metadata);
-                    self.accept(path, at, id, convert::node(&node).map(Kept::Node));
-                }
-                Err(e) => self.reject(fail("Node", "", e).in_file(path)),
-            },
-            Some("ServiceCIDR") => match doc.typed::<ServiceCIDR>() {
-                Ok(o) => {
-                    let mut cidrs = Vec::new();
-                    let mut bad = None;
-                    for c in o.spec.as_ref().and_then(|s| s.cidrs.as_ref()).into_iter().flatten() {
-                        match rules::model::Cidr::parse(c) {
-                            Ok(c) => cidrs.push(c),
-                            Err(e) => bad = Some(format!("spec.cidrs: {e}")),
-                        }
-                    }
-                    let kept = match bad {
-                        None => Ok(Kept::ServiceCidrs(cidrs)),
-                        Some(reason) => Err(Rejected::new("ServiceCIDR", "", &name, reason)),
-                    };
-                    self.accept(path, at, ident(&o.metadata), kept);
-                }
-                Err(e) => self.reject(fail("ServiceCIDR", "", e).in_file(path)),
-            },
+                let kept = match bad {
+                    None => Ok(Kept::ServiceCidrs(cidrs)),
+                    Some(reason) => Err(Rejected::new("ServiceCIDR", "", &name, reason)),
+                };
+                self.accept(path, at, ident(&o.metadata), kept);
+            }
             // `kind: List` (kubectl) and typed lists such as `ServiceList` (API responses).
             Some(k) if k == "List" || (k.ends_with("List") && doc.has_items()) => {
                 if !top {
@@ -394,6 +391,20 @@ impl FileLoader {
                 self.reject(Rejected::file(path, reason));
             }
         }
+    }
+
+    /// `doc` typed as `T`, or `None` after rejecting it with a reason naming the object as far as
+    /// known (`ns` empty for cluster-scoped kinds).
+    fn typed_or_reject<T: DeserializeOwned>(
+        &mut self,
+        doc: &impl Untyped,
+        path: &Path,
+        at: &str,
+        kind: &'static str,
+        ns: &str,
+        name: &str,
+    ) -> Option<T> {
+        doc.typed().map_err(|e| self.reject(Rejected::new(kind, ns, name, format!("{at}: {e}")).in_file(path))).ok()
     }
 
     /// Records a converted object: rejected if it failed validation, else for `Loader::take` to
