@@ -267,33 +267,26 @@ impl ChangeTracker {
         let mut owned: Vec<(Key, &Key, &SliceInfo)> =
             slices.iter().map(|(k, s)| ((s.namespace.clone(), s.service_name.clone()), k, s)).collect();
         owned.sort_by(|a, b| a.0.cmp(&b.0));
-        let mut groups: Vec<(Key, Vec<&SliceInfo>)> = Vec::new();
-        let mut by_service: Vec<(Key, Vec<Key>)> = Vec::new();
+        let mut groups: Vec<(Key, Vec<(&Key, &SliceInfo)>)> = Vec::new();
         for (owner, key, slice) in owned {
             match groups.last_mut() {
-                Some((o, g)) if *o == owner => {
-                    g.push(slice);
-                    by_service.last_mut().expect("one entry per group").1.push(key.clone());
-                }
-                _ => {
-                    by_service.push((owner.clone(), vec![key.clone()]));
-                    groups.push((owner, vec![slice]));
-                }
+                Some((o, g)) if *o == owner => g.push((key, slice)),
+                _ => groups.push((owner, vec![(key, slice)])),
             }
         }
         // Each Service that has a Service object or slices, once, in key order, with its slices.
         let mut merged: BTreeMap<Family, MergedFamily> = BTreeMap::new();
         let mut touched: Vec<Key> = Vec::with_capacity(services.len().max(groups.len()));
-        let (mut svcs, mut groups) = (services.iter().peekable(), groups.iter().peekable());
+        let (mut svcs, mut owners) = (services.iter().peekable(), groups.iter().peekable());
         loop {
-            let (key, svc, slices) = match (svcs.peek(), groups.peek()) {
+            let (key, svc, slices) = match (svcs.peek(), owners.peek()) {
                 (None, None) => break,
                 (Some((k, _)), Some((g, _))) if k == &g => {
-                    let ((k, svc), (_, sl)) = (svcs.next().expect("peeked"), groups.next().expect("peeked"));
+                    let ((k, svc), (_, sl)) = (svcs.next().expect("peeked"), owners.next().expect("peeked"));
                     (k, Some(svc), sl.as_slice())
                 }
                 (Some((k, _)), Some((g, _))) if *k > g => {
-                    let (g, sl) = groups.next().expect("peeked");
+                    let (g, sl) = owners.next().expect("peeked");
                     (g, None, sl.as_slice())
                 }
                 (Some(_), _) => {
@@ -301,7 +294,7 @@ impl ChangeTracker {
                     (k, Some(svc), &[][..])
                 }
                 (None, Some(_)) => {
-                    let (g, sl) = groups.next().expect("peeked");
+                    let (g, sl) = owners.next().expect("peeked");
                     (g, None, sl.as_slice())
                 }
             };
@@ -309,7 +302,7 @@ impl ChangeTracker {
             let Some(svc) = svc else { continue };
             for f in FAMILIES {
                 let (ports, eps) = merged.entry(f).or_default();
-                let family_slices: Vec<&SliceInfo> = slices.iter().copied().filter(|s| s.family == f).collect();
+                let family_slices: Vec<&SliceInfo> = slices.iter().map(|(_, s)| *s).filter(|s| s.family == f).collect();
                 for sp in svc.ports.iter().filter(|p| p.family() == f) {
                     let e = merge_endpoints(&family_slices, sp.name.port_name(), sp.name.protocol());
                     if !e.is_empty() {
@@ -325,7 +318,8 @@ impl ChangeTracker {
             st.services = ports.into_iter().collect();
             st.endpoints = eps.into_iter().collect();
         }
-        self.slices_by_service = by_service.into_iter().collect();
+        self.slices_by_service =
+            groups.iter().map(|(o, g)| (o.clone(), g.iter().map(|(k, _)| (*k).clone()).collect())).collect();
         extend_sorted(&mut self.pending_services, services.keys().cloned());
         extend_sorted(&mut self.pending_endpoints, self.slices_by_service.keys().cloned());
         // The earlier version of each Service to remember is empty (as `refresh` records it).
