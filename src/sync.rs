@@ -642,25 +642,27 @@ impl<B: Backend> Proxier<B> {
 
 /// A cold start into a kernel without kproxy's table is sent in parts of this many Services when
 /// there are more (issue 6: no single commit holding the nftables lock for seconds at 50k
-/// services). Each part holds whole Services, built as if they had just been added, so traffic
-/// never meets a half-built Service; Services of later parts are simply not there yet, as before
-/// kproxy started. Over an existing table (a restart) the parts go through a second table first
+/// services). Each part holds whole Services, built as if they had just been added, and the
+/// table's base chains stay empty until the last part is in, so traffic never meets a half-built
+/// Service or a part of the ruleset: the Services appear together, as from one transaction. Over an existing table (a restart) the parts go through a second table first
 /// (see `Proxier::restart_in_parts`): deleting the old rules first would break the Services of
 /// later parts meanwhile. 2,500 rather than 5,000 (measured from manifests, 2026-11-25): at 10k
 /// services x 10 endpoints the longest commit 0.47 -> 0.24 s, the cold start's peak memory 172 -> 137 MiB and the first
 /// sync no slower (1.10-1.15 vs 1.20-1.22 s); at 50k x 5 the longest commit 0.52 -> 0.31 s for a
 /// first sync ~0.3 s longer (5.0 vs 4.6-4.9 s). Parts of 1,000 cost 1.6-2.6 s more at 50k (cause
 /// not measured by experiment; a profile at 50k shows the kernel validating the whole table on
-/// every commit, which grows with what is already there).
+/// every commit, which grows with what is already there; since the base chains stay empty until
+/// the end, that check has nothing to walk but in the last commit).
 pub const COLD_START_PART_SERVICES: usize = 2_500;
 
 impl<B: Backend> Proxier<B> {
     /// A cold start in parts (see [`COLD_START_PART_SERVICES`]), or `None` when the family is
     /// small enough for one transaction or whether its table exists cannot be told. On a new node
-    /// (no table): first the layout without Services (base chains, shared sets, the
+    /// (no table): first the layout without Services (base chains, still empty, shared sets, the
     /// ServiceCIDRs), then each part as a partial build against what is applied; a part the
     /// partial build cannot decide alone (a frontend conflict) ends the parts with one full diff
-    /// from what is applied. Over an existing table (a restart), see `restart_in_parts`. On a
+    /// from what is applied; last, the base chains' rules, which make the whole ruleset live in
+    /// one step. Over an existing table (a restart), see `restart_in_parts`. On a
     /// failure the family's kernel state counts as unknown (the next sync is full), as for any
     /// failed sync.
     fn cold_start_in_parts(
@@ -763,11 +765,11 @@ impl<B: Backend> Proxier<B> {
     /// a second table, `kproxy-restart`, next to the old one; (2) the old table deleted (one
     /// transaction; deleting costs the kernel a fraction of building); (3) the new ruleset in
     /// parts into `kube-proxy`, the second table serving meanwhile; (4) the second table deleted.
-    /// At every moment one whole ruleset is hooked (the old one, then the second table) next to
-    /// at most a consistent part of the new one, made of whole Services. Both tables hook the same
-    /// points at the same priorities; the newer table's chains run first (the kernel inserts a
-    /// hook before those of equal priority), NAT takes the first chain that sets a mapping, and a
-    /// Service the newer table does not hold yet falls through to the whole one. Costs about twice
+    /// At every moment one whole ruleset is hooked (the old one, then the second table); the one
+    /// being built has empty base chains until it is whole (see `send_in_parts`). While both are
+    /// whole, both hook the same points at the same priorities; the newer table's chains run
+    /// first (the kernel inserts a hook before those of equal priority), NAT takes the first
+    /// chain that sets a mapping, and the two tables hold the same Services. Costs about twice
     /// a fresh node's cold start. Any failure counts as a failed sync: the next one replaces
     /// `kube-proxy` whole in one transaction and then deletes the second table.
     fn restart_in_parts(
@@ -797,8 +799,9 @@ impl<B: Backend> Proxier<B> {
         result
     }
 
-    /// Sends the whole ruleset of `family` in parts into a table that is not there: the layout,
-    /// then the Services part by part (see `cold_start_in_parts`). Returns what the kernel holds.
+    /// Sends the whole ruleset of `family` in parts into a table that is not there: the layout
+    /// with empty base chains, the Services part by part, then the base chains' rules (see
+    /// `cold_start_in_parts`). Returns what the kernel holds.
     fn send_in_parts(
         &mut self,
         family: Family,
@@ -814,7 +817,14 @@ impl<B: Backend> Proxier<B> {
         let (node_ips, bc) = build_inputs(&self.cfg, family, inputs);
         // Each part is lowered for the kernel on the builder thread too, when the backend can.
         let mut preparer = self.backend.preparer(family);
-        let base_tx = ready(&mut preparer, rules::diff(None, &base));
+        // The base chains go in empty and get their rules last, in a commit of their own: until
+        // then nothing of the table is reachable from a hook, so traffic meets the whole ruleset
+        // at once, and the kernel's check of the table on each commit (which walks from the base
+        // chains through every Service) has nothing to walk. At 50k Services that check, repeated
+        // on every part, took a quarter of the kernel's time.
+        let mut base_tx = rules::diff(None, &base);
+        let hooks = base_tx.split_off_hook_rules();
+        let base_tx = ready(&mut preparer, base_tx);
         if self.strip {
             // Parts then keep only what later builds need (not the per-endpoint elements).
             base.strip_bulk();
@@ -872,6 +882,9 @@ impl<B: Backend> Proxier<B> {
             applied = built.ruleset;
             fr.build += t.elapsed();
             err = self.commit_part(family, Ok(Ready::Tx(tx)), fr).err();
+        }
+        if err.is_none() {
+            err = self.commit_part(family, Ok(Ready::Tx(hooks)), fr).err();
         }
         match err {
             Some(e) => Err((Box::new(applied), e)),
@@ -1269,7 +1282,11 @@ mod tests {
         let r = sync_v4(&mut p, &st).unwrap();
         let fr = &r.families[0];
         assert!(r.full && fr.full);
-        assert_eq!((fr.commits, p.backend.commits), (5, 5), "the layout, then 4 parts of at most 3 Services");
+        assert_eq!(
+            (fr.commits, p.backend.commits),
+            (6, 6),
+            "the layout, 4 parts of at most 3 Services, then the base chains' rules"
+        );
         assert_eq!(fr.stats.ops, p.backend.transactions.iter().map(|t| t.ops.len()).sum::<usize>());
         assert_eq!(p.backend.kernels[&Family::V4].dump(Family::V4), one_go(&st));
         // Each part adds whole Services (every port), none of another part.
@@ -1277,9 +1294,29 @@ mod tests {
             |t: &Transaction| (0..10).filter(|i| t.to_string().contains(&format!("ns/s{i}/"))).collect::<Vec<_>>();
         assert_eq!(names(&p.backend.transactions[0]), Vec::<i32>::new(), "the layout holds no Service");
         assert!(p.backend.transactions[0].to_string().contains("172.30.0.0/16"), "ServiceCIDRs come with the layout");
-        let parts: Vec<Vec<i32>> = p.backend.transactions[1..].iter().map(names).collect();
+        let parts: Vec<Vec<i32>> = p.backend.transactions[1..5].iter().map(names).collect();
         assert_eq!(parts, vec![vec![0, 1, 2], vec![3, 4, 5], vec![6, 7, 8], vec![9]]);
-        for (t, part) in p.backend.transactions[1..].iter().zip(parts) {
+        // Until the last commit the base chains are empty, so no part is reachable from a hook;
+        // the last commit adds their rules and nothing else.
+        let base_chains: BTreeSet<&String> = (p.backend.transactions[0].ops.iter())
+            .filter_map(|op| match op {
+                rules::transaction::Op::AddChain { name, base: Some(_) } => Some(name),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(base_chains.len(), 8);
+        let base_rules = |t: &Transaction| {
+            t.ops
+                .iter()
+                .filter(|op| matches!(op, rules::transaction::Op::AddRule { chain, .. } if base_chains.contains(chain)))
+                .count()
+        };
+        for t in &p.backend.transactions[..5] {
+            assert_eq!(base_rules(t), 0, "{t}");
+        }
+        let last = &p.backend.transactions[5];
+        assert!(base_rules(last) > 0 && base_rules(last) == last.ops.len(), "{last}");
+        for (t, part) in p.backend.transactions[1..5].iter().zip(parts) {
             let text = t.to_string();
             for i in part.iter().filter(|i| *i % 3 == 0) {
                 assert!(text.contains(&format!("ns/s{i}/tcp/http")) && text.contains(&format!("ns/s{i}/tcp/https")));
@@ -1354,13 +1391,14 @@ mod tests {
 
         let mut p = restarted(None);
         let r = sync_v4(&mut p, &st).unwrap();
-        // Parts of 3 with a first part of 3 (parts under 10 are not shortened): 7 Services = 3.
-        assert_eq!(r.families[0].commits, 2 * (1 + 3) + 2, "{:?}", r.families[0]);
+        // Parts of 3 with a first part of 3 (parts under 10 are not shortened): 7 Services = 3,
+        // between the layout and the base chains' rules, into each table; and the two deletes.
+        assert_eq!(r.families[0].commits, 2 * (1 + 3 + 1) + 2, "{:?}", r.families[0]);
         assert_eq!(p.backend.kernel_of(Family::V4, rules::ir::TABLE).unwrap().dump(Family::V4), want);
         assert!(no_second_table(&p));
         assert_eq!(p.backend.table, rules::ir::TABLE, "the backend is left on kube-proxy");
 
-        for step in 0..10 {
+        for step in 0..12 {
             let mut p = restarted(Some(step));
             assert!(sync_v4(&mut p, &st).is_err(), "failure at commit {step}");
             assert_eq!(p.backend.table, rules::ir::TABLE, "failure at commit {step}: back on kube-proxy");

@@ -1017,8 +1017,8 @@ fn parts_fixture() -> (kproxy::config::Config, ClusterState, NodeInfo) {
     (cfg, st, node)
 }
 
-/// A cold start into a namespace without kproxy's table goes in parts (the layout, then whole
-/// Services per transaction) and leaves the kernel listing exactly what one transaction of the
+/// A cold start into a namespace without kproxy's table goes in parts (the layout with empty base
+/// chains, whole Services per transaction, then the base chains' rules) and leaves the kernel listing exactly what one transaction of the
 /// full ruleset gives; the backend tells whether the table is there.
 #[test]
 fn a_cold_start_in_parts_lists_like_one_transaction() {
@@ -1035,7 +1035,8 @@ fn a_cold_start_in_parts_lists_like_one_transaction() {
     p.cold_start_part = 2;
     let r = p.sync(&inputs).expect("cold start in parts");
     let services: std::collections::BTreeSet<_> = st.services.keys().map(|s| (s.namespace(), s.name())).collect();
-    assert_eq!(r.families[0].commits, 1 + services.len().div_ceil(2), "{:?}", r.families[0]);
+    // The layout (base chains empty), the parts, then the base chains' rules.
+    assert_eq!(r.families[0].commits, 1 + services.len().div_ceil(2) + 1, "{:?}", r.families[0]);
     assert_eq!(p.backend.table_exists(Family::V4), Some(true));
     assert_eq!(p.backend.table_exists(Family::V6), Some(false));
 
@@ -1073,7 +1074,7 @@ fn a_restart_in_parts_lists_like_one_transaction_and_leaves_one_table() {
     let mut p = Proxier::new(cfg.clone(), be);
     p.cold_start_part = 2;
     let r = p.sync(&inputs).expect("restart in parts");
-    let parts = 1 + services.len().div_ceil(2);
+    let parts = 1 + services.len().div_ceil(2) + 1;
     assert_eq!(r.families[0].commits, 2 * parts + 2, "two tables in parts, two deletes: {:?}", r.families[0]);
     assert_same_listing(&x.list_table("ip"), &y.list_table("ip"), "restart in parts");
     assert!(!tables(&x).contains("kproxy-restart"), "{}", tables(&x));

@@ -73,6 +73,25 @@ impl Transaction {
     pub fn new(family: Family) -> Self {
         Transaction { family, ops: Vec::new() }
     }
+    /// Moves the rules of the base chains this transaction adds into a transaction of their own
+    /// (in their order). What is left adds the base chains hooked but empty: nothing else it adds
+    /// is reachable from a hook, so traffic meets none of it, and the kernel's check of the table
+    /// on commit has nothing to walk (it starts from the base chains).
+    pub fn split_off_hook_rules(&mut self) -> Transaction {
+        let base: BTreeSet<String> = self
+            .ops
+            .iter()
+            .filter_map(|op| match op {
+                Op::AddChain { name, base: Some(_) } => Some(name.clone()),
+                _ => None,
+            })
+            .collect();
+        let (hooks, rest) = std::mem::take(&mut self.ops)
+            .into_iter()
+            .partition(|op| matches!(op, Op::AddRule { chain, .. } if base.contains(chain)));
+        self.ops = rest;
+        Transaction { family: self.family, ops: hooks }
+    }
     pub fn is_empty(&self) -> bool {
         self.ops.is_empty()
     }
