@@ -56,12 +56,13 @@ pub trait Backend {
     }
 }
 
-/// The cold start's parts: `part_size` Services each, except that they start at a fifth of that
+/// The cold start's parts: `part_size` Services each, except that they start at a 25th of that
 /// (at parts of 10 or more) and double up to it. While the first part is built the kernel has
-/// nothing to do; after that, building a part takes about half as long as the kernel takes to
-/// commit one of the same size, so each part can be built while the one half its size commits.
+/// nothing to do, so it is small; after that, building a part takes about two thirds as long as
+/// the kernel takes to commit one of the same size, so with one built part waiting ahead of the
+/// one committing (see `send_in_parts`) the builder stays ahead of the kernel.
 fn parts(services: &[(String, String)], part_size: usize) -> impl Iterator<Item = &[(String, String)]> {
-    let mut size = if part_size >= 10 { part_size / 5 } else { part_size }.max(1);
+    let mut size = if part_size >= 10 { part_size / 25 } else { part_size }.max(1);
     let mut rest = services;
     std::iter::from_fn(move || {
         if rest.is_empty() {
@@ -832,10 +833,11 @@ impl<B: Backend> Proxier<B> {
         fr.build += t0.elapsed();
 
         // The parts are built on a second thread while the kernel commits the one before (the
-        // build of a part needs only the previous parts' bookkeeping, not their commit). A
-        // rendezvous channel: a built part waits for the kernel to take it, so at most two parts'
-        // transactions are alive (one committing, one built), not three.
-        let (to_kernel, from_builder) = std::sync::mpsc::sync_channel::<Result<Ready, ApplyError>>(0);
+        // build of a part needs only the previous parts' bookkeeping, not their commit). One
+        // built part may wait: with none (a rendezvous), the kernel sat idle after each doubling
+        // while the builder made a part twice the one just taken. So at most three parts'
+        // transactions are alive: one committing, one waiting, one being built.
+        let (to_kernel, from_builder) = std::sync::mpsc::sync_channel::<Result<Ready, ApplyError>>(1);
         let (node_ips, bc) = (&node_ips, &bc);
         let (mut applied, build, needs_full, mut err) = std::thread::scope(|s| {
             let builder = s.spawn(move || {
@@ -1240,11 +1242,14 @@ mod tests {
     fn the_parts_start_small_and_double_so_the_kernel_starts_sooner() {
         let services: Vec<(String, String)> = (0..40).map(|i| ("ns".to_string(), format!("s{i:02}"))).collect();
         let sizes = |n: usize, part: usize| parts(&services[..n], part).map(<[_]>::len).collect::<Vec<_>>();
-        assert_eq!(sizes(23, 10), vec![2, 4, 8, 9]);
-        assert_eq!(sizes(40, 10), vec![2, 4, 8, 10, 10, 6]);
+        assert_eq!(sizes(23, 10), vec![1, 2, 4, 8, 8]);
+        assert_eq!(sizes(40, 10), vec![1, 2, 4, 8, 10, 10, 5]);
         assert_eq!(sizes(23, 3), vec![3, 3, 3, 3, 3, 3, 3, 2]);
         assert_eq!(sizes(1, 10), vec![1]);
         assert!(sizes(0, 10).is_empty());
+        let many: Vec<(String, String)> = (0..10_000).map(|i| ("ns".to_string(), format!("s{i}"))).collect();
+        let sizes: Vec<usize> = parts(&many, COLD_START_PART_SERVICES).map(<[_]>::len).collect();
+        assert_eq!(sizes, vec![100, 200, 400, 800, 1600, 2500, 2500, 1900]);
         // Every Service once, in order.
         let all: Vec<_> = parts(&services, 10).flatten().cloned().collect();
         assert_eq!(all, services);
