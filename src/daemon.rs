@@ -17,7 +17,7 @@ use crate::http::Observer;
 use crate::localaddrs::local_addresses;
 use crate::metrics::Metrics;
 use crate::model::ChangeTracker;
-use crate::source::files::{load_dir, DirWatcher};
+use crate::source::files::{load_dir, DirWatcher, Stamps};
 use crate::sync::{build_inputs, families, log_report, Engine, Event, FaultHook, Inputs, Pacer, Proxier, UdpCleanups};
 use crate::sync_iptables::{CleanupAfterFirstSync, IptablesProxier};
 
@@ -54,11 +54,12 @@ const MANIFEST_POLL: Duration = Duration::from_millis(250);
 
 /// Loads the manifests directory into a tracker, logging (and counting, given metrics) every
 /// rejected object once per load.
-fn load_into(cfg: &Config, tracker: &mut ChangeTracker, metrics: Option<&Metrics>) -> bool {
+fn load_into(cfg: &Config, tracker: &mut ChangeTracker, metrics: Option<&Metrics>) -> (bool, Stamps) {
     let dir = cfg.manifests.as_ref().expect("manifests source");
     let started = Instant::now();
-    let snap = load_dir(dir);
+    let mut snap = load_dir(dir);
     let read = started.elapsed();
+    let stamps = std::mem::take(&mut snap.stamps);
     let counts = (snap.services.len(), snap.slices.len(), snap.nodes.len(), snap.skipped);
     // ServiceCIDR objects in the directory play the part the API's ServiceCIDRs play.
     let cidrs_changed = tracker.set_service_cidrs(snap.service_cidrs.iter().copied());
@@ -82,7 +83,7 @@ fn load_into(cfg: &Config, tracker: &mut ChangeTracker, metrics: Option<&Metrics
             m.object_rejected(r);
         }
     }
-    changed
+    (changed, stamps)
 }
 
 /// `--dry-run`: the full transaction of every family as an nft script.
@@ -171,17 +172,17 @@ fn spawn_files_source(
     let cfg = cfg.clone();
     tokio::spawn(async move {
         let dir = cfg.manifests.clone().expect("manifests source");
-        let mut watcher = DirWatcher::new(&dir);
-        let mut first = true;
+        // Started from what the first load read (not by reading every file once more before it).
+        let mut watcher: Option<DirWatcher> = None;
         let mut tick = tokio::time::interval(MANIFEST_POLL);
         loop {
             tick.tick().await;
-            if !watcher.changed() && !first {
+            if watcher.as_mut().is_some_and(|w| !w.changed()) {
                 continue;
             }
-            let changed = load_into(&cfg, &mut tracker.lock().expect("tracker lock"), Some(&metrics));
-            if first {
-                first = false;
+            let (changed, stamps) = load_into(&cfg, &mut tracker.lock().expect("tracker lock"), Some(&metrics));
+            if watcher.is_none() {
+                watcher = Some(DirWatcher::from_stamps(&dir, stamps));
                 if tx.send(Event::Synced).await.is_err() {
                     return;
                 }

@@ -50,6 +50,8 @@ pub struct Snapshot {
     /// The CIDRs of every ServiceCIDR (networking.k8s.io/v1) object.
     pub service_cidrs: Vec<rules::model::Cidr>,
     pub rejected: Vec<Rejected>,
+    /// What each file read was (size, mtime, content hash), for a `DirWatcher` to start from.
+    pub stamps: Stamps,
 }
 
 impl Snapshot {
@@ -78,16 +80,21 @@ fn load_dir_on(dir: &Path, threads: usize) -> Snapshot {
     let mut loader = Loader::default();
     let (files, errors) = list_files(dir);
     loader.snap.rejected.extend(errors);
+    // Each file is stamped from the bytes parsed, as `DirWatcher` would stamp it, so a watcher
+    // can start from what was read without reading everything again.
     let parse = |path: &PathBuf| {
         let mut file = FileLoader::default();
-        match read_limited(path) {
+        let meta = fs::metadata(path).ok();
+        let read = read_limited(path);
+        let stamp = meta.map(|m| Stamp::of(&m, read.as_deref().ok()));
+        match read {
             Ok(bytes) => file.add_file(path, &bytes),
             Err(reason) => file.reject(Rejected::file(path, reason)),
         }
-        file.found
+        (file.found, stamp)
     };
     let next = std::sync::atomic::AtomicUsize::new(0);
-    let mut parsed: Vec<(usize, Vec<Found>)> = std::thread::scope(|s| {
+    let mut parsed: Vec<(usize, (Vec<Found>, Option<Stamp>))> = std::thread::scope(|s| {
         let workers: Vec<_> = (0..threads.clamp(1, files.len().max(1)))
             .map(|_| {
                 s.spawn(|| {
@@ -103,9 +110,14 @@ fn load_dir_on(dir: &Path, threads: usize) -> Snapshot {
         workers.into_iter().flat_map(|w| w.join().expect("a manifest parser panicked")).collect()
     });
     parsed.sort_unstable_by_key(|(i, _)| *i);
-    for (_, found) in parsed {
+    let mut stamps = BTreeMap::new();
+    for (i, (found, stamp)) in parsed {
         loader.take(found);
+        if let Some(stamp) = stamp {
+            stamps.insert(relative(dir, &files[i]), stamp);
+        }
     }
+    loader.snap.stamps = Stamps(stamps);
     drop(loader.seen);
     let mut snap = loader.snap;
     // Service ports outlive the compaction after a large sync (the merged state and the kept
@@ -1010,8 +1022,9 @@ fn walk(
 
 /// Detects changes to the manifest files under a directory by polling (call every ~250 ms).
 ///
-/// Create it *before* the first `load_dir`: a write between the two then shows up as a change
-/// (one extra reload) instead of being missed.
+/// Start it from the stamps of a `load_dir` (`from_stamps`): they say what was read. One made with
+/// `new` stamps the files itself: make it *before* the load, so that a write between the two
+/// shows up as a change (one extra reload) instead of being missed.
 #[derive(Debug)]
 pub struct DirWatcher {
     dir: PathBuf,
@@ -1027,11 +1040,46 @@ struct Stamp {
     hash: u64,
 }
 
+impl Stamp {
+    /// The stamp of a file with metadata `meta` (taken before its content was read, so that a
+    /// write after it moves the mtime) and content `bytes` (`None` if it could not be read). The
+    /// content of a file over `MAX_FILE_BYTES` is not hashed (the loader refuses it unread; its
+    /// size and mtime still track it).
+    fn of(meta: &fs::Metadata, bytes: Option<&[u8]>) -> Stamp {
+        let len = meta.len();
+        let hash = if len > MAX_FILE_BYTES { 0 } else { hash_bytes(bytes) };
+        Stamp { len, mtime_ns: mtime_ns(meta), hash }
+    }
+}
+
+/// The stamps of the files a `load_dir` read, keyed by path relative to the directory.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stamps(BTreeMap<PathBuf, Stamp>);
+
+fn relative(dir: &Path, path: &Path) -> PathBuf {
+    path.strip_prefix(dir).unwrap_or(path).to_path_buf()
+}
+
+fn mtime_ns(meta: &fs::Metadata) -> i128 {
+    meta.modified()
+        .ok()
+        .map(|t| match t.duration_since(UNIX_EPOCH) {
+            Ok(d) => d.as_nanos() as i128,
+            Err(e) => -(e.duration().as_nanos() as i128),
+        })
+        .unwrap_or(0)
+}
+
 impl DirWatcher {
     pub fn new(dir: &Path) -> Self {
         let mut w = DirWatcher { dir: dir.to_path_buf(), stamps: BTreeMap::new(), polls: 0 };
         w.stamps = w.scan(true);
         w
+    }
+
+    /// A watcher that reports changes made since the `load_dir(dir)` that gave `stamps`.
+    pub fn from_stamps(dir: &Path, stamps: Stamps) -> Self {
+        DirWatcher { dir: dir.to_path_buf(), stamps: stamps.0, polls: 0 }
     }
 
     /// `true` when any manifest file was added, removed or changed since the last call (or
@@ -1055,34 +1103,27 @@ impl DirWatcher {
             let Ok(meta) = fs::metadata(&path) else {
                 continue;
             };
-            let rel = path.strip_prefix(&self.dir).unwrap_or(&path).to_path_buf();
-            let mtime = meta.modified().ok();
-            let mtime_ns = mtime
-                .map(|t| match t.duration_since(UNIX_EPOCH) {
-                    Ok(d) => d.as_nanos() as i128,
-                    Err(e) => -(e.duration().as_nanos() as i128),
-                })
-                .unwrap_or(0);
-            let recent = mtime.is_none_or(|t| now.duration_since(t).map_or(true, |age| age < RECENT));
-            let len = meta.len();
-            let hash = match self.stamps.get(&rel) {
-                Some(s) if !full && !recent && s.len == len && s.mtime_ns == mtime_ns => s.hash,
-                _ => hash_file(&path, len),
+            let rel = relative(&self.dir, &path);
+            let recent = meta.modified().ok().is_none_or(|t| now.duration_since(t).map_or(true, |age| age < RECENT));
+            let (len, mtime_ns) = (meta.len(), mtime_ns(&meta));
+            let stamp = match self.stamps.get(&rel) {
+                Some(s) if !full && !recent && s.len == len && s.mtime_ns == mtime_ns => s.clone(),
+                _ => {
+                    let bytes = if meta.len() > MAX_FILE_BYTES { None } else { fs::read(&path).ok() };
+                    Stamp::of(&meta, bytes.as_deref())
+                }
             };
-            out.insert(rel, Stamp { len, mtime_ns, hash });
+            out.insert(rel, stamp);
         }
         out
     }
 }
 
-fn hash_file(path: &Path, len: u64) -> u64 {
-    if len > MAX_FILE_BYTES {
-        return 0; // refused by the loader anyway; size and mtime still track it
-    }
+fn hash_bytes(bytes: Option<&[u8]>) -> u64 {
     let mut h = DefaultHasher::new();
-    match fs::read(path) {
-        Ok(bytes) => h.write(&bytes),
-        Err(_) => h.write_u8(0xff),
+    match bytes {
+        Some(bytes) => h.write(bytes),
+        None => h.write_u8(0xff),
     }
     h.finish()
 }
@@ -1511,6 +1552,27 @@ mod tests {
         fs::remove_file(d.0.join("a.yaml")).unwrap();
         assert!(w.changed());
         assert!(!w.changed());
+    }
+
+    #[test]
+    fn a_watcher_started_from_a_loads_stamps_sees_only_what_changed_after_it() {
+        let d = TempDir::new();
+        d.write("a.yaml", SVC);
+        d.write("sub/b.json", "{\"kind\": \"ConfigMap\"}");
+        d.write("c.yml", "not: [valid");
+        let snap = load_dir(&d.0);
+        assert_eq!(snap.stamps.0.len(), 3);
+        // The load stamps each file as a watcher reading it would.
+        assert_eq!(snap.stamps, Stamps(DirWatcher::new(&d.0).stamps));
+        let mut w = DirWatcher::from_stamps(&d.0, snap.stamps);
+        assert!(!w.changed());
+        d.write("a.yaml", &SVC.replace("web", "api")); // same size
+        assert!(w.changed());
+        assert!(!w.changed());
+        // A load's stamps are of what it read: a write after the load is a change.
+        let snap = load_dir(&d.0);
+        d.write("sub/b.json", "{\"kind\": \"Secret\"}");
+        assert!(DirWatcher::from_stamps(&d.0, snap.stamps).changed());
     }
 
     #[test]
