@@ -94,7 +94,7 @@ fn load_dir_on(dir: &Path, threads: usize) -> Snapshot {
         (file.found, stamp)
     };
     let next = std::sync::atomic::AtomicUsize::new(0);
-    let mut parsed: Vec<(usize, (Vec<Found>, Option<Stamp>))> = std::thread::scope(|s| {
+    let mut parsed: Vec<(usize, Parsed)> = std::thread::scope(|s| {
         let workers: Vec<_> = (0..threads.clamp(1, files.len().max(1)))
             .map(|_| {
                 s.spawn(|| {
@@ -132,6 +132,9 @@ fn load_dir_on(dir: &Path, threads: usize) -> Snapshot {
     }
     snap
 }
+
+/// What parsing one file found, and its stamp (`None` if its metadata could not be read).
+type Parsed = (Vec<Found>, Option<Stamp>);
 
 /// Threads `load_dir` parses files on, at most.
 const MAX_PARSERS: usize = 4;
