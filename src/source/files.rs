@@ -8,7 +8,7 @@
 //! threads, with the conversion the API source's objects get in the tracker: every rejection can
 //! name the file and document it came from, and the tracker takes the model objects as they are.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs;
 use std::hash::{DefaultHasher, Hasher};
 use std::io::Read;
@@ -112,13 +112,16 @@ fn load_dir_on(dir: &Path, threads: usize) -> Snapshot {
     parsed.sort_unstable_by_key(|(i, _)| *i);
     let mut stamps = BTreeMap::new();
     for (i, (found, stamp)) in parsed {
-        loader.take(found);
+        loader.take(&files[i], found);
         if let Some(stamp) = stamp {
             stamps.insert(relative(dir, &files[i]), stamp);
         }
     }
     loader.snap.stamps = Stamps(stamps);
-    drop(loader.seen);
+    // At 50k Services the record of what was seen took ~60 ms to free, on the way to the first
+    // sync: it is freed on a thread of its own (here if none can be started).
+    let seen = std::mem::take(&mut loader.seen);
+    let _ = std::thread::Builder::new().name("kproxy-free".into()).spawn(move || drop(seen));
     let mut snap = loader.snap;
     // Service ports outlive the compaction after a large sync (the merged state and the kept
     // ruleset share them, and the compaction copies only what holds them), so they are copied
@@ -145,7 +148,7 @@ pub fn parse_file(path: &Path, bytes: &[u8]) -> Snapshot {
     let mut file = FileLoader::default();
     file.add_file(path, bytes);
     let mut loader = Loader::default();
-    loader.take(file.found);
+    loader.take(path, file.found);
     loader.snap
 }
 
@@ -154,31 +157,35 @@ pub fn parse_file(path: &Path, bytes: &[u8]) -> Snapshot {
 #[derive(Default)]
 struct Loader {
     snap: Snapshot,
-    /// Where each kept object was found, for naming it in a duplicate's rejection.
-    seen: BTreeMap<(&'static str, String, String), Here>,
+    /// Where each kept object was found (an index into `files`, and where in the file), for
+    /// naming it in a duplicate's rejection.
+    seen: HashMap<(&'static str, String, String), (usize, String)>,
+    /// The files taken, in order.
+    files: Vec<PathBuf>,
 }
 
 impl Loader {
-    /// Keeps one file's objects that passed validation and are not duplicates; records the rest.
-    fn take(&mut self, found: Vec<Found>) {
+    /// Keeps the objects of file `path` that passed validation and are not duplicates; records
+    /// the rest.
+    fn take(&mut self, path: &Path, found: Vec<Found>) {
+        self.files.push(path.to_path_buf());
+        let file = self.files.len() - 1;
         for f in found {
             match f {
                 Found::Rejected(r) => self.snap.rejected.push(r),
-                Found::Object { id: (ns, name), here, obj } => {
+                Found::Object { id: (ns, name), at, obj } => {
                     let kind = obj.kind();
                     match self.seen.entry((kind, ns, name)) {
-                        std::collections::btree_map::Entry::Occupied(e) => {
-                            let (first, (_, ns, name)) = (e.get(), e.key());
+                        std::collections::hash_map::Entry::Occupied(e) => {
+                            let ((first_file, first_at), (_, ns, name)) = (e.get(), e.key());
                             let reason = format!(
-                                "{}: duplicate of the object in {} {}; the first one is used",
-                                here.at,
-                                first.path.display(),
-                                first.at
+                                "{at}: duplicate of the object in {} {first_at}; the first one is used",
+                                self.files[*first_file].display(),
                             );
-                            self.snap.rejected.push(Rejected::new(kind, ns, name, reason).in_file(&here.path));
+                            self.snap.rejected.push(Rejected::new(kind, ns, name, reason).in_file(path));
                         }
-                        std::collections::btree_map::Entry::Vacant(e) => {
-                            e.insert(here);
+                        std::collections::hash_map::Entry::Vacant(e) => {
+                            e.insert((file, at));
                             obj.keep(&mut self.snap);
                         }
                     }
@@ -194,7 +201,8 @@ enum Found {
     /// A valid object, kept unless an earlier one (in this or an earlier file) has its name.
     Object {
         id: (String, String),
-        here: Here,
+        /// Where in the file.
+        at: String,
         obj: Kept,
     },
 }
@@ -239,12 +247,6 @@ fn kept<T>(c: Converted<T>, kind: &'static str, wrap: fn(T) -> Kept) -> Kept {
         Converted::Proxied(info) => wrap(info),
         Converted::Skipped(_) => Kept::Skipped(kind),
     }
-}
-
-/// Where in which file an object was found.
-struct Here {
-    path: PathBuf,
-    at: String,
 }
 
 /// Parses one file: no state shared with other files, so files can be parsed in parallel.
@@ -426,10 +428,7 @@ impl FileLoader {
     /// keep unless it is a duplicate.
     fn accept(&mut self, path: &Path, at: &str, id: (String, String), kept: Result<Kept, Rejected>) {
         match kept {
-            Ok(obj) => {
-                let here = Here { path: path.to_path_buf(), at: at.to_string() };
-                self.found.push(Found::Object { id, here, obj });
-            }
+            Ok(obj) => self.found.push(Found::Object { id, at: at.to_string(), obj }),
             Err(mut r) => {
                 r.reason = format!("{at}: {}", r.reason);
                 self.reject(r.in_file(path));
@@ -1490,7 +1489,7 @@ mod tests {
                 Ok(bytes) => f.add_file(path, &bytes),
                 Err(reason) => f.reject(Rejected::file(path, reason)),
             }
-            seq.take(f.found);
+            seq.take(path, f.found);
         }
         assert_eq!(format!("{:?}", s.services), format!("{:?}", seq.snap.services));
         assert_eq!(lines(&s), lines(&seq.snap));
