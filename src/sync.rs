@@ -57,10 +57,12 @@ pub trait Backend {
 }
 
 /// The cold start's parts: `part_size` Services each, except that they start at a 25th of that
-/// (at parts of 10 or more) and double up to it. While the first part is built the kernel has
-/// nothing to do, so it is small; after that, building a part takes about two thirds as long as
-/// the kernel takes to commit one of the same size, so with one built part waiting ahead of the
-/// one committing (see `send_in_parts`) the builder stays ahead of the kernel.
+/// (at parts of 10 or more) and grow by half up to it. While the first part is built the kernel
+/// has only the layout to commit, so it is small. Building a part takes about two thirds as long
+/// as the kernel takes to commit one of the same size: a part 1.5 times the one committing is
+/// ready about when the kernel is, and with one built part allowed to wait (see `send_in_parts`)
+/// the builder gets ahead. Parts that doubled were not ready in time: a third of the kernel's
+/// commit time idle at each step of the ramp.
 fn parts(services: &[(String, String)], part_size: usize) -> impl Iterator<Item = &[(String, String)]> {
     let mut size = if part_size >= 10 { part_size / 25 } else { part_size }.max(1);
     let mut rest = services;
@@ -70,16 +72,25 @@ fn parts(services: &[(String, String)], part_size: usize) -> impl Iterator<Item 
         }
         let (part, tail) = rest.split_at(size.min(rest.len()));
         rest = tail;
-        size = size.saturating_mul(2).min(part_size.max(1));
+        size = (size.saturating_mul(3) / 2).max(size + 1).min(part_size.max(1));
         Some(part)
     })
+}
+
+/// The chain an operation adds a rule to, flushes or deletes.
+fn op_chain(op: &rules::transaction::Op) -> Option<&str> {
+    use rules::transaction::Op;
+    match op {
+        Op::AddRule { chain, .. } | Op::FlushChain(chain) | Op::DeleteChain(chain) => Some(chain),
+        _ => None,
+    }
 }
 
 /// What a failed apply says.
 type ApplyError = Box<dyn std::error::Error + Send + Sync>;
 
-/// A ruleset sent in parts: what the kernel holds, or on a failure what it holds as far as known
-/// and the error.
+/// A ruleset sent in parts: what the kernel holds, or on a failure the error and what was built
+/// so far (more than the kernel took; only counted, since a failure makes the next sync full).
 type PartsSent = Result<Ruleset, (Box<Ruleset>, ApplyError)>;
 
 /// `tx` as a cold-start part: lowered now when there is a preparer.
@@ -825,6 +836,10 @@ impl<B: Backend> Proxier<B> {
         // on every part, took a quarter of the kernel's time.
         let mut base_tx = rules::diff(None, &base);
         let hooks = base_tx.split_off_hook_rules();
+        // The base chains' rules are fixed: nothing after the layout may touch these chains, or
+        // the ruleset would go live early and `hooks` would add the rules twice.
+        let hooked: BTreeSet<&str> = hooks.ops.iter().filter_map(op_chain).collect();
+        let untouched = |tx: &Transaction| tx.ops.iter().filter_map(op_chain).all(|c| !hooked.contains(c));
         let base_tx = ready(&mut preparer, base_tx);
         if self.strip {
             // Parts then keep only what later builds need (not the per-endpoint elements).
@@ -834,9 +849,9 @@ impl<B: Backend> Proxier<B> {
 
         // The parts are built on a second thread while the kernel commits the one before (the
         // build of a part needs only the previous parts' bookkeeping, not their commit). One
-        // built part may wait: with none (a rendezvous), the kernel sat idle after each doubling
-        // while the builder made a part twice the one just taken. So at most three parts'
-        // transactions are alive: one committing, one waiting, one being built.
+        // built part may wait, so the builder can get ahead once the parts stop growing (see
+        // `parts`): at most three parts' transactions are alive, one committing, one waiting, one
+        // being built.
         let (to_kernel, from_builder) = std::sync::mpsc::sync_channel::<Result<Ready, ApplyError>>(1);
         let (node_ips, bc) = (&node_ips, &bc);
         let (mut applied, build, needs_full, mut err) = std::thread::scope(|s| {
@@ -850,6 +865,7 @@ impl<B: Backend> Proxier<B> {
                         return (applied, build, true);
                     };
                     applied.commit_partial(&p);
+                    debug_assert!(untouched(&p.tx), "a part touches a base chain:\n{}", p.tx);
                     let part = ready(&mut preparer, p.tx);
                     build += t.elapsed();
                     if to_kernel.send(part).is_err() {
@@ -881,6 +897,7 @@ impl<B: Backend> Proxier<B> {
                 warn!(family = family.label(), "skipping {s}");
             }
             let tx = rules::diff(Some(&applied), &built.ruleset);
+            debug_assert!(untouched(&tx), "the last diff touches a base chain:\n{tx}");
             applied = built.ruleset;
             fr.build += t.elapsed();
             err = self.commit_part(family, Ok(Ready::Tx(tx)), fr).err();
@@ -1239,17 +1256,17 @@ mod tests {
     }
 
     #[test]
-    fn the_parts_start_small_and_double_so_the_kernel_starts_sooner() {
+    fn the_parts_start_small_and_grow_so_the_kernel_starts_sooner() {
         let services: Vec<(String, String)> = (0..40).map(|i| ("ns".to_string(), format!("s{i:02}"))).collect();
         let sizes = |n: usize, part: usize| parts(&services[..n], part).map(<[_]>::len).collect::<Vec<_>>();
-        assert_eq!(sizes(23, 10), vec![1, 2, 4, 8, 8]);
-        assert_eq!(sizes(40, 10), vec![1, 2, 4, 8, 10, 10, 5]);
+        assert_eq!(sizes(23, 10), vec![1, 2, 3, 4, 6, 7]);
+        assert_eq!(sizes(40, 10), vec![1, 2, 3, 4, 6, 9, 10, 5]);
         assert_eq!(sizes(23, 3), vec![3, 3, 3, 3, 3, 3, 3, 2]);
         assert_eq!(sizes(1, 10), vec![1]);
         assert!(sizes(0, 10).is_empty());
         let many: Vec<(String, String)> = (0..10_000).map(|i| ("ns".to_string(), format!("s{i}"))).collect();
         let sizes: Vec<usize> = parts(&many, COLD_START_PART_SERVICES).map(<[_]>::len).collect();
-        assert_eq!(sizes, vec![100, 200, 400, 800, 1600, 2500, 2500, 1900]);
+        assert_eq!(sizes, vec![100, 150, 225, 337, 505, 757, 1135, 1702, 2500, 2500, 89]);
         // Every Service once, in order.
         let all: Vec<_> = parts(&services, 10).flatten().cloned().collect();
         assert_eq!(all, services);
