@@ -1046,6 +1046,73 @@ fn a_cold_start_in_parts_lists_like_one_transaction() {
     assert_same_listing(&x.list_table("ip"), &y.list_table("ip"), "cold start in parts");
 }
 
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The netlink backend, failing the apply after `ok` of them succeeded.
+struct FailAfter {
+    inner: NftablesBackend,
+    ok: usize,
+}
+
+impl kproxy::sync::Backend for FailAfter {
+    fn apply(&mut self, tx: &Transaction) -> Result<kproxy::backend::nftables::ApplyStats, BoxError> {
+        self.apply_ready(&kproxy::sync::Ready::Tx(tx.clone()))
+    }
+    fn table_exists(&mut self, family: Family) -> Option<bool> {
+        kproxy::sync::Backend::table_exists(&mut self.inner, family)
+    }
+    fn preparer(&mut self, family: Family) -> Option<kproxy::backend::nftables::Preparer> {
+        kproxy::sync::Backend::preparer(&mut self.inner, family)
+    }
+    fn set_table(&mut self, table: &str) -> bool {
+        kproxy::sync::Backend::set_table(&mut self.inner, table)
+    }
+    fn apply_ready(&mut self, part: &kproxy::sync::Ready) -> Result<kproxy::backend::nftables::ApplyStats, BoxError> {
+        if self.ok == 0 {
+            return Err("injected failure".into());
+        }
+        self.ok -= 1;
+        kproxy::sync::Backend::apply_ready(&mut self.inner, part)
+    }
+}
+
+/// A cold start in parts adds the base chains' rules last: when it fails after the layout and one
+/// part, the kernel holds that part's Services but no hook reaches them (the base chains are
+/// empty), so traffic meets nothing of the half-built table. The next sync replaces it whole.
+#[test]
+fn a_cold_start_in_parts_is_not_live_until_its_last_commit() {
+    use kproxy::sync::{Inputs, Proxier};
+    let (cfg, st, node) = parts_fixture();
+    let empty = ClusterState::default();
+    let state = |f: Family| if f == Family::V4 { &st } else { &empty };
+    let inputs = Inputs { state: &state, node: &node, local_ips: &[], changes: None };
+
+    let x = Netns::new();
+    let be = FailAfter { inner: x.backend().expect("backend"), ok: 2 };
+    let mut p = Proxier::new(cfg, be);
+    p.cold_start_part = 2;
+    assert!(p.sync(&inputs).is_err(), "the second part fails");
+    let listing = x.list_table("ip");
+    assert!(listing.contains("chain service-"), "the first part's Services are in the kernel:\n{listing}");
+    for chain in ["nat-prerouting", "nat-output", "nat-postrouting", "filter-input", "filter-forward", "filter-output"]
+    {
+        let c = x.nft(&["list", "chain", "ip", "kube-proxy", chain]).expect("the base chain is there");
+        let rules: Vec<&str> = c
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with("type ") && !l.ends_with('{') && *l != "}")
+            .collect();
+        assert!(rules.is_empty(), "{chain} holds rules before the last commit: {rules:?}");
+    }
+
+    p.backend.ok = usize::MAX;
+    p.sync(&inputs).expect("the next sync");
+    let full = kproxy::sync::desired(&p.cfg, Family::V4, &inputs, None).ruleset;
+    let y = Netns::new();
+    y.nft_script(&diff(None, &full).to_string()).expect("nft -f of the full ruleset");
+    assert_same_listing(&x.list_table("ip"), &y.list_table("ip"), "after a failed cold start in parts");
+}
+
 /// A restart over an existing table (stale: it holds a Service since deleted) in parts: the
 /// ruleset goes into `kproxy-restart` next to the old table, the old one is deleted, the ruleset
 /// goes into `kube-proxy` in parts, `kproxy-restart` is deleted; the kernel then lists exactly
