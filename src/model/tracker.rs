@@ -7,7 +7,6 @@
 //! object's previous good version rather than leaving stale rules for something that no longer
 //! exists in that form.
 
-use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -203,24 +202,9 @@ impl ChangeTracker {
     ) -> (bool, Vec<Rejected>) {
         self.node_name = own_node_name.to_string();
         let mut rejected = Vec::new();
-        let mut new_services: BTreeMap<Key, ServiceInfo> = BTreeMap::new();
-        for info in services {
-            match new_services.entry((info.namespace.clone(), info.name.clone())) {
-                Entry::Occupied(e) => rejected.push(duplicate("Service", e.key())),
-                Entry::Vacant(e) => {
-                    e.insert(info);
-                }
-            }
-        }
-        let mut new_slices: BTreeMap<Key, SliceInfo> = BTreeMap::new();
-        for info in slices {
-            match new_slices.entry((info.namespace.clone(), info.name.clone())) {
-                Entry::Occupied(e) => rejected.push(duplicate("EndpointSlice", e.key())),
-                Entry::Vacant(e) => {
-                    e.insert(info);
-                }
-            }
-        }
+        let key = |ns: &str, name: &str| (ns.to_string(), name.to_string());
+        let mut new_services = keyed(services, "Service", |s| key(&s.namespace, &s.name), &mut rejected);
+        let mut new_slices = keyed(slices, "EndpointSlice", |s| key(&s.namespace, &s.name), &mut rejected);
         let mut new_node = None;
         for info in nodes.into_iter().filter(|n| n.name == own_node_name) {
             if new_node.is_none() {
@@ -634,6 +618,32 @@ fn key_of(ns: Option<&str>, name: Option<&str>) -> Key {
     (ns.unwrap_or("").to_string(), name.unwrap_or("").to_string())
 }
 
+/// `items` by key, the first of each key kept and a rejection for each later one, in input order.
+/// The map is built from sorted input in one pass: inserting one key at a time compared strings
+/// at every level of the tree (at 50k Services and as many slices, 67-117 ms of the load).
+fn keyed<T>(
+    items: Vec<T>,
+    kind: &'static str,
+    key: impl Fn(&T) -> Key,
+    rejected: &mut Vec<Rejected>,
+) -> BTreeMap<Key, T> {
+    let mut order: Vec<(Key, usize)> = items.iter().enumerate().map(|(i, t)| (key(t), i)).collect();
+    order.sort_unstable();
+    let mut items: Vec<Option<T>> = items.into_iter().map(Some).collect();
+    let mut dups: Vec<(usize, Rejected)> = Vec::new();
+    let mut out: Vec<(Key, T)> = Vec::with_capacity(order.len());
+    for (k, i) in order {
+        if out.last().is_some_and(|(last, _)| *last == k) {
+            dups.push((i, duplicate(kind, &k)));
+        } else {
+            out.push((k, items[i].take().expect("each index once")));
+        }
+    }
+    dups.sort_unstable_by_key(|(i, _)| *i);
+    rejected.extend(dups.into_iter().map(|(_, r)| r));
+    out.into_iter().collect()
+}
+
 fn duplicate(kind: &'static str, key: &Key) -> Rejected {
     Rejected::new(kind, &key.0, &key.1, "duplicate object with the same namespace and name; the first one is used")
 }
@@ -744,6 +754,20 @@ spec: {clusterIP: 172.30.0.41, ports: [{name: http, port: 80}, {name: https, por
             t.cluster_state(Family::V4).endpoints.get(&spn("http")),
             Some(&vec![Endpoint::ready("10.0.1.1", 80)])
         );
+    }
+
+    #[test]
+    fn keyed_keeps_the_first_of_each_key_and_rejects_later_ones_in_input_order() {
+        let items = vec![("b", 1), ("a", 2), ("b", 3), ("c", 4), ("a", 5), ("b", 6)];
+        let mut rejected = Vec::new();
+        let m = keyed(items, "Service", |(n, _)| ("ns".to_string(), n.to_string()), &mut rejected);
+        let kept: Vec<(&str, i32)> = m.iter().map(|(k, (_, v))| (k.1.as_str(), *v)).collect();
+        assert_eq!(kept, vec![("a", 2), ("b", 1), ("c", 4)]);
+        let names: Vec<String> = rejected.iter().map(|r| r.to_string()).collect();
+        assert_eq!(names.len(), 3, "{names:?}");
+        for (line, name) in names.iter().zip(["ns/b", "ns/a", "ns/b"]) {
+            assert!(line.starts_with(&format!("Service {name}: duplicate")), "{names:?}");
+        }
     }
 
     #[test]
