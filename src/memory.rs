@@ -26,6 +26,12 @@ pub fn release_free_memory() {
     }
 }
 
+/// Drops `value` on a thread of its own (`kproxy-free`), so that freeing a large structure does
+/// not hold up the caller; here, if no thread can be started, which is only slower.
+pub fn drop_elsewhere<T: Send + 'static>(value: T) {
+    let _ = std::thread::Builder::new().name("kproxy-free".into()).spawn(move || drop(value));
+}
+
 /// Runs `f` on a new thread and returns what it made. The thread's allocator heap starts empty,
 /// so a copy made there fills fresh pages one after another, instead of the holes left in the
 /// calling thread's pages by everything a cold start allocated and freed; when the original is

@@ -27,8 +27,7 @@ fn drop_later(old: Ruleset) {
     if old.element_count() < 10_000 {
         return;
     }
-    // If no thread can be started, the value is dropped here instead, which is only slower.
-    let _ = std::thread::Builder::new().name("kproxy-free".into()).spawn(move || drop(old));
+    crate::memory::drop_elsewhere(old);
 }
 
 /// Where transactions go: the netlink backend in the daemon, a fake in tests. `Ok` says how big

@@ -120,8 +120,7 @@ fn load_dir_on(dir: &Path, threads: usize) -> Snapshot {
     loader.snap.stamps = Stamps(stamps);
     // At 50k Services the record of what was seen took ~60 ms to free, on the way to the first
     // sync: it is freed on a thread of its own (here if none can be started).
-    let seen = std::mem::take(&mut loader.seen);
-    let _ = std::thread::Builder::new().name("kproxy-free".into()).spawn(move || drop(seen));
+    crate::memory::drop_elsewhere(std::mem::take(&mut loader.seen));
     let mut snap = loader.snap;
     // Service ports outlive the compaction after a large sync (the merged state and the kept
     // ruleset share them, and the compaction copies only what holds them), so they are copied
