@@ -576,7 +576,7 @@ impl<B: Backend> Proxier<B> {
             let partial = match (previous, inputs.changes) {
                 (Some(prev), Some(ch)) if !ch.full && !full_due => {
                     let (node_ips, bc) = build_inputs(&self.cfg, family, inputs);
-                    rules::build::build_partial(prev, ch.before(family), ch.after(family), &node_ips, &bc)
+                    rules::build::build_partial(prev, ch.before(family), &ch.after(state), &node_ips, &bc)
                 }
                 _ => None,
             };

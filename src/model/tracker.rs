@@ -58,14 +58,13 @@ pub struct ChangeTracker {
 }
 
 /// What changed since the last sync: the Services whose ports or endpoints changed, with their
-/// ports and endpoints before (`old`) and after (`new`) per family, so that a sync can rebuild
-/// just those. `full` when something every rule depends on changed (the Node, ServiceCIDRs).
+/// ports and endpoints before (`old`) per family, so that a sync can rebuild just those. `full`
+/// when something every rule depends on changed (the Node, ServiceCIDRs).
 #[derive(Debug, Clone, Default)]
 pub struct Changes {
     pub full: bool,
     pub services: BTreeSet<(String, String)>,
     pub old: BTreeMap<Family, ClusterState>,
-    pub new: BTreeMap<Family, ClusterState>,
 }
 
 impl Changes {
@@ -73,9 +72,13 @@ impl Changes {
     pub fn before(&self, family: Family) -> &ClusterState {
         self.old.get(&family).unwrap_or(&EMPTY_STATE)
     }
-    /// The changed ports of `family` after the change.
-    pub fn after(&self, family: Family) -> &ClusterState {
-        self.new.get(&family).unwrap_or(&EMPTY_STATE)
+    /// The changed ports of a family after the change, from `now`, that family's state as the
+    /// changes were taken (the sync reads both under the tracker's lock). Copied only when a sync
+    /// asks: a full sync never does, and after a start-up every Service counts as changed (copying
+    /// them all took 35 ms at 10k Services x 10 endpoints and 130 ms at 50k x 5, before the first
+    /// sync).
+    pub fn after(&self, now: &ClusterState) -> ClusterState {
+        now.restrict(&self.services)
     }
 }
 
@@ -355,15 +358,7 @@ impl ChangeTracker {
 
     /// What changed since the last call (or since the tracker was made: then everything).
     pub fn take_changes(&mut self) -> Changes {
-        let mut c = std::mem::take(&mut self.changes);
-        for f in FAMILIES {
-            let mut new = ClusterState::default();
-            for key in &c.services {
-                self.state(f).copy_service_into(&key.0, &key.1, &mut new);
-            }
-            c.new.insert(f, new);
-        }
-        c
+        std::mem::take(&mut self.changes)
     }
 
     /// The state computed from scratch, for tests of the incremental one.
@@ -1018,8 +1013,8 @@ spec: {clusterIP: 172.30.0.42, ipFamilies: [IPv4, IPv6], clusterIPs: [172.30.0.4
         let names = |st: &ClusterState| st.endpoints.keys().map(|n| n.name().to_string()).collect::<Vec<_>>();
         assert_eq!(c.services.len(), 2);
         assert_eq!(names(c.before(Family::V4)), vec!["svc1", "svc2"]);
-        assert_eq!(names(c.after(Family::V4)), vec!["svc2"], "svc1 has no endpoints any more");
-        assert_eq!(c.after(Family::V6).services.len(), 1, "svc2's IPv6 port is part of the change");
+        assert_eq!(names(&c.after(t.state(Family::V4))), vec!["svc2"], "svc1 has no endpoints any more");
+        assert_eq!(c.after(t.state(Family::V6)).services.len(), 1, "svc2's IPv6 port is part of the change");
         assert!(!c.full);
         // A no-op changes nothing; deletions and the node do.
         t.upsert_service(&svc(svc2)).unwrap();
@@ -1030,7 +1025,7 @@ spec: {clusterIP: 172.30.0.42, ipFamilies: [IPv4, IPv6], clusterIPs: [172.30.0.4
         check(&t, "slice deleted");
         let c = t.take_changes();
         assert_eq!(c.services.len(), 1);
-        assert!(c.after(Family::V4).services.is_empty() && c.before(Family::V4).services.len() == 1);
+        assert!(c.after(t.state(Family::V4)).services.is_empty() && c.before(Family::V4).services.len() == 1);
         assert!(t.set_service_cidrs([Cidr::parse("172.30.0.0/16").unwrap()]));
         check(&t, "service CIDRs");
         assert!(t.take_changes().full);
@@ -1049,9 +1044,9 @@ spec: {clusterIP: 172.30.0.42, ipFamilies: [IPv4, IPv6], clusterIPs: [172.30.0.4
         assert!(c.before(Family::V4).endpoints.is_empty(), "neither had endpoints before");
         let svcs = |st: &ClusterState| st.services.keys().map(|n| n.name().to_string()).collect::<BTreeSet<_>>();
         assert_eq!(svcs(c.before(Family::V4)), BTreeSet::from(["svc1".to_string()]), "svc2 did not exist before");
-        assert_eq!(svcs(c.after(Family::V4)), BTreeSet::from(["svc1".to_string(), "svc2".to_string()]));
-        assert_eq!(names(c.after(Family::V4)), vec!["svc1"]);
-        assert_eq!(names(c.after(Family::V6)), vec!["svc2"]);
+        assert_eq!(svcs(&c.after(t.state(Family::V4))), BTreeSet::from(["svc1".to_string(), "svc2".to_string()]));
+        assert_eq!(names(&c.after(t.state(Family::V4))), vec!["svc1"]);
+        assert_eq!(names(&c.after(t.state(Family::V6))), vec!["svc2"]);
     }
 
     /// Filling an empty tracker (a start-up) gives what upserting each object gives: the same
@@ -1111,7 +1106,7 @@ spec: {clusterIP: 172.30.0.42, ipFamilies: [IPv4, IPv6], clusterIPs: [172.30.0.4
         assert_eq!(a.services.len(), 4, "svc1, svc2 and the missing Services of slices m and y");
         for f in FAMILIES {
             assert_eq!(a.before(f), b.before(f));
-            assert_eq!(a.after(f), b.after(f));
+            assert_eq!(a.after(filled.state(f)), b.after(one_by_one.state(f)));
         }
         // The next load goes the incremental way and changes nothing.
         let (changed, _) = filled.replace_all(&services, &slices, &[], "node-a");
@@ -1247,7 +1242,9 @@ mod fill_against_the_incremental_way {
             assert_eq!(a.changes.old, b.changes.old, "iter {iter} old");
             assert_eq!(a.changes.full, b.changes.full);
             let (x, y) = (a.take_changes(), b.take_changes());
-            assert_eq!(x.new, y.new, "iter {iter} new");
+            for f in FAMILIES {
+                assert_eq!(x.after(a.state(f)), y.after(b.state(f)), "iter {iter} {f:?} after");
+            }
             assert_eq!(a.services, b.services);
             assert_eq!(a.slices, b.slices);
         }
