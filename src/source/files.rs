@@ -85,7 +85,7 @@ fn load_dir_on(dir: &Path, threads: usize) -> Snapshot {
     let parse = |path: &PathBuf| {
         let mut file = FileLoader::default();
         let meta = fs::metadata(path).ok();
-        let read = read_limited(path);
+        let read = read_limited(path, meta.as_ref().map(|m| m.len()));
         let stamp = meta.map(|m| Stamp::of(&m, read.as_deref().ok()));
         match read {
             Ok(bytes) => file.add_file(path, &bytes),
@@ -945,10 +945,14 @@ fn split_documents(text: &str) -> Vec<Doc<'_>> {
     docs
 }
 
-/// Reads a file, refusing one over `MAX_FILE_BYTES` without reading it all.
-fn read_limited(path: &Path) -> Result<Vec<u8>, String> {
+/// Reads a file, refusing one over `MAX_FILE_BYTES` without reading it all. `len`, the size its
+/// metadata gave, sizes the buffer: growing it from nothing read each file of a large directory
+/// in several calls, copying what was read at each growth.
+fn read_limited(path: &Path, len: Option<u64>) -> Result<Vec<u8>, String> {
     let f = fs::File::open(path).map_err(|e| format!("cannot open: {e}"))?;
-    let mut buf = Vec::new();
+    // One more byte than the size, so that reading to the end needs no growth; a file that grew
+    // since its metadata was read still grows the buffer.
+    let mut buf = Vec::with_capacity(len.filter(|n| *n <= MAX_FILE_BYTES).map_or(0, |n| n as usize + 1));
     f.take(MAX_FILE_BYTES + 1).read_to_end(&mut buf).map_err(|e| format!("cannot read: {e}"))?;
     if buf.len() as u64 > MAX_FILE_BYTES {
         return Err(format!("larger than the {} MiB limit for a manifest file", MAX_FILE_BYTES >> 20));
@@ -1484,7 +1488,7 @@ mod tests {
         assert!(errors.is_empty());
         for path in &files {
             let mut f = FileLoader::default();
-            match read_limited(path) {
+            match read_limited(path, None) {
                 Ok(bytes) => f.add_file(path, &bytes),
                 Err(reason) => f.reject(Rejected::file(path, reason)),
             }
