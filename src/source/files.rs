@@ -685,42 +685,49 @@ impl<'de> serde::Deserialize<'de> for Key<'de> {
     }
 }
 
-/// The keys of one object so far: the first 16 in place (no allocation for the small objects
-/// that make up most of a manifest), a hash set once there are more (a file may hold an object
-/// with a million keys).
+/// The keys of one object so far: the first 16 in place as borrowed text (no allocation, and
+/// nothing to drop, for the small objects that make up most of a manifest), a hash set once there
+/// are more or once a key had escapes and had to be copied (a file may hold an object with a
+/// million keys).
+#[derive(Default)]
 struct Keys<'de> {
-    few: [std::borrow::Cow<'de, str>; 16],
+    few: [&'de str; 16],
     n: usize,
     many: Option<std::collections::HashSet<std::borrow::Cow<'de, str>>>,
-}
-
-impl Default for Keys<'_> {
-    fn default() -> Self {
-        Keys { few: std::array::from_fn(|_| std::borrow::Cow::Borrowed("")), n: 0, many: None }
-    }
 }
 
 impl<'de> Keys<'de> {
     /// An error naming the key when the object had it already.
     fn first_time<E: serde::de::Error>(&mut self, k: std::borrow::Cow<'de, str>) -> Result<(), E> {
-        let repeated = match &self.many {
-            Some(m) => m.contains(&k),
-            None => self.few[..self.n].contains(&k),
-        };
-        if repeated {
-            return Err(E::custom(format_args!("duplicate key {:?}", &*k)));
-        }
-        match &mut self.many {
-            Some(m) => {
+        let repeated = match (&mut self.many, k) {
+            (Some(m), k) => match m.contains(&k) {
+                true => Some(k),
+                false => {
+                    m.insert(k);
+                    None
+                }
+            },
+            (None, std::borrow::Cow::Borrowed(k)) if self.n < self.few.len() => match self.few[..self.n].contains(&k) {
+                true => Some(std::borrow::Cow::Borrowed(k)),
+                false => {
+                    self.few[self.n] = k;
+                    self.n += 1;
+                    None
+                }
+            },
+            (None, k) => {
+                let mut m: std::collections::HashSet<_> =
+                    self.few[..self.n].iter().map(|s| std::borrow::Cow::Borrowed(*s)).collect();
+                let repeated = m.contains(&k).then(|| k.clone());
                 m.insert(k);
+                self.many = Some(m);
+                repeated
             }
-            None if self.n < self.few.len() => {
-                self.few[self.n] = k;
-                self.n += 1;
-            }
-            None => self.many = Some(self.few.iter().cloned().chain(std::iter::once(k)).collect()),
+        };
+        match repeated {
+            Some(k) => Err(E::custom(format_args!("duplicate key {:?}", &*k))),
+            None => Ok(()),
         }
-        Ok(())
     }
 }
 
@@ -1328,6 +1335,12 @@ mod tests {
         let many: Vec<String> = (0..40).map(|i| format!("\"k{}\": 1", i % 39)).collect();
         let many = format!("{{\"kind\": \"ConfigMap\", \"data\": {{{}}}}}", many.join(", "));
         assert!(first("h.json", &many).contains("duplicate key \"k0\""), "found past the short list too");
+        // A key with an escape is the same key as its plain spelling, in either order.
+        for (a, b) in [("a", "\\u0061"), ("\\u0062", "b"), ("\\u0063", "c\\u0063")] {
+            let data = format!("{{\"kind\": \"ConfigMap\", \"data\": {{\"{a}\": 1, \"x\": 2, \"{b}\": 3}}}}");
+            let found = first("e.json", &data);
+            assert_eq!(a == "\\u0063", !found.contains("duplicate key"), "{data}: {found}");
+        }
         let deep = |n: usize| format!("{{\"kind\": \"ConfigMap\", \"data\": {}{}}}", "[".repeat(n), "]".repeat(n));
         assert!(parse("p.json", &deep(100)).is_empty(), "deep but within serde_json's limit");
         assert!(first("p.json", &deep(200)).contains("recursion limit exceeded"));
