@@ -94,6 +94,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use crate::ir::*;
 use crate::model::*;
@@ -158,10 +159,10 @@ fn key3(ip: IpAddr, proto: Protocol, port: u16) -> Vec<Value> {
 }
 
 fn jump(c: &str) -> Expr {
-    Expr::Verdict(Verdict::Jump(c.to_string()))
+    Expr::Verdict(Verdict::Jump(Arc::from(c)))
 }
 fn goto(c: &str) -> Expr {
-    Expr::Verdict(Verdict::Goto(c.to_string()))
+    Expr::Verdict(Verdict::Goto(Arc::from(c)))
 }
 
 /// The endpoint sets of one service port, as upstream's `CategorizeEndpoints` makes them.
@@ -748,8 +749,8 @@ impl PortCtx<'_> {
             }
         }
 
-        let to_internal = ElemData::Verdict(Verdict::Goto(internal_chain.clone()));
-        let to_ext = ElemData::Verdict(Verdict::Goto(ext_chain.clone()));
+        let to_internal = ElemData::Verdict(Verdict::Goto(rs.chain_name(internal_chain)));
+        let to_ext = ElemData::Verdict(Verdict::Goto(rs.chain_name(&ext_chain)));
         rs.add_element(
             SERVICE_IPS_MAP,
             Element::key(key3(sp.cluster_ip, proto, sp.port)).with_comment(&comment).with_data(to_internal),
@@ -1502,6 +1503,40 @@ mod tests {
         assert_eq!(built.ruleset.elements[SERVICE_IPS_MAP].len(), 3, "a's CIP + external IP, c's CIP");
         let mut k = crate::fake::FakeKernel::new();
         k.apply(&crate::diff(None, &built.ruleset)).expect("no duplicate elements");
+    }
+
+    /// Every verdict names its chain with the ruleset's own copy of the name, in a full build and
+    /// in a ruleset kept by applying a transaction built elsewhere (a cold start's parts).
+    #[test]
+    fn verdicts_share_the_chain_names() {
+        let mut st = ClusterState::default();
+        let sp = ServicePort::cluster_ip("ns", "a", "", Protocol::Tcp, "172.30.0.2", 80)
+            .with_node_port(30000)
+            .with_external_ip("192.168.99.1");
+        st.add_service(sp.clone());
+        st.add_endpoint(&sp.name, Endpoint::ready("10.0.0.2", 80));
+        let built = build(&st, &[], &BuildConfig::new(Family::V4), None).ruleset;
+        let mut kept = Ruleset::new(Family::V4);
+        kept.apply_ops(&crate::diff(None, &built));
+        for rs in [&built, &kept] {
+            let shared = |c: &Arc<str>| Arc::ptr_eq(c, rs.chains.get_key_value(&**c).expect("declared").0);
+            let mut seen = 0;
+            for e in rs.elements.values().flatten() {
+                if let Some(ElemData::Verdict(Verdict::Jump(c) | Verdict::Goto(c))) = &e.data {
+                    assert!(shared(c), "element {e}");
+                    seen += 1;
+                }
+            }
+            for rule in rs.chains.values().flat_map(|c| &c.rules) {
+                for x in &rule.exprs {
+                    if let Expr::Verdict(Verdict::Jump(c) | Verdict::Goto(c)) = x {
+                        assert!(shared(c), "rule {rule:?}");
+                        seen += 1;
+                    }
+                }
+            }
+            assert!(seen >= 5, "service-ips, service-nodeports and the external chain's gotos: {seen}");
+        }
     }
 
     #[test]

@@ -86,7 +86,7 @@ impl FakeKernel {
                     let jumped =
                         tab.chains.iter().any(|(_, (_, rules))| rules.iter().any(|r| r.chains().any(|c| c == n)));
                     let mapped = tab.sets.values().flat_map(|(_, elems)| elems).any(
-                        |e| matches!(&e.data, Some(ElemData::Verdict(Verdict::Jump(c) | Verdict::Goto(c))) if c == n),
+                        |e| matches!(&e.data, Some(ElemData::Verdict(Verdict::Jump(c) | Verdict::Goto(c))) if **c == **n),
                     );
                     if jumped || mapped {
                         return Err(err(format!("chain {n} is in use")));

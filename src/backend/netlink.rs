@@ -62,7 +62,7 @@ const MSG_SLACK: usize = 512;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct RawVerdict {
     pub code: i32,
-    pub chain: Option<String>,
+    pub chain: Option<std::sync::Arc<str>>,
 }
 
 /// One nf_tables expression, with exactly the attributes nft 1.0.6 sets for it.
