@@ -644,11 +644,7 @@ impl Ruleset {
     }
     /// Adds a rule; its verdicts name their chains with this ruleset's copies of the names.
     pub fn add_rule(&mut self, chain: &str, mut exprs: Vec<Expr>) {
-        for x in &mut exprs {
-            if let Expr::Verdict(v) = x {
-                *v = self.shared_name(v);
-            }
-        }
+        self.share_verdict_names(&mut exprs);
         self.chains.get_mut(chain).unwrap_or_else(|| panic!("chain {chain} not declared")).rules.push(Rule::new(exprs));
     }
     /// Applies a transaction's operations, as the kernel does (the caller applied it there first).
@@ -740,14 +736,18 @@ impl Ruleset {
             _ => e.clone(),
         }
     }
-    /// [`Ruleset::shared_names_element`] for a rule's verdicts.
-    fn shared_names_rule(&self, r: &Rule) -> Rule {
-        let mut r = r.clone();
-        for x in &mut r.exprs {
+    /// Points the verdicts among `exprs` at this ruleset's copies of their chains' names.
+    fn share_verdict_names(&self, exprs: &mut [Expr]) {
+        for x in exprs {
             if let Expr::Verdict(v) = x {
                 *v = self.shared_name(v);
             }
         }
+    }
+    /// [`Ruleset::shared_names_element`] for a rule's verdicts.
+    fn shared_names_rule(&self, r: &Rule) -> Rule {
+        let mut r = r.clone();
+        self.share_verdict_names(&mut r.exprs);
         r
     }
 

@@ -315,23 +315,15 @@ impl ChangeTracker {
             st.endpoints = endpoints;
         }
         self.slices_by_service = by_service;
-        for (set, new) in
-            [(&mut self.pending_services, pending_services), (&mut self.pending_endpoints, pending_endpoints)]
-        {
-            if set.is_empty() {
-                *set = new;
-            } else {
-                set.extend(new);
-            }
-        }
-        // The earlier version of each Service to remember is empty (as `refresh` records it).
+        union_into(&mut self.pending_services, pending_services);
+        union_into(&mut self.pending_endpoints, pending_endpoints);
         let touched = low.touched;
         if touched.iter().any(|k| !self.changes.services.contains(k)) {
             for f in FAMILIES {
                 self.changes.old.entry(f).or_default();
             }
         }
-        extend_sorted(&mut self.changes.services, touched);
+        union_into(&mut self.changes.services, touched.into_iter().collect());
         self.services = services;
         self.slices = slices;
         changed
@@ -687,12 +679,12 @@ fn both<A: Send, B: Send>(a: impl FnOnce() -> A + Send, b: impl FnOnce() -> B + 
     done.unwrap_or_else(|| ((a.take().expect("not run"))(), (b.take().expect("not run"))()))
 }
 
-/// Adds sorted `keys` to `set`, in one pass when the set is empty.
-fn extend_sorted(set: &mut BTreeSet<Key>, keys: impl IntoIterator<Item = Key>) {
+/// Adds `new` to `set`, taking it whole when the set is empty.
+fn union_into(set: &mut BTreeSet<Key>, new: BTreeSet<Key>) {
     if set.is_empty() {
-        *set = keys.into_iter().collect();
+        *set = new;
     } else {
-        set.extend(keys);
+        set.extend(new);
     }
 }
 
